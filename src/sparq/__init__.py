@@ -3,6 +3,15 @@
 from .api import dense_attention, sparq_attention
 from .config import SparQConfig
 
+try:  # the core works without transformers; the integration needs it
+    from .cache import SparQCache
+    from .hf import disable, enable, enabled, is_enabled
+except ImportError:  # pragma: no cover
+    pass
+
 __version__ = "0.1.0"
 
-__all__ = ["SparQConfig", "sparq_attention", "dense_attention", "__version__"]
+__all__ = [
+    "SparQConfig", "sparq_attention", "dense_attention", "SparQCache",
+    "enable", "disable", "enabled", "is_enabled", "__version__",
+]

@@ -40,8 +40,13 @@ def select_dims(query_groups: Tensor, r: int) -> Tensor:
     return weight.topk(r, dim=-1).indices
 
 
-def approx_scores(query: Tensor, key: Tensor, valid: Tensor, r: int, scale: float) -> Tensor:
+def approx_scores(
+    query: Tensor, key: Tensor, valid: Tensor, r: int, scale: float, key_t: Tensor | None = None
+) -> Tensor:
     """Step 1: approximate attention probabilities s_hat [B, Hkv, g, S] (fp32).
+
+    Reads r columns of K: from key_t [B, Hkv, d, S] when given (whole contiguous rows there,
+    which is why the cache keeps that copy), else from key [B, Hkv, S, d].
 
     s_hat = softmax(q[i1] . K[:, i1]^T * scale / sqrt(||q[i1]||_1 / ||q||_1)) over valid positions.
     The temperature correction keeps the approximate logits on the scale of the true ones
@@ -50,8 +55,11 @@ def approx_scores(query: Tensor, key: Tensor, valid: Tensor, r: int, scale: floa
     q = _grouped(query.float(), key.shape[1])  # [B, Hkv, g, d]
     dims = select_dims(q, r)  # [B, Hkv, r]
     q_sel = q.gather(-1, dims.unsqueeze(2).expand(-1, -1, q.shape[2], -1))  # [B, Hkv, g, r]
-    k_sel = key.float().gather(-1, dims.unsqueeze(2).expand(-1, -1, key.shape[2], -1))  # [B, Hkv, S, r]
-    logits = q_sel @ k_sel.transpose(-1, -2)  # [B, Hkv, g, S]
+    if key_t is not None:
+        cols = key_t.gather(2, dims.unsqueeze(-1).expand(-1, -1, -1, key_t.shape[-1])).float()  # [B, Hkv, r, S]
+    else:
+        cols = key.gather(-1, dims.unsqueeze(2).expand(-1, -1, key.shape[2], -1)).float().transpose(-1, -2)
+    logits = q_sel @ cols  # [B, Hkv, g, S]
 
     q_l1 = q.abs().sum(-1, keepdim=True)
     sel_l1 = q_sel.abs().sum(-1, keepdim=True)
@@ -107,10 +115,11 @@ def gather_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tensor, sc
     return logits.softmax(dim=-1) @ value.float()
 
 
-def mean_value(value: Tensor, valid: Tensor) -> Tensor:
-    """Mean of V over valid positions, [B, Hkv, d] (fp32)."""
-    v = value.float() * valid[:, None, :, None]
-    return v.sum(2) / valid.sum(-1).clamp_min(1)[:, None, None]
+def mean_value(value: Tensor, valid: Tensor, value_sum: Tensor | None = None) -> Tensor:
+    """Mean of V over valid positions, [B, Hkv, d] (fp32), from the cache's running sum if given."""
+    if value_sum is None:
+        value_sum = (value.float() * valid[:, None, :, None]).sum(2)
+    return value_sum.float() / valid.sum(-1).clamp_min(1)[:, None, None]
 
 
 def reallocate(y: Tensor, s_hat: Tensor, keep: Tensor, v_mean: Tensor, keep_all: Tensor) -> Tensor:
@@ -130,17 +139,20 @@ def sparq_reference(
     config: SparQConfig,
     valid: Tensor,
     scale: float,
+    key_t: Tensor | None = None,
+    value_sum: Tensor | None = None,
 ) -> Tensor:
-    """The whole SparQ step: [B, Hq, d] in query's dtype. Inputs as in the module docstring."""
+    """The whole SparQ step: [B, Hq, d] in query's dtype. Inputs as in the module docstring;
+    key_t and value_sum are the cache's optional copies (same numbers, cheaper reads)."""
     batch, num_q_heads, head_dim = query.shape
     lengths, k, local = budgets(config, valid)
     keep_all = k >= lengths
 
-    s_hat = approx_scores(query, key, valid, config.r, scale)  # [B, Hkv, g, S]
+    s_hat = approx_scores(query, key, valid, config.r, scale, key_t)  # [B, Hkv, g, S]
     keep = select_topk(s_hat.sum(2), valid, k, local)  # [B, Hkv, S]
     y = gather_attention(query, key, value, keep, scale)  # [B, Hkv, g, d]
     if config.reallocate:
-        y = reallocate(y, s_hat, keep, mean_value(value, valid), keep_all)
+        y = reallocate(y, s_hat, keep, mean_value(value, valid, value_sum), keep_all)
     return y.reshape(batch, num_q_heads, head_dim).to(query.dtype)
 
 

@@ -1,0 +1,185 @@
+"""Hugging Face integration: SparQ (or any DecodeMethod) for decode steps, dense prefill.
+
+No model file is patched. `enable` registers an attention function and its mask function with
+transformers' registries under the name "sparq", switches the model to it, and tags each
+attention module with the method to use. The attention function
+  * runs transformers' SDPA attention for prefill (several query tokens), for layers left dense
+    (sliding-window layers of Gemma 3 and the like) and for untagged modules;
+  * runs the method for single-token decode steps, over the valid (unpadded) positions read off
+    the attention mask, with the per-layer state that `SparQCache` keeps.
+A forward pre-hook gives the attention function the current cache and, when `generate` starts
+with an empty plain `DynamicCache`, swaps in a `SparQCache`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from .cache import SparQCache
+from .config import SparQConfig
+from .methods import DecodeInputs, DecodeMethod, SparQ
+
+ATTN_NAME = "sparq"
+_METHOD_ATTR = "_sparq_method"
+_CTX_ATTR = "_sparq_context"
+
+
+class _Context:
+    """What `enable` leaves on the model so `disable` can undo it exactly."""
+
+    def __init__(self, previous_impl: str | None, hook: Any, modules: list[nn.Module]) -> None:
+        self.previous_impl = previous_impl
+        self.hook = hook
+        self.modules = modules
+        self.cache: Any = None
+
+
+def _valid_positions(attention_mask: Tensor | None, batch: int, seq_len: int, device: torch.device) -> Tensor:
+    """[B, S] bool: the positions the decode token may attend to, read off the 4D mask."""
+    if attention_mask is None:
+        return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    row = attention_mask[:, 0, -1, :seq_len]  # [B, S]; the head dimension is broadcast
+    if row.dtype == torch.bool:
+        valid = row
+    else:  # additive float mask: 0 where allowed, a large negative number where not
+        valid = row > torch.finfo(row.dtype).min / 2
+    return valid.expand(batch, seq_len)
+
+
+def sparq_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers attention function: query [B, Hq, L, d]; key, value [B, Hkv, S, d]."""
+    method: DecodeMethod | None = getattr(module, _METHOD_ATTR, None)
+    batch, _, q_len, head_dim = query.shape
+    if method is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError("sparq does not support attention logit soft-capping (Gemma 2 style)")
+    scale = scaling if scaling is not None else head_dim**-0.5
+    ctx: _Context | None = getattr(module, _CTX_ATTR, None)
+    cache = ctx.cache if ctx is not None else None
+    seq_len = key.shape[2]
+
+    if q_len > 1:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        if isinstance(cache, SparQCache):
+            # Valid positions for the prefill's last token = the real (non-padding) tokens.
+            valid = _valid_positions(attention_mask, batch, seq_len, key.device)
+            s = cache.sparq_state(module.layer_idx, key, value, valid)
+            method.observe_prefill(query, key, value, valid, scale, s.state)
+        return out
+
+    valid = _valid_positions(attention_mask, batch, seq_len, key.device)
+    x = DecodeInputs(query=query[:, :, 0, :], key=key, value=value, valid=valid, scale=scale)
+    if isinstance(cache, SparQCache):
+        s = cache.sparq_state(module.layer_idx, key, value, valid)
+        x.key_t, x.value_sum, x.state = s.key_t, s.value_sum, s.state
+    out = method.attend(x)  # [B, Hq, d]
+    return out[:, None, :, :], None  # [B, 1, Hq, d]
+
+
+def _register() -> None:
+    AttentionInterface.register(ATTN_NAME, sparq_attention_forward)
+    # The mask function must be registered too, or padded batches silently get no mask.
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
+
+
+def _stays_dense(module: nn.Module) -> bool:
+    """Sliding-window layers already read a short window: SparQ would only add work there."""
+    return bool(getattr(module, "is_sliding", False)) or getattr(module, "sliding_window", None) is not None
+
+
+def _as_method(config_or_method: SparQConfig | DecodeMethod) -> DecodeMethod:
+    if isinstance(config_or_method, DecodeMethod):
+        return config_or_method
+    if isinstance(config_or_method, SparQConfig):
+        return SparQ(config_or_method)
+    raise TypeError(f"expected a SparQConfig or a DecodeMethod, got {type(config_or_method).__name__}")
+
+
+def _pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    ctx: _Context = getattr(model, _CTX_ATTR)
+    cache = kwargs.get("past_key_values")
+    use_cache = kwargs.get("use_cache", getattr(model.config, "use_cache", True))
+    if use_cache and (cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)):
+        cache = SparQCache(config=model.config)
+        kwargs["past_key_values"] = cache
+    ctx.cache = cache
+    return args, kwargs
+
+
+def enable(model: PreTrainedModel, config: SparQConfig | DecodeMethod) -> PreTrainedModel:
+    """Switch the model's decode steps to SparQ (or another DecodeMethod); prefill stays dense.
+
+    Calling it again replaces the method. Returns the model for chaining.
+    """
+    method = _as_method(config)
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    text_config = model.config.get_text_config(decoder=True)
+    if getattr(text_config, "attn_logit_softcapping", None):
+        raise ValueError("sparq does not support models with attention logit soft-capping")
+    if hasattr(model, _CTX_ATTR):
+        disable(model)
+    _register()
+    modules = [m for m in _attention_modules(model) if not _stays_dense(m)]
+    if not modules:
+        raise ValueError(f"found no attention layers to switch in {type(model).__name__}")
+    previous = model.config._attn_implementation
+    hook = model.register_forward_pre_hook(_pre_forward, with_kwargs=True)
+    ctx = _Context(previous, hook, modules)
+    setattr(model, _CTX_ATTR, ctx)
+    for m in _attention_modules(model):
+        setattr(m, _CTX_ATTR, ctx)
+    for m in modules:
+        setattr(m, _METHOD_ATTR, method)
+    model.set_attn_implementation(ATTN_NAME)
+    return model
+
+
+def disable(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo `enable`: the previous attention implementation, no hooks, no tags."""
+    ctx: _Context | None = getattr(model, _CTX_ATTR, None)
+    if ctx is None:
+        return model
+    ctx.hook.remove()
+    for m in model.modules():
+        for attr in (_METHOD_ATTR, _CTX_ATTR):
+            if attr in m.__dict__:
+                delattr(m, attr)
+    model.set_attn_implementation(ctx.previous_impl or "sdpa")
+    return model
+
+
+def is_enabled(model: nn.Module) -> bool:
+    return hasattr(model, _CTX_ATTR)
+
+
+@contextlib.contextmanager
+def enabled(model: PreTrainedModel, config: SparQConfig | DecodeMethod) -> Iterator[PreTrainedModel]:
+    """`with sparq.enabled(model, cfg): model.generate(...)` — dense again afterwards."""
+    enable(model, config)
+    try:
+        yield model
+    finally:
+        disable(model)

@@ -1,0 +1,60 @@
+"""The interface every decode-time attention method shares (dense, SparQ and the baselines).
+
+A method is a small frozen dataclass with two jobs:
+  * `attend`: one decode step of attention for one layer, from the whole cache;
+  * `data_fraction`: the K/V data that step reads, as a fraction of dense attention's,
+    counted the paper's way (elements of K and V, index and metadata reads included).
+Methods that remember something between steps (H2O's accumulated scores, say) keep it in
+`DecodeInputs.state`, a dict owned by the cache layer and dropped when the cache is cropped,
+reordered or reset.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+
+@dataclass
+class DecodeInputs:
+    """One layer's decode step. query [B, Hq, d]; key, value [B, Hkv, S, d]; valid [B, S] bool.
+
+    key_t [B, Hkv, d, S] (keys contiguous along the sequence) and value_sum [B, Hkv, d] (fp32
+    sum of V over valid positions) are present when the cache keeps them.
+    """
+
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    valid: Tensor
+    scale: float
+    key_t: Tensor | None = None
+    value_sum: Tensor | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DecodeMethod(ABC):
+    """Base class: subclasses set `name` and implement `attend` and `data_fraction`."""
+
+    name: ClassVar[str] = "method"
+
+    @abstractmethod
+    def attend(self, x: DecodeInputs) -> Tensor:
+        """Attention output [B, Hq, d] in the query's dtype."""
+
+    @abstractmethod
+    def data_fraction(self, length: int, head_dim: int) -> float:
+        """K/V elements read per KV head and step, over dense attention's 2 * length * head_dim."""
+
+    def observe_prefill(self, query: Tensor, key: Tensor, value: Tensor, valid: Tensor, scale: float,
+                        state: dict[str, Any]) -> None:
+        """Called after a dense prefill (query [B, Hq, L, d]); stateless methods ignore it."""
+
+    @property
+    def label(self) -> str:
+        """Short human-readable description used in tables and plots."""
+        return self.name

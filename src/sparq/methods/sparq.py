@@ -1,0 +1,31 @@
+"""SparQ attention exactly as in the paper (the reference semantics in `sparq.reference`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .. import reference
+from ..config import SparQConfig
+from .base import DecodeInputs, DecodeMethod
+
+
+@dataclass(frozen=True)
+class SparQ(DecodeMethod):
+    config: SparQConfig
+    name = "sparq"
+
+    def attend(self, x: DecodeInputs) -> Tensor:
+        return reference.sparq_reference(
+            x.query, x.key, x.value, self.config, x.valid, x.scale, key_t=x.key_t, value_sum=x.value_sum
+        )
+
+    def data_fraction(self, length: int, head_dim: int) -> float:
+        return self.config.data_fraction(length, head_dim)
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        k = f"max({c.k},{c.k_fraction:g}S)" if c.k_fraction else str(c.k)
+        return f"sparq(r={c.r}, k={k}{'' if c.reallocate else ', no realloc'})"
