@@ -35,7 +35,7 @@ class SparQLayerState:
 
 def build_state(key: Tensor, value: Tensor, valid: Tensor, keep_key_t: bool) -> SparQLayerState:
     """Everything from scratch: O(S) work, done at prefill or after the cache changed under us."""
-    value_sum = (value.float() * valid[:, None, :, None]).sum(2)
+    value_sum = value.float().masked_fill(~valid[:, None, :, None], 0.0).sum(2)
     key_t = key.transpose(-1, -2).contiguous() if keep_key_t else None
     return SparQLayerState(key_t=key_t, value_sum=value_sum, valid=valid.clone())
 
@@ -44,7 +44,7 @@ def extend_state(s: SparQLayerState, key: Tensor, value: Tensor, new_valid: Tens
     """Append the newest position (key/value are the whole cache, the last row is new)."""
     if s.key_t is not None:
         s.key_t = torch.cat([s.key_t, key[:, :, -1:, :].transpose(-1, -2)], dim=-1)
-    s.value_sum += value[:, :, -1, :].float() * new_valid[:, None, None]
+    s.value_sum += value[:, :, -1, :].float().masked_fill(~new_valid[:, None, None], 0.0)
     s.valid = torch.cat([s.valid, new_valid[:, None]], dim=-1)
 
 
@@ -81,8 +81,8 @@ class SparQCache(DynamicCache):
         super().reset()
         self.sparq_layers.clear()
 
-    def crop(self, max_length: int) -> None:
-        super().crop(max_length)
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
         self.sparq_layers.clear()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -106,7 +106,11 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 
 def _stays_dense(module: nn.Module) -> bool:
     """Sliding-window layers already read a short window: SparQ would only add work there."""
-    return bool(getattr(module, "is_sliding", False)) or getattr(module, "sliding_window", None) is not None
+    return (
+        getattr(module, "layer_type", None) == "sliding_attention"
+        or bool(getattr(module, "is_sliding", False))
+        or getattr(module, "sliding_window", None) is not None
+    )
 
 
 def _as_method(config_or_method: SparQConfig | DecodeMethod) -> DecodeMethod:

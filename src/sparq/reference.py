@@ -112,13 +112,14 @@ def gather_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tensor, sc
     q = _grouped(query.float(), key.shape[1])
     logits = (q @ key.float().transpose(-1, -2)) * scale  # [B, Hkv, g, S]
     logits = logits.masked_fill(~keep[:, :, None, :], NEG_INF)
-    return logits.softmax(dim=-1) @ value.float()
+    # Zero the rows not kept so that garbage (even NaN) in padding can never leak in.
+    return logits.softmax(dim=-1) @ value.float().masked_fill(~keep[..., None], 0.0)
 
 
 def mean_value(value: Tensor, valid: Tensor, value_sum: Tensor | None = None) -> Tensor:
     """Mean of V over valid positions, [B, Hkv, d] (fp32), from the cache's running sum if given."""
     if value_sum is None:
-        value_sum = (value.float() * valid[:, None, :, None]).sum(2)
+        value_sum = value.float().masked_fill(~valid[:, None, :, None], 0.0).sum(2)
     return value_sum.float() / valid.sum(-1).clamp_min(1)[:, None, None]
 
 

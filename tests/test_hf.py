@@ -1,0 +1,185 @@
+"""Hugging Face integration on tiny randomly initialised models of six architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+import sparq
+from sparq import SparQCache, SparQConfig
+from sparq.methods import DecodeMethod, SparQ
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              max_position_embeddings=512, initializer_range=0.2, pad_token_id=0, eos_token_id=None,
+              bos_token_id=None, tie_word_embeddings=False)
+
+
+def tiny(arch: str) -> tf.PreTrainedModel:
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **COMMON))
+    elif arch == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(num_attention_heads=4, num_key_value_heads=1,
+                                                       sliding_window=None, **COMMON))
+    elif arch == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **COMMON))
+    elif arch == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                   **COMMON))
+    elif arch == "gemma3":
+        cfg = tf.Gemma3TextConfig(num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention", "full_attention"],
+                                  **{**COMMON, "num_hidden_layers": 3})
+        model = tf.Gemma3ForCausalLM(cfg)
+    elif arch == "gptneox":
+        c = {k: v for k, v in COMMON.items() if k not in ("pad_token_id", "tie_word_embeddings")}
+        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(num_attention_heads=4, rotary_pct=0.5, **c))
+    else:
+        raise KeyError(arch)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "gptneox"]
+
+
+def prompts(batch: int = 3, longest: int = 40, seed: int = 1):
+    """Left-padded random prompts of different lengths: (input_ids, attention_mask, lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [longest - 9 * i for i in range(batch)]
+    ids = torch.zeros(batch, longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, longest - n:] = torch.randint(1, VOCAB, (n,), generator=g)
+        mask[i, longest - n:] = 1
+    return ids, mask, lengths
+
+
+def greedy(model, ids, mask, n=10, **kw):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, **kw)[:, ids.shape[1]:]
+
+
+class Counting(SparQ):
+    """SparQ that counts its decode calls, to prove the decode path really ran."""
+
+    def attend(self, x):
+        object.__getattribute__(self, "calls").append(x.key.shape[2])
+        return super().attend(x)
+
+
+def counting(config: SparQConfig) -> Counting:
+    m = Counting(config)
+    object.__setattr__(m, "calls", [])
+    return m
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_k_at_least_context_equals_dense(arch):
+    model = tiny(arch)
+    ids, mask, _ = prompts()
+    dense = greedy(model, ids, mask)
+    method = counting(SparQConfig(r=2, k=10_000, local_window=3))
+    with sparq.enabled(model, method):
+        got = greedy(model, ids, mask)
+    assert method.calls, "the SparQ decode path never ran"
+    assert torch.equal(got, dense)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_batch_equals_each_prompt_alone(arch):
+    model = tiny(arch)
+    ids, mask, lengths = prompts()
+    cfg = SparQConfig(r=4, k=6, local_window=2)
+    with sparq.enabled(model, cfg):
+        batched = greedy(model, ids, mask, n=8)
+        for i, n in enumerate(lengths):
+            alone = greedy(model, ids[i:i + 1, -n:], mask[i:i + 1, -n:], n=8)
+            assert torch.equal(batched[i], alone[0]), (arch, i)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_tight_budget_changes_attention_and_disable_restores(arch):
+    model = tiny(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    impl = model.config._attn_implementation
+    ids, mask, _ = prompts()
+    dense_logits = model(ids, attention_mask=mask).logits
+    dense_scores = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                  output_scores=True, return_dict_in_generate=True).scores
+    with sparq.enabled(model, SparQConfig(r=1, k=2, local_window=1)):
+        assert model.config._attn_implementation == "sparq"
+        # prefill is dense: identical logits
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, dense_logits)
+        sparse_scores = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                       output_scores=True, return_dict_in_generate=True).scores
+    assert not torch.allclose(sparse_scores[1], dense_scores[1]), "decode with k=2 should differ from dense"
+    assert model.config._attn_implementation == impl
+    assert not sparq.is_enabled(model)
+    assert not model._forward_pre_hooks
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    again = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                           output_scores=True, return_dict_in_generate=True).scores
+    for a, b in zip(again, dense_scores):
+        torch.testing.assert_close(a, b)
+
+
+def test_gemma3_sliding_layers_stay_dense():
+    model = tiny("gemma3")
+    sparq.enable(model, SparQConfig(r=2, k=4))
+    tagged = [m.layer_idx for m in model.modules() if hasattr(m, "_sparq_method")]
+    sparq.disable(model)
+    assert tagged == [1, 2]
+
+
+def test_sampling_matches_dense_when_everything_is_kept():
+    model = tiny("qwen3")
+    ids, mask, _ = prompts()
+    torch.manual_seed(123)
+    dense = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=0, temperature=1.0)
+    with sparq.enabled(model, SparQConfig(r=3, k=100_000)):
+        torch.manual_seed(123)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=0, temperature=1.0)
+    assert torch.equal(got, dense)
+
+
+def test_cache_state_tracks_padding_crop_and_reset():
+    model = tiny("llama")
+    ids, mask, lengths = prompts()
+    with sparq.enabled(model, SparQConfig(r=2, k=5, local_window=1)):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+        cache = out.past_key_values
+        assert isinstance(cache, SparQCache)
+        layer = cache.layers[0]
+        state = cache.sparq_layers[0]
+        # value_sum is the sum over real tokens only (left padding excluded), in fp32
+        valid = state.valid
+        assert valid.sum(-1).tolist() == [n + 5 for n in lengths]  # the 6th token is not yet cached
+        expected = (layer.values.float() * valid[:, None, :, None]).sum(2)
+        torch.testing.assert_close(state.value_sum, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state.key_t, layer.keys.transpose(-1, -2))
+        cache.crop(-3)  # drop the last 3 cached tokens: prompt + 2 generated remain
+        assert not cache.sparq_layers
+        # Continue after the crop (state rebuilt from K/V + mask): the logits of the 4th decode
+        # step must be those generate computed before the crop, with the very same cache content.
+        n = ids.shape[1] + 2
+        mask3 = torch.cat([mask, torch.ones(3, 3, dtype=mask.dtype)], 1)
+        positions = mask3.cumsum(-1)[:, -1:] - 1
+        step = model(out.sequences[:, n:n + 1], attention_mask=mask3, position_ids=positions,
+                     past_key_values=cache).logits[:, -1]
+        torch.testing.assert_close(step, out.logits[3], atol=1e-5, rtol=1e-5)
+        assert set(cache.sparq_layers) == {0, 1}
+        cache.reset()
+        assert not cache.sparq_layers
+
+
+def test_enable_rejects_bad_arguments():
+    model = tiny("llama")
+    with pytest.raises(TypeError, match="SparQConfig or a DecodeMethod"):
+        sparq.enable(model, {"r": 2})
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        sparq.enable(torch.nn.Linear(2, 2), SparQConfig(r=1, k=1))
+    assert isinstance(SparQ(SparQConfig(r=1, k=1)), DecodeMethod)
