@@ -1,0 +1,143 @@
+"""Step 1 of SparQ: approximate logits of every valid position, behind one scorer interface.
+
+The contract every scorer fulfils (step 2 relies on nothing else):
+
+    scorer.score(query, lengths, ws)
+
+fills, for every KV head bh = b * Hkv + h_kv, query head j < g of its group and valid position
+s < lengths[b]:
+    ws.logits[bh, j, s]      fp32 approximate logit; s_hat = softmax over valid s of these
+    ws.split_m[bh, j, p]     max of the logits of split p (-inf for an empty split)
+    ws.split_l[bh, j, p]     sum of exp(logit - split_m) over split p (0 for an empty split)
+where split p covers positions [p * ws.chunk1, (p + 1) * ws.chunk1). Positions >= lengths[b]
+are never read by later steps, so a scorer may leave them unwritten.
+
+`TransposedKeyScorer` is the paper's scorer: per KV head the r dimensions with the largest
+|q| summed over the group, read from a transposed key copy K^T [B, Hkv, d, Smax] (contiguous along
+the sequence), logits = q[i1] . K[:, i1]^T * scale / sqrt(||q[i1]||_1 / ||q||_1).
+A later scorer (e.g. a packed low-bit key sketch read over all d dims) only has to provide the
+same three outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+
+@triton.jit
+def _transposed_key_scores_kernel(
+    kt_ptr, qsel_ptr, fac_ptr, dims_ptr, len_ptr,
+    logits_ptr, m_ptr, l_ptr,
+    stride_kb, stride_kh, stride_kd,
+    num_kv_heads, s_cap, r, n_split,
+    G: tl.constexpr, G_PAD: tl.constexpr, R_PAD: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """Approximate logits of one (batch, KV head) over one chunk of the sequence.
+
+    Reads  r * min(CHUNK, valid) * elt bytes of K^T (r rows, each contiguous along S), plus
+           g*r*4 (selected query), g*4 (temperature factor), r*4 (dims) bytes.
+    Writes 4 * g * (valid positions of the chunk) bytes of logits and 8 * g bytes of split stats.
+    """
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    length = tl.load(len_ptr + b)
+
+    offs_r = tl.arange(0, R_PAD)
+    offs_g = tl.arange(0, G_PAD)
+    offs_s = tl.arange(0, BLOCK_S)
+    r_ok = offs_r < r
+    g_ok = offs_g < G
+    dims = tl.load(dims_ptr + bh * r + offs_r, mask=r_ok, other=0)
+    q = tl.load(qsel_ptr + (bh * G + offs_g[:, None]) * r + offs_r[None, :],
+                mask=g_ok[:, None] & r_ok[None, :], other=0.0)  # [G_PAD, R_PAD] fp32
+    fac = tl.load(fac_ptr + bh * G + offs_g, mask=g_ok, other=0.0)  # [G_PAD]
+
+    kt_base = kt_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    row_ptr = kt_base + dims.to(tl.int64)[:, None] * stride_kd  # [R_PAD, 1]
+    out_base = logits_ptr + (bh * G + offs_g).to(tl.int64)[:, None] * s_cap  # [G_PAD, 1]
+
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, length)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    for s0 in range(start, end, BLOCK_S):
+        s = s0 + offs_s
+        s_ok = s < end
+        kt = tl.load(row_ptr + s[None, :], mask=r_ok[:, None] & s_ok[None, :], other=0.0)
+        if USE_DOT:
+            if kt.dtype == tl.float32:
+                acc = tl.dot(q, kt, input_precision="ieee")
+            else:
+                acc = tl.dot(q.to(kt.dtype), kt)  # q[i1] is exact in the cache dtype
+        else:  # one query head per KV head: a plain reduction over the r rows
+            acc = tl.sum(q.reshape(R_PAD, 1) * kt.to(tl.float32), axis=0).reshape(1, BLOCK_S)
+        logit = acc * fac[:, None]
+        logit = tl.where(s_ok[None, :], logit, float("-inf"))
+        tl.store(out_base + s[None, :], logit, mask=g_ok[:, None] & s_ok[None, :])
+        m_new = tl.maximum(m_i, tl.max(logit, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
+        m_i = m_new
+    stat = (bh * G + offs_g) * n_split + split
+    tl.store(m_ptr + stat, m_i, mask=g_ok)
+    tl.store(l_ptr + stat, l_i, mask=g_ok)
+
+
+def query_dims_and_factors(query: torch.Tensor, num_kv_heads: int, r: int, scale: float):
+    """Per KV head: dims [B, Hkv, r] (int32), q[i1] [B, Hkv, g, r] (fp32) and temperature factors
+    [B, Hkv, g] (fp32) = scale / sqrt(||q[i1]||_1 / ||q||_1), computed exactly as the reference does."""
+    batch, num_q_heads, head_dim = query.shape
+    q = query.float().reshape(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    if r >= head_dim:
+        dims = torch.arange(head_dim, device=q.device).expand(batch, num_kv_heads, head_dim)
+    else:
+        dims = q.abs().sum(dim=2).topk(r, dim=-1).indices
+    q_sel = q.gather(-1, dims.unsqueeze(2).expand(-1, -1, q.shape[2], -1))
+    q_l1 = q.abs().sum(-1)
+    sel_l1 = q_sel.abs().sum(-1)
+    tiny = torch.finfo(torch.float32).tiny
+    ratio = torch.where(q_l1 > 0, sel_l1 / q_l1.clamp_min(tiny), 1.0).clamp_min(tiny)
+    factors = scale / ratio.sqrt()
+    return dims.to(torch.int32).contiguous(), q_sel.contiguous(), factors.contiguous()
+
+
+class TransposedKeyScorer:
+    """The paper's step 1 over a transposed fp16/bf16 key copy K^T [B, Hkv, d, Smax].
+
+    Bytes read per KV head: r * length * elt (the selected rows of K^T, contiguous); written:
+    4 * g * length (fp32 logits). Scores may be computed for any r <= d.
+    """
+
+    name = "transposed_key"
+
+    def __init__(self, key_t: torch.Tensor, r: int, scale: float):
+        if key_t.dim() != 4 or key_t.stride(-1) != 1:
+            raise ValueError("key_t must be [B, Hkv, d, Smax] and contiguous along the sequence")
+        self.key_t = key_t
+        self.r = min(int(r), key_t.shape[2])
+        self.scale = float(scale)
+
+    def score(self, query: torch.Tensor, lengths: torch.Tensor, ws) -> None:
+        kt = self.key_t
+        batch, num_kv_heads, head_dim, _ = kt.shape
+        g = query.shape[1] // num_kv_heads
+        r = self.r
+        dims, q_sel, fac = query_dims_and_factors(query, num_kv_heads, r, self.scale)
+        use_dot = g > 1
+        g_pad = max(16, triton.next_power_of_2(g)) if use_dot else 1
+        r_pad = max(16, triton.next_power_of_2(r))
+        grid = (batch * num_kv_heads, ws.n_split1)
+        _transposed_key_scores_kernel[grid](
+            kt, q_sel, fac, dims, lengths,
+            ws.logits, ws.split_m, ws.split_l,
+            kt.stride(0), kt.stride(1), kt.stride(2),
+            num_kv_heads, ws.s_cap, r, ws.n_split1,
+            G=g, G_PAD=g_pad, R_PAD=r_pad, CHUNK=ws.chunk1, BLOCK_S=ws.block_s,
+            USE_DOT=use_dot, num_warps=4 if interpreting() else ws.score_warps,
+        )

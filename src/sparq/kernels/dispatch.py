@@ -1,0 +1,211 @@
+"""Launch plan of one SparQ decode step on the Triton kernels (no math here).
+
+`sparq_decode(query, key, key_t, value, value_sum, lengths, config, scale)` runs:
+  budgets (torch, float64, on device)   k_b, local_b from lengths
+  scorer.score                          step 1: logits + split softmax stats    (approx_scores)
+  logZ reduce (torch, tiny)             per query head log-normaliser of s_hat
+  _keys_hist_kernel                     selection keys (g > 1) + 12-bit histogram (select)
+  _emit_kernel                          kept positions above the boundary bin + local window
+  _resolve_kernel                       exact winners inside the boundary bin
+  _gather_attention_kernel              split-K attention over kept rows + alpha (gather_attention)
+  _combine_kernel                       merge splits, reallocation, output
+Everything has static shapes (sized from the cache capacity S = key.shape[2]); lengths stay a
+device tensor, so the step has no host synchronisation and can be captured in a CUDA graph.
+Workspaces are cached per (device, shapes, dtype, config) and reused across steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import interpreting
+from .approx_scores import TransposedKeyScorer
+from .gather_attention import _combine_kernel, _gather_attention_kernel
+from .select import NUM_HIST_BINS, _emit_kernel, _keys_hist_kernel, _resolve_kernel, budgets
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@dataclass
+class Workspace:
+    """Scratch buffers and launch geometry for one (shape, dtype, config) decode step."""
+
+    s_cap: int
+    k_max: int
+    g: int
+    block_s: int
+    chunk1: int
+    n_split1: int
+    score_warps: int
+    block_n: int
+    chunk2: int
+    n_split2: int
+    logits: torch.Tensor   # [BH, g, S] fp32
+    keys: torch.Tensor     # [BH, S] fp32 (g > 1: combined s_hat; g == 1: alias of logits)
+    split_m: torch.Tensor  # [BH, g, n_split1]
+    split_l: torch.Tensor
+    ints: torch.Tensor     # zeroed each step: hist [BH, 4096] | counts [BH, 2]
+    hist: torch.Tensor
+    counts: torch.Tensor
+    state: torch.Tensor    # [BH, 2] int32
+    cand: torch.Tensor     # [BH, S] int32
+    idx: torch.Tensor      # [BH, k_max] int32
+    part_m: torch.Tensor   # [B*Hq, n_split2]
+    part_l: torch.Tensor
+    part_a: torch.Tensor
+    part_acc: torch.Tensor  # [B*Hq, n_split2, d]
+
+
+_WORKSPACES: dict = {}
+
+
+def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: int,
+         config, device: torch.device) -> Workspace:
+    key = (device, batch, num_q_heads, num_kv_heads, head_dim, s_cap, config)
+    ws = _WORKSPACES.get(key)
+    if ws is not None:
+        return ws
+    bh = batch * num_kv_heads
+    g = num_q_heads // num_kv_heads
+    interp = interpreting()
+    target = 4 * _sm_count(device)  # blocks that keep every SM busy with a few in flight
+    # step 1 / selection geometry: split the sequence so that ~target blocks exist
+    block_s = 64 if interp else (256 if head_dim >= 256 else 512)
+    n_blocks = triton.cdiv(s_cap, block_s)
+    want = max(1, min(n_blocks, triton.cdiv(target, bh)))
+    chunk1 = triton.cdiv(n_blocks, want) * block_s
+    n_split1 = triton.cdiv(s_cap, chunk1)
+    # step 2 geometry over the kept-index list
+    k_max = max(1, config.k_for(s_cap))
+    block_n = 16 if interp else (32 if head_dim >= 256 else 64)
+    n_blocks2 = triton.cdiv(k_max, block_n)
+    want2 = max(1, min(n_blocks2, triton.cdiv(target, bh)))
+    chunk2 = triton.cdiv(n_blocks2, want2) * block_n
+    n_split2 = triton.cdiv(k_max, chunk2)
+
+    f32 = dict(dtype=torch.float32, device=device)
+    i32 = dict(dtype=torch.int32, device=device)
+    logits = torch.empty(bh, g, s_cap, **f32)
+    keys = logits.view(bh, s_cap) if g == 1 else torch.empty(bh, s_cap, **f32)
+    ints = torch.zeros(bh * (NUM_HIST_BINS + 2), **i32)
+    rows = batch * num_q_heads
+    ws = Workspace(
+        s_cap=s_cap, k_max=k_max, g=g, block_s=block_s, chunk1=chunk1, n_split1=n_split1,
+        score_warps=4, block_n=block_n, chunk2=chunk2, n_split2=n_split2,
+        logits=logits, keys=keys,
+        split_m=torch.empty(bh, g, n_split1, **f32), split_l=torch.empty(bh, g, n_split1, **f32),
+        ints=ints, hist=ints[: bh * NUM_HIST_BINS].view(bh, NUM_HIST_BINS),
+        counts=ints[bh * NUM_HIST_BINS:].view(bh, 2),
+        state=torch.empty(bh, 2, **i32), cand=torch.empty(bh, s_cap, **i32),
+        idx=torch.empty(bh, k_max, **i32),
+        part_m=torch.empty(rows, n_split2, **f32), part_l=torch.empty(rows, n_split2, **f32),
+        part_a=torch.empty(rows, n_split2, **f32), part_acc=torch.empty(rows, n_split2, head_dim, **f32),
+    )
+    _WORKSPACES[key] = ws
+    return ws
+
+
+def supported(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Shapes/dtypes the kernels handle (others use the reference)."""
+    return (query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and query.shape[-1] in SUPPORTED_HEAD_DIMS)
+
+
+def sparq_decode(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    config,
+    lengths: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    key_t: torch.Tensor | None = None,
+    value_sum: torch.Tensor | None = None,
+    scorer=None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One SparQ decode step on the kernels. Same semantics as `sparq.reference.sparq_reference`.
+
+    query [B, Hq, d]; key, value [B, Hkv, S, d] (last dim contiguous); lengths int [B] on the
+    device (None = all S valid); key_t [B, Hkv, d, S] (contiguous along S) and value_sum fp32
+    [B, Hkv, d] (sum of V over the valid positions) come from `sparq.kernel_cache.SparQKernelCache`.
+    Without key_t the step transposes K itself and without value_sum it sums V: both read the
+    whole cache, so they are correct but slow. `scorer` replaces step 1 (see approx_scores).
+    """
+    batch, num_q_heads, head_dim = query.shape
+    _, num_kv_heads, s_cap, _ = key.shape
+    device = query.device
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    if lengths is None:
+        lengths = torch.full((batch,), s_cap, dtype=torch.int32, device=device)
+    lengths = lengths.to(torch.int32)
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("key and value must be contiguous along head_dim")
+    ws = plan(batch, num_q_heads, num_kv_heads, head_dim, s_cap, config, device)
+    g = ws.g
+    bh = batch * num_kv_heads
+    if scorer is None:
+        if key_t is None:
+            key_t = key.transpose(-1, -2).contiguous()
+        scorer = TransposedKeyScorer(key_t, config.r, scale)
+    if config.reallocate and value_sum is None:
+        valid = torch.arange(s_cap, device=device)[None, :] < lengths[:, None]
+        value_sum = (value.float() * valid[:, None, :, None]).sum(2)
+    query = query.contiguous()
+
+    k_b, local_b = budgets(config, lengths)
+    ws.ints.zero_()
+
+    # step 1
+    scorer.score(query, lengths, ws)
+    m_max = ws.split_m.amax(-1, keepdim=True)
+    logz = (m_max + torch.log((ws.split_l * torch.exp(ws.split_m - m_max)).sum(-1, keepdim=True)))
+    logz = logz.squeeze(-1).contiguous()  # [BH, g]
+
+    # step 2a
+    g_pad = triton.next_power_of_2(g)
+    grid1 = (bh, ws.n_split1)
+    _keys_hist_kernel[grid1](
+        ws.logits, logz, ws.keys, lengths, k_b, local_b, ws.hist, num_kv_heads, s_cap,
+        G=g, G_PAD=g_pad, CHUNK=ws.chunk1, BLOCK_S=ws.block_s, num_warps=4,
+    )
+    _emit_kernel[grid1](
+        ws.keys, lengths, k_b, local_b, ws.hist, ws.state, ws.counts, ws.idx, ws.cand,
+        num_kv_heads, s_cap, ws.k_max, CHUNK=ws.chunk1, BLOCK_S=ws.block_s, num_warps=4,
+    )
+    _resolve_kernel[(bh,)](
+        ws.keys, ws.state, ws.counts, ws.idx, ws.cand, s_cap, ws.k_max,
+        BLOCK=64 if interpreting() else 512, num_warps=4,
+    )
+
+    # step 2b + 3
+    g_dot = max(16, triton.next_power_of_2(g))
+    _gather_attention_kernel[(bh, ws.n_split2)](
+        query, key, value, ws.idx, k_b, ws.logits, logz,
+        ws.part_m, ws.part_l, ws.part_acc, ws.part_a,
+        key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
+        num_kv_heads, s_cap, ws.k_max, ws.n_split2, float(scale),
+        G=g, G_PAD=g_dot, D=head_dim, CHUNK=ws.chunk2, BLOCK_N=ws.block_n,
+        REALLOC=bool(config.reallocate), num_warps=4,
+    )
+    if out is None:
+        out = torch.empty_like(query)
+    _combine_kernel[(batch * num_q_heads,)](
+        ws.part_m, ws.part_l, ws.part_acc, ws.part_a,
+        value_sum if value_sum is not None else ws.part_a, lengths, k_b, out,
+        num_q_heads, ws.n_split2,
+        G=g, D=head_dim, NS_PAD=triton.next_power_of_2(ws.n_split2),
+        REALLOC=bool(config.reallocate), num_warps=4,
+    )
+    return out
