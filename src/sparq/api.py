@@ -90,17 +90,37 @@ def sparq_attention(
     lengths: Tensor | None = None,
     *,
     scale: float | None = None,
+    key_t: Tensor | None = None,
+    value_sum: Tensor | None = None,
+    validate: bool = True,
 ) -> Tensor:
     """SparQ attention for one decode step.
 
     query [B, Hq, d]; key, value [B, Hkv, S, d] with Hq a multiple of Hkv; lengths: optional
     integer tensor [B], positions >= lengths[b] are padding. scale defaults to 1/sqrt(d).
     Returns [B, Hq, d] in query's dtype; see `sparq.reference` for the exact semantics.
+
+    CUDA fp16/bf16 inputs run on the Triton kernels (`sparq.kernels`). For speed pass the cache
+    layout of `sparq.kernel_cache`: key_t [B, Hkv, d, S] (K transposed, contiguous along S) and
+    value_sum fp32 [B, Hkv, d] (sum of V over the valid positions). Without them the kernel path
+    builds both itself, reading the whole cache (correct, but slower than dense attention).
+    validate=False (or CUDA graph capture) skips the input checks that read tensor values,
+    which would synchronise with the host.
     """
     if not isinstance(config, SparQConfig):
         raise TypeError(f"config must be a SparQConfig, got {type(config).__name__}")
-    check_inputs(query, key, value, lengths)
+    capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
+    check_inputs(query, key, value, lengths, check_values=validate and not capturing)
     scale = _scale(scale, query.shape[-1])
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        from . import kernels
+
+        if kernels.available(query.device):
+            from .kernels.dispatch import sparq_decode, supported
+
+            if supported(query, key):
+                return sparq_decode(query, key, value, config, lengths, scale=scale,
+                                    key_t=key_t, value_sum=value_sum)
     valid = valid_mask(lengths, key.shape[0], key.shape[2], key.device)
     return reference.sparq_reference(query, key, value, config, valid, scale)
 

@@ -226,3 +226,4 @@ def _resolve_kernel(
             tl.store(idx_ptr + bh.to(tl.int64) * k_max + out, pos, mask=keep & (out < k_max))
             written += tl.sum(keep_i, 0)
             ties += tl.sum(tie_i, 0)
+        tl.store(count_ptr + bh * 2, written)  # final kept count (= k_b)

@@ -1,0 +1,97 @@
+"""Static, preallocated decode cache in the layout the SparQ kernels read.
+
+Per layer: K [B, Hkv, Smax, d], K^T [B, Hkv, d, Smax] (contiguous along the sequence, for step 1),
+V [B, Hkv, Smax, d], an fp32 running sum of V over the valid positions [B, Hkv, d] (for the
+reallocation's mean) and the valid lengths [B] as an int32 device tensor. Positions >= lengths[b]
+are padding. Appending one token writes in place at position lengths[b] of every row with no host
+synchronisation, so a decode step over this cache can be captured in a CUDA graph.
+
+Memory: (3 * elt * d * Smax + 4 * d) bytes per KV head and layer (1.5x a plain K/V cache).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import SparQConfig
+
+
+class KernelCacheLayer:
+    """One layer's buffers; see the module docstring."""
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        device = torch.device(device)
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.key = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_t = torch.zeros(batch, num_kv_heads, head_dim, max_len, dtype=dtype, device=device)
+        self.value = torch.zeros(shape, dtype=dtype, device=device)
+        self.value_sum = torch.zeros(batch, num_kv_heads, head_dim, dtype=torch.float32, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.max_len = max_len
+
+    def prefill(self, key: Tensor, value: Tensor, lengths: Tensor | None = None) -> None:
+        """Fill from key, value [B, Hkv, L, d] (L <= Smax); row b holds lengths[b] valid positions
+        (all L without lengths). Replaces whatever the cache held."""
+        batch, heads, n, _ = key.shape
+        if n > self.max_len:
+            raise ValueError(f"prefill of {n} positions exceeds the cache capacity {self.max_len}")
+        if lengths is None:
+            lengths = torch.full((batch,), n, dtype=torch.int32, device=key.device)
+        lengths = lengths.to(device=self.lengths.device, dtype=torch.int32)
+        valid = torch.arange(n, device=key.device)[None, :] < lengths[:, None]  # [B, L]
+        k = key.to(self.key.dtype) * valid[:, None, :, None]
+        v = value.to(self.value.dtype) * valid[:, None, :, None]
+        self.key.zero_()
+        self.value.zero_()
+        self.key_t.zero_()
+        self.key[:, :, :n].copy_(k)
+        self.value[:, :, :n].copy_(v)
+        self.key_t[:, :, :, :n].copy_(k.transpose(-1, -2))
+        self.value_sum.copy_(v.float().sum(2))
+        self.lengths.copy_(lengths)
+
+    def append(self, key: Tensor, value: Tensor) -> None:
+        """Write one token per row, key/value [B, Hkv, d] or [B, Hkv, 1, d], at position lengths[b],
+        then advance lengths. No host sync. A full row (lengths[b] == Smax) overwrites its last
+        position instead of running past the buffer: keep track of the capacity on the host."""
+        if key.dim() == 4:
+            key = key[:, :, 0]
+        if value.dim() == 4:
+            value = value[:, :, 0]
+        batch, heads, d = key.shape
+        pos = self.lengths.clamp(max=self.max_len - 1).long()
+        k = key.to(self.key.dtype).unsqueeze(2)  # [B, H, 1, d]
+        v = value.to(self.value.dtype).unsqueeze(2)
+        idx_rows = pos.view(batch, 1, 1, 1).expand(batch, heads, 1, d)
+        old_v = self.value.gather(2, idx_rows)  # the slot's previous content (0 unless full)
+        self.key.scatter_(2, idx_rows, k)
+        self.value.scatter_(2, idx_rows, v)
+        self.key_t.scatter_(3, pos.view(batch, 1, 1, 1).expand(batch, heads, d, 1), k.transpose(-1, -2))
+        full = (self.lengths >= self.max_len).view(batch, 1, 1).float()
+        self.value_sum.add_(v[:, :, 0].float() - full * old_v[:, :, 0].float())
+        self.lengths.add_((self.lengths < self.max_len).to(torch.int32))
+
+    def attend(self, query: Tensor, config: SparQConfig, *, scale: float | None = None) -> Tensor:
+        """SparQ attention of query [B, Hq, d] over this layer's cache (kernels on CUDA, reference else)."""
+        from .api import sparq_attention
+
+        return sparq_attention(query, self.key, self.value, config, self.lengths, scale=scale,
+                               key_t=self.key_t, value_sum=self.value_sum, validate=False)
+
+
+class SparQKernelCache:
+    """Per-layer `KernelCacheLayer`s sharing batch, heads, head_dim, capacity, dtype and device."""
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 *, dtype: torch.dtype = torch.float16, device: torch.device | str = "cuda"):
+        self.layers = [KernelCacheLayer(batch, num_kv_heads, head_dim, max_len, dtype, device)
+                       for _ in range(num_layers)]
+        self.max_len = max_len
+
+    def __getitem__(self, layer: int) -> KernelCacheLayer:
+        return self.layers[layer]
+
+    def __len__(self) -> int:
+        return len(self.layers)

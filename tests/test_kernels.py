@@ -1,0 +1,213 @@
+"""The Triton SparQ kernels against the reference.
+
+On a machine without CUDA the kernels run in Triton's interpreter on the CPU (fp32 and fp16;
+bf16 arithmetic is broken there); with CUDA they run on the GPU (fp16 and bf16, more shapes).
+Every case draws fresh random inputs with odd S and ragged lengths. Selection differences can
+only come from rounding at near-ties: those rows are counted, checked to be near-ties and their
+output error bounded; every other row must match to the dtype's tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from sparq import reference  # noqa: E402
+from sparq.api import valid_mask  # noqa: E402
+from sparq.config import SparQConfig  # noqa: E402
+from sparq import kernels  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+pytestmark = pytest.mark.skipif(not kernels.available(DEVICE), reason="Triton kernels unavailable")
+
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+
+
+def _case(batch, hq, hkv, seq, d, dtype, gen):
+    q = torch.randn(batch, hq, d, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(batch, hkv, seq, d, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(batch, hkv, seq, d, generator=gen).to(DEVICE, dtype)
+    lengths = torch.randint(1, seq + 1, (batch,), generator=gen)
+    lengths[0] = seq  # one full row
+    return q, k, v, lengths.to(DEVICE)
+
+
+def compare(q, k, v, lengths, cfg, out, ws_kept):
+    """Check `out` of the kernels against the reference; returns (n_rows, n_flipped, max_err_flipped)."""
+    batch, hq, d = q.shape
+    hkv, seq = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(d)
+    valid = valid_mask(lengths, batch, seq, q.device)
+    ref = reference.sparq_reference(q.float(), k.float(), v.float(), cfg, valid, scale)
+    _, k_b, local_b = reference.budgets(cfg, valid)
+    s_hat = reference.approx_scores(q.float(), k.float(), valid, cfg.r, scale)
+    ref_keep = reference.select_topk(s_hat.sum(2), valid, k_b, local_b)  # [B, Hkv, S]
+
+    idx, counts = ws_kept
+    ours = torch.zeros_like(ref_keep)
+    for b in range(batch):
+        for h in range(hkv):
+            sel = idx[b * hkv + h, : int(k_b[b])].long()
+            assert int(counts[b * hkv + h]) == int(k_b[b]), "kept count differs from k_b"
+            assert sel.unique().numel() == sel.numel(), "a position was kept twice"
+            assert bool((sel < lengths[b]).all()) and bool((sel >= 0).all()), "kept a padding position"
+            ours[b, h, sel] = True
+    err = (out.float() - ref.float()).reshape(batch, hkv, g, d)
+    rel = err.norm(dim=-1) / ref.float().reshape(batch, hkv, g, d).norm(dim=-1).clamp_min(1e-6)
+    flipped = (ours != ref_keep).any(-1)  # [B, Hkv]
+    score = s_hat.sum(2)
+    for b, h in flipped.nonzero().tolist():
+        only_ours = score[b, h][ours[b, h] & ~ref_keep[b, h]]
+        only_ref = score[b, h][ref_keep[b, h] & ~ours[b, h]]
+        gap = (only_ref.max() - only_ours.min()).item()
+        assert gap <= 1e-4 * max(only_ref.max().item(), 1e-30) + 1e-7, f"selection differs beyond a near-tie ({gap})"
+    ok_rows = ~flipped[:, :, None].expand_as(rel)
+    tol = TOL[q.dtype]
+    assert torch.isfinite(out).all()
+    assert float(rel[ok_rows].max()) <= tol if ok_rows.any() else True, float(rel[ok_rows].max())
+    max_flip = float(rel[~ok_rows].max()) if (~ok_rows).any() else 0.0
+    assert max_flip <= 0.1, max_flip
+    return int(flipped.numel()), int(flipped.sum()), max_flip
+
+
+def run_case(batch, hq, hkv, seq, d, dtype, cfg, seed):
+    from sparq.kernels.dispatch import plan, sparq_decode
+
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, lengths = _case(batch, hq, hkv, seq, d, dtype, gen)
+    out = torch.full_like(q, float("nan"))  # poison: every element must be written
+    sparq_decode(q, k, v, cfg, lengths, out=out)
+    ws = plan(batch, hq, hkv, d, seq, cfg, q.device)
+    return compare(q, k, v, lengths, cfg, out, (ws.idx.cpu(), ws.counts[:, 0].cpu()))
+
+
+CPU_CASES = [
+    # batch, hq, hkv, S, d, dtype, config
+    (2, 4, 4, 301, 64, torch.float32, SparQConfig(r=8, k=40, local_window=8)),
+    (2, 8, 2, 517, 64, torch.float32, SparQConfig(r=8, k=40, local_window=8, reallocate=False)),
+    (3, 6, 2, 263, 32, torch.float16, SparQConfig(r=4, k=16, k_fraction=0.1, local_fraction=0.25)),
+    (2, 8, 1, 199, 64, torch.float16, SparQConfig(r=64, k=24, local_window=0)),
+    (2, 3, 1, 97, 32, torch.float32, SparQConfig(r=5, k=200, local_window=4)),  # keep everything
+    (2, 4, 4, 150, 128, torch.float16, SparQConfig(r=16, k=30, local_window=30)),  # local only
+]
+
+GPU_CASES = [
+    (b, hkv * g, hkv, s, d, dt, cfg)
+    for (b, g, hkv, s, d) in [(3, 1, 4, 4099, 128), (2, 3, 3, 2053, 64), (4, 4, 2, 8191, 128),
+                             (2, 8, 1, 3001, 256), (1, 4, 8, 16411, 128), (5, 1, 2, 777, 64)]
+    for dt in (torch.float16, torch.bfloat16)
+    for cfg in (SparQConfig(r=max(1, d // 8), k=64, k_fraction=1 / 16, local_fraction=0.25),
+                SparQConfig(r=d // 4, k=100, local_window=16, reallocate=False))
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES if not CUDA else CPU_CASES[:0] + GPU_CASES)
+def test_kernels_match_reference(case):
+    batch, hq, hkv, seq, d, dtype, cfg = case
+    for seed in (0, 1):
+        rows, flipped, max_flip = run_case(batch, hq, hkv, seq, d, dtype, cfg, seed)
+        assert flipped <= max(1, rows // 4), f"{flipped}/{rows} rows flipped"
+
+
+def test_many_ties_keep_exactly_k():
+    """Equal keys everywhere: every score ties, the kernels must still keep exactly k_b positions."""
+    from sparq.kernels.dispatch import plan, sparq_decode
+
+    cfg = SparQConfig(r=4, k=20, local_window=4)
+    q = torch.randn(2, 2, 32, device=DEVICE)
+    k = torch.ones(2, 2, 130, 32, device=DEVICE)
+    v = torch.randn(2, 2, 130, 32, device=DEVICE)
+    lengths = torch.tensor([130, 77], device=DEVICE)
+    out = sparq_decode(q, k, v, cfg, lengths)
+    ws = plan(2, 2, 2, 32, 130, cfg, q.device)
+    counts = ws.counts[:, 0].cpu()
+    assert counts.tolist() == [20, 20, 20, 20]
+    for row, b in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        kept = ws.idx[row, :20].long().cpu()
+        assert kept.unique().numel() == 20 and int(kept.max()) < int(lengths[b])
+    # all logits are equal, so any kept set gives the mean of the kept V rows; alpha = 20/len
+    assert torch.isfinite(out).all()
+
+
+def test_kernel_cache_prefill_append_matches_reference():
+    from sparq.kernel_cache import KernelCacheLayer
+    from sparq.kernels.dispatch import sparq_decode
+
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(3)
+    batch, hkv, hq, d, cap = 2, 2, 4, 64, 161
+    cache = KernelCacheLayer(batch, hkv, d, cap, dtype, DEVICE)
+    k0 = torch.randn(batch, hkv, 100, d, generator=gen).to(DEVICE, dtype)
+    v0 = torch.randn(batch, hkv, 100, d, generator=gen).to(DEVICE, dtype)
+    cache.prefill(k0, v0, torch.tensor([100, 57], device=DEVICE))
+    for _ in range(5):
+        cache.append(torch.randn(batch, hkv, d, generator=gen).to(DEVICE, dtype),
+                     torch.randn(batch, hkv, 1, d, generator=gen).to(DEVICE, dtype))
+    assert cache.lengths.tolist() == [105, 62]
+    assert torch.equal(cache.key_t, cache.key.transpose(-1, -2))
+    valid = valid_mask(cache.lengths, batch, cap, cache.key.device)
+    vsum = (cache.value.float() * valid[:, None, :, None]).sum(2)
+    assert torch.allclose(cache.value_sum, vsum, atol=1e-3)
+    cfg = SparQConfig(r=8, k=24, local_window=6)
+    q = torch.randn(batch, hq, d, generator=gen).to(DEVICE, dtype)
+    out = sparq_decode(q, cache.key, cache.value, cfg, cache.lengths, key_t=cache.key_t, value_sum=cache.value_sum)
+    ref = reference.sparq_reference(q.float(), cache.key.float(), cache.value.float(), cfg, valid, 1 / math.sqrt(d))
+    assert ((out.float() - ref).norm() / ref.norm()).item() < TOL[dtype]
+
+
+def test_budgets_on_device_match_config():
+    from sparq.kernels.select import budgets
+
+    lengths = torch.arange(1, 3000, 7)
+    for cfg in (SparQConfig(r=4, k=64, k_fraction=1 / 16, local_fraction=0.25),
+                SparQConfig(r=4, k=3, local_window=1, k_fraction=0.3, local_fraction=0.5),
+                SparQConfig(r=4, k=10, local_window=10)):
+        k, local = budgets(cfg, lengths)
+        assert k.tolist() == [cfg.k_for(int(n)) for n in lengths]
+        assert local.tolist() == [cfg.local_for(int(n)) for n in lengths]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graph_capture_of_decode_step():
+    from sparq.kernel_cache import KernelCacheLayer
+
+    dtype = torch.bfloat16
+    batch, hkv, hq, d, cap = 2, 4, 16, 128, 5003
+    cache = KernelCacheLayer(batch, hkv, d, cap, dtype, "cuda")
+    cache.prefill(torch.randn(batch, hkv, 4000, d, device="cuda", dtype=dtype),
+                  torch.randn(batch, hkv, 4000, d, device="cuda", dtype=dtype),
+                  torch.tensor([4000, 3111], device="cuda"))
+    cfg = SparQConfig(r=16, k=64, k_fraction=1 / 16, local_fraction=0.25)
+    q = torch.randn(batch, hq, d, device="cuda", dtype=dtype)
+    new_k = torch.randn(batch, hkv, d, device="cuda", dtype=dtype)
+    new_v = torch.randn(batch, hkv, d, device="cuda", dtype=dtype)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up compiles the kernels outside the capture
+            cache.attend(q, cfg)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cache.append(new_k, new_v)
+        out = cache.attend(q, cfg)
+    for step in range(3):
+        q.copy_(torch.randn_like(q))
+        new_k.copy_(torch.randn_like(new_k))
+        new_v.copy_(torch.randn_like(new_v))
+        graph.replay()
+        torch.cuda.synchronize()
+        valid = valid_mask(cache.lengths, batch, cap, q.device)
+        ref = reference.sparq_reference(q.float(), cache.key.float(), cache.value.float(), cfg, valid, 1 / math.sqrt(d))
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 3e-2
+    assert cache.lengths.tolist() == [4003, 3114]
