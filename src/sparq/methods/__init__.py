@@ -2,6 +2,15 @@
 
 from .base import DecodeInputs, DecodeMethod
 from .dense import Dense
+from .h2o import H2O
+from .quest import Quest
+from .registry import METHODS, build_method, parse_budget, parse_spec
+from .sketch import SparQSketch
 from .sparq import SparQ
+from .streaming import Streaming
+from .topk import TopK
 
-__all__ = ["DecodeInputs", "DecodeMethod", "Dense", "SparQ"]
+__all__ = [
+    "DecodeInputs", "DecodeMethod", "Dense", "SparQ", "SparQSketch", "Streaming", "H2O", "Quest", "TopK",
+    "METHODS", "build_method", "parse_budget", "parse_spec",
+]
