@@ -107,13 +107,21 @@ def select_topk(scores: Tensor, valid: Tensor, k: Tensor, local: Tensor) -> Tens
 def gather_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tensor, scale: float) -> Tensor:
     """Step 2b: y = softmax(q . K_kept^T * scale) V_kept, [B, Hkv, g, d] (fp32).
 
-    Written as masked dense attention for clarity; the kernels read only the kept rows.
+    Reads only the kept rows of K and V (gathered, as the kernels do), so it costs O(k d)
+    rather than O(S d). Rows are padded to the largest count kept by any (sequence, KV head);
+    the padding rows are masked out.
     """
     q = _grouped(query.float(), key.shape[1])
-    logits = (q @ key.float().transpose(-1, -2)) * scale  # [B, Hkv, g, S]
-    logits = logits.masked_fill(~keep[:, :, None, :], NEG_INF)
+    n_keep = int(keep.sum(-1).max())
+    idx = keep.float().topk(n_keep, dim=-1, sorted=False).indices  # [B, Hkv, n]: kept first
+    kept = keep.gather(-1, idx)  # False only on padding rows
+    rows = idx.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
+    k_rows = key.gather(2, rows).float()
     # Zero the rows not kept so that garbage (even NaN) in padding can never leak in.
-    return logits.softmax(dim=-1) @ value.float().masked_fill(~keep[..., None], 0.0)
+    v_rows = value.gather(2, rows).float().masked_fill(~kept[..., None], 0.0)
+    logits = (q @ k_rows.transpose(-1, -2)) * scale  # [B, Hkv, g, n]
+    logits = logits.masked_fill(~kept[:, :, None, :], NEG_INF)
+    return logits.softmax(dim=-1) @ v_rows
 
 
 def mean_value(value: Tensor, valid: Tensor, value_sum: Tensor | None = None) -> Tensor:
