@@ -109,7 +109,7 @@ def sparq_attention(
     """
     if not isinstance(config, SparQConfig):
         raise TypeError(f"config must be a SparQConfig, got {type(config).__name__}")
-    capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
+    capturing = isinstance(query, Tensor) and query.is_cuda and torch.cuda.is_current_stream_capturing()
     check_inputs(query, key, value, lengths, check_values=validate and not capturing)
     scale = _scale(scale, query.shape[-1])
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
