@@ -140,8 +140,15 @@ def _kernel_status() -> str:
         from . import kernels
     except Exception as e:  # noqa: BLE001 - report, never crash `info`
         return f"unavailable ({type(e).__name__}: {e})"
-    status = getattr(kernels, "status", None)
-    return status() if callable(status) else "package present"
+    import torch
+
+    if kernels.available("cuda"):
+        return f"Triton kernels on {torch.cuda.get_device_name()}"
+    if not kernels.triton_importable():
+        return "unavailable: triton is not installed (PyTorch reference in use)"
+    if kernels.interpreting():
+        return "Triton interpreter on the CPU (TRITON_INTERPRET=1; for tests, slow)"
+    return "unavailable: no CUDA device (PyTorch reference in use)"
 
 
 def main() -> None:
