@@ -21,11 +21,13 @@ class KernelCacheLayer:
     """One layer's buffers; see the module docstring."""
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, *, keep_key_t: bool = True):
         device = torch.device(device)
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.key = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_t = torch.zeros(batch, num_kv_heads, head_dim, max_len, dtype=dtype, device=device)
+        # Dense attention never reads Kᵀ: keep_key_t=False saves that third of the memory.
+        self.key_t = (torch.zeros(batch, num_kv_heads, head_dim, max_len, dtype=dtype, device=device)
+                      if keep_key_t else None)
         self.value = torch.zeros(shape, dtype=dtype, device=device)
         self.value_sum = torch.zeros(batch, num_kv_heads, head_dim, dtype=torch.float32, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
@@ -45,10 +47,11 @@ class KernelCacheLayer:
         v = value.to(self.value.dtype) * valid[:, None, :, None]
         self.key.zero_()
         self.value.zero_()
-        self.key_t.zero_()
         self.key[:, :, :n].copy_(k)
         self.value[:, :, :n].copy_(v)
-        self.key_t[:, :, :, :n].copy_(k.transpose(-1, -2))
+        if self.key_t is not None:
+            self.key_t.zero_()
+            self.key_t[:, :, :, :n].copy_(k.transpose(-1, -2))
         self.value_sum.copy_(v.float().sum(2))
         self.lengths.copy_(lengths)
 
@@ -68,7 +71,8 @@ class KernelCacheLayer:
         old_v = self.value.gather(2, idx_rows)  # the slot's previous content (0 unless full)
         self.key.scatter_(2, idx_rows, k)
         self.value.scatter_(2, idx_rows, v)
-        self.key_t.scatter_(3, pos.view(batch, 1, 1, 1).expand(batch, heads, d, 1), k.transpose(-1, -2))
+        if self.key_t is not None:
+            self.key_t.scatter_(3, pos.view(batch, 1, 1, 1).expand(batch, heads, d, 1), k.transpose(-1, -2))
         full = (self.lengths >= self.max_len).view(batch, 1, 1).float()
         self.value_sum.add_(v[:, :, 0].float() - full * old_v[:, :, 0].float())
         self.lengths.add_((self.lengths < self.max_len).to(torch.int32))
