@@ -56,12 +56,72 @@ def profile(shapes):
         torch.cuda.empty_cache()
 
 
+def _setup(label, batch, hq, hkv, seq, d, dtype):
+    from sparq.config import SparQConfig
+    from sparq.kernel_cache import KernelCacheLayer
+
+    cfg = SparQConfig(r=d // 8, k=seq // 16, k_fraction=1 / 16, local_fraction=0.25)
+    cache = KernelCacheLayer(batch, hkv, d, seq, dtype, "cuda")
+    cache.key.normal_()
+    cache.value.normal_()
+    cache.key_t.copy_(cache.key.transpose(-1, -2))
+    cache.value_sum.copy_(cache.value.float().sum(2))
+    cache.lengths.fill_(seq)
+    q = torch.randn(batch, hq, d, device="cuda", dtype=dtype)
+    return cfg, cache, q
+
+
+def sweep(shapes, variants):
+    """Time the whole graphed SparQ step per launch-geometry variant (dispatch.TUNING)."""
+    from triton.testing import do_bench
+
+    from sparq.bench import _graphed
+    from sparq.kernels import dispatch
+
+    base = dict(dispatch.TUNING)
+    for shape in shapes:
+        cfg, cache, q = _setup(*shape)
+        out = torch.empty_like(q)
+        line = f"sweep {shape[0]} B={shape[1]} S={shape[4]}:"
+        for name, var in variants:
+            dispatch.TUNING.clear()
+            dispatch.TUNING.update(base, **var)
+            fn = lambda: dispatch.sparq_decode(q, cache.key, cache.value, cfg, cache.lengths, key_t=cache.key_t,
+                                               value_sum=cache.value_sum, out=out)
+            t = do_bench(_graphed(fn), warmup=25, rep=150, return_mode="median")
+            line += f"  {name} {t * 1e3:.1f}"
+        print(line, flush=True)
+        dispatch.TUNING.clear()
+        dispatch.TUNING.update(base)
+        del cache, q, out
+        dispatch._WORKSPACES.clear()
+        torch.cuda.empty_cache()
+
+
+def diag(shape):
+    """Registers, spills and vector loads of the step-1 kernel."""
+    from sparq.kernels.approx_scores import TransposedKeyScorer
+    from sparq.kernels.dispatch import plan
+
+    cfg, cache, q = _setup(*shape)
+    _, batch, hq, hkv, seq, d, _ = shape
+    ws = plan(batch, hq, hkv, d, seq, cfg, q.device)
+    sc = TransposedKeyScorer(cache.key_t, cfg.r, 1 / d ** 0.5)
+    sc.score(q, cache.lengths, ws)
+    ck = sc.last_compiled
+    ptx = ck.asm.get("ptx", "")
+    print(f"diag {shape[0]} B={batch}: regs {getattr(ck, 'n_regs', '?')} spills {getattr(ck, 'n_spills', '?')} "
+          f"ld.v4 {ptx.count('.v4.')} ld.v2 {ptx.count('.v2.')} ld.global {ptx.count('ld.global')} "
+          f"st.global {ptx.count('st.global')} chunk1 {ws.chunk1} nsplit1 {ws.n_split1} nsplit2 {ws.n_split2}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-tests", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--shapes", default="all")
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     out = os.environ.get("OUT", "benchmarks/results")
     os.makedirs(out, exist_ok=True)
@@ -77,7 +137,23 @@ def main():
     if args.shapes == "quick":
         shapes = [DEFAULT_SHAPES[i] for i in (0, 2, 4, 9)]
     if args.profile:
+        for i in (2, 4, 9):
+            diag(DEFAULT_SHAPES[i])
         profile([DEFAULT_SHAPES[i] for i in (2, 4, 9)])
+    if args.sweep:
+        variants = [
+            ("base", {}),
+            ("bps8", dict(blocks_per_sm=8)),
+            ("bs1024w8", dict(score_block=1024, score_warps=8)),
+            ("bps8bs256", dict(blocks_per_sm=8, score_block=256)),
+            ("bps16bs1024w8", dict(blocks_per_sm=16, score_block=1024, score_warps=8)),
+            ("st4", dict(score_stages=4)),
+            ("g32w4", dict(gather_block=32)),
+            ("g64w8", dict(gather_warps=8)),
+            ("g128w8", dict(gather_block=128, gather_warps=8)),
+            ("gbps16", dict(gather_blocks_per_sm=16)),
+        ]
+        sweep([DEFAULT_SHAPES[i] for i in (2, 4, 9)], variants)
     if not args.no_bench:
         bench_kernels(shapes, out_dir=out)
 

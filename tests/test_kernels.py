@@ -51,7 +51,8 @@ def compare(q, k, v, lengths, cfg, out, ws_kept):
     ref = reference.sparq_reference(q.float(), k.float(), v.float(), cfg, valid, scale)
     _, k_b, local_b = reference.budgets(cfg, valid)
     s_hat = reference.approx_scores(q.float(), k.float(), valid, cfg.r, scale)
-    ref_keep = reference.select_topk(s_hat.sum(2), valid, k_b, local_b)  # [B, Hkv, S]
+    ref_keep = reference.select_topk(s_hat.sum(2), valid, k_b, local_b).cpu()  # [B, Hkv, S]
+    s_hat, k_b, lengths = s_hat.cpu(), k_b.cpu(), lengths.cpu()
 
     idx, counts = ws_kept
     ours = torch.zeros_like(ref_keep)
@@ -62,8 +63,9 @@ def compare(q, k, v, lengths, cfg, out, ws_kept):
             assert sel.unique().numel() == sel.numel(), "a position was kept twice"
             assert bool((sel < lengths[b]).all()) and bool((sel >= 0).all()), "kept a padding position"
             ours[b, h, sel] = True
-    err = (out.float() - ref.float()).reshape(batch, hkv, g, d)
-    rel = err.norm(dim=-1) / ref.float().reshape(batch, hkv, g, d).norm(dim=-1).clamp_min(1e-6)
+    out, ref = out.float().cpu(), ref.float().cpu()
+    err = (out - ref).reshape(batch, hkv, g, d)
+    rel = err.norm(dim=-1) / ref.reshape(batch, hkv, g, d).norm(dim=-1).clamp_min(1e-6)
     flipped = (ours != ref_keep).any(-1)  # [B, Hkv]
     score = s_hat.sum(2)
     for b, h in flipped.nonzero().tolist():
@@ -117,6 +119,32 @@ def test_kernels_match_reference(case):
     for seed in (0, 1):
         rows, flipped, max_flip = run_case(batch, hq, hkv, seq, d, dtype, cfg, seed)
         assert flipped <= max(1, rows // 4), f"{flipped}/{rows} rows flipped"
+
+
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_bracket_paths(monkeypatch, adversarial):
+    """Small sample and register capacity: the bracket path with candidates resolved from memory,
+    and (adversarial: the sampled positions score highest) the exact fallback when the bracket misses."""
+    from sparq.kernels import select
+
+    monkeypatch.setattr(select, "SAMPLES", 16)
+    monkeypatch.setattr(select, "CAP", 16)
+    gen = torch.Generator().manual_seed(5)
+    batch, hq, hkv, seq, d = 2, 4, 2, 409, 32
+    q, k, v, lengths = _case(batch, hq, hkv, seq, d, torch.float32, gen)
+    cfg = SparQConfig(r=d, k=120, local_window=20)
+    if adversarial:
+        for b in range(batch):
+            n_cand = int(lengths[b]) - 20
+            ns = min(16, n_cand)
+            for i in range(ns):
+                k[b, :, (i * n_cand) // ns] = 3 * q[b].reshape(hkv, -1, d).sum(1) / q[b].norm()
+    from sparq.kernels.dispatch import plan, sparq_decode
+
+    out = torch.full_like(q, float("nan"))
+    sparq_decode(q, k, v, cfg, lengths, out=out)
+    ws = plan(batch, hq, hkv, d, seq, cfg, q.device)
+    compare(q, k, v, lengths, cfg, out, (ws.idx.cpu(), ws.counts[:, 0].cpu()))
 
 
 def test_many_ties_keep_exactly_k():

@@ -133,11 +133,12 @@ class TransposedKeyScorer:
         g_pad = max(16, triton.next_power_of_2(g)) if use_dot else 1
         r_pad = max(16, triton.next_power_of_2(r))
         grid = (batch * num_kv_heads, ws.n_split1)
-        _transposed_key_scores_kernel[grid](
+        extra = {} if ws.score_stages is None or interpreting() else {"num_stages": ws.score_stages}
+        self.last_compiled = _transposed_key_scores_kernel[grid](
             kt, q_sel, fac, dims, lengths,
             ws.logits, ws.split_m, ws.split_l,
             kt.stride(0), kt.stride(1), kt.stride(2),
             num_kv_heads, ws.s_cap, r, ws.n_split1,
             G=g, G_PAD=g_pad, R_PAD=r_pad, CHUNK=ws.chunk1, BLOCK_S=ws.block_s,
-            USE_DOT=use_dot, num_warps=4 if interpreting() else ws.score_warps,
+            USE_DOT=use_dot, num_warps=4 if interpreting() else ws.score_warps, **extra,
         )

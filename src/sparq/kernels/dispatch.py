@@ -4,9 +4,9 @@
   budgets (torch, float64, on device)   k_b, local_b from lengths
   scorer.score                          step 1: logits + split softmax stats    (approx_scores)
   logZ reduce (torch, tiny)             per query head log-normaliser of s_hat
-  _keys_hist_kernel                     selection keys (g > 1) + 12-bit histogram (select)
-  _emit_kernel                          kept positions above the boundary bin + local window
-  _resolve_kernel                       exact winners inside the boundary bin
+  _sample_kernel                        bracket of the selection threshold from a sample (select)
+  _emit_kernel                          one pass: sure winners + local window, bracket candidates
+  _resolve_kernel                       exact winners inside the bracket
   _gather_attention_kernel              split-K attention over kept rows + alpha (gather_attention)
   _combine_kernel                       merge splits, reallocation, output
 Everything has static shapes (sized from the cache capacity S = key.shape[2]); lengths stay a
@@ -25,7 +25,8 @@ import triton
 from . import interpreting
 from .approx_scores import TransposedKeyScorer
 from .gather_attention import _combine_kernel, _gather_attention_kernel
-from .select import NUM_HIST_BINS, _emit_kernel, _keys_hist_kernel, _resolve_kernel, budgets
+from . import select as _select
+from .select import _emit_kernel, _resolve_kernel, _sample_kernel, budgets
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -47,17 +48,15 @@ class Workspace:
     chunk1: int
     n_split1: int
     score_warps: int
+    score_stages: int | None
     block_n: int
     chunk2: int
     n_split2: int
     logits: torch.Tensor   # [BH, g, S] fp32
-    keys: torch.Tensor     # [BH, S] fp32 (g > 1: combined s_hat; g == 1: alias of logits)
     split_m: torch.Tensor  # [BH, g, n_split1]
     split_l: torch.Tensor
-    ints: torch.Tensor     # zeroed each step: hist [BH, 4096] | counts [BH, 2]
-    hist: torch.Tensor
-    counts: torch.Tensor
-    state: torch.Tensor    # [BH, 2] int32
+    counts: torch.Tensor   # [BH, 2] int32, zeroed each step: (kept, bracket candidates)
+    state: torch.Tensor    # [BH, 2] int64: (U_hi, U_lo)
     cand: torch.Tensor     # [BH, S] int32
     idx: torch.Tensor      # [BH, k_max] int32
     part_m: torch.Tensor   # [B*Hq, n_split2]
@@ -68,45 +67,47 @@ class Workspace:
 
 _WORKSPACES: dict = {}
 
+# Launch geometry knobs (None = the default below); benchmarks/kernel_check.py sweeps them.
+TUNING = dict(blocks_per_sm=4, score_block=None, score_warps=4, score_stages=None,
+              gather_block=None, gather_warps=4, gather_blocks_per_sm=None, emit_block=None)
+
 
 def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: int,
          config, device: torch.device) -> Workspace:
-    key = (device, batch, num_q_heads, num_kv_heads, head_dim, s_cap, config)
+    key = (device, batch, num_q_heads, num_kv_heads, head_dim, s_cap, config, tuple(sorted(TUNING.items())))
     ws = _WORKSPACES.get(key)
     if ws is not None:
         return ws
     bh = batch * num_kv_heads
     g = num_q_heads // num_kv_heads
     interp = interpreting()
-    target = 4 * _sm_count(device)  # blocks that keep every SM busy with a few in flight
+    target = TUNING["blocks_per_sm"] * _sm_count(device)  # keep every SM busy, several blocks in flight
     # step 1 / selection geometry: split the sequence so that ~target blocks exist
-    block_s = 64 if interp else (256 if head_dim >= 256 else 512)
+    block_s = 64 if interp else (TUNING["score_block"] or 512)
     n_blocks = triton.cdiv(s_cap, block_s)
     want = max(1, min(n_blocks, triton.cdiv(target, bh)))
     chunk1 = triton.cdiv(n_blocks, want) * block_s
     n_split1 = triton.cdiv(s_cap, chunk1)
     # step 2 geometry over the kept-index list
     k_max = max(1, config.k_for(s_cap))
-    block_n = 16 if interp else (32 if head_dim >= 256 else 64)
+    block_n = 16 if interp else (TUNING["gather_block"] or (32 if head_dim >= 256 else 64))
     n_blocks2 = triton.cdiv(k_max, block_n)
-    want2 = max(1, min(n_blocks2, triton.cdiv(target, bh)))
+    target2 = (TUNING["gather_blocks_per_sm"] or TUNING["blocks_per_sm"]) * _sm_count(device)
+    want2 = max(1, min(n_blocks2, triton.cdiv(target2, bh)))
     chunk2 = triton.cdiv(n_blocks2, want2) * block_n
     n_split2 = triton.cdiv(k_max, chunk2)
 
     f32 = dict(dtype=torch.float32, device=device)
     i32 = dict(dtype=torch.int32, device=device)
     logits = torch.empty(bh, g, s_cap, **f32)
-    keys = logits.view(bh, s_cap) if g == 1 else torch.empty(bh, s_cap, **f32)
-    ints = torch.zeros(bh * (NUM_HIST_BINS + 2), **i32)
     rows = batch * num_q_heads
     ws = Workspace(
         s_cap=s_cap, k_max=k_max, g=g, block_s=block_s, chunk1=chunk1, n_split1=n_split1,
-        score_warps=4, block_n=block_n, chunk2=chunk2, n_split2=n_split2,
-        logits=logits, keys=keys,
+        score_warps=TUNING["score_warps"], score_stages=TUNING["score_stages"], block_n=block_n, chunk2=chunk2, n_split2=n_split2,
+        logits=logits,
         split_m=torch.empty(bh, g, n_split1, **f32), split_l=torch.empty(bh, g, n_split1, **f32),
-        ints=ints, hist=ints[: bh * NUM_HIST_BINS].view(bh, NUM_HIST_BINS),
-        counts=ints[bh * NUM_HIST_BINS:].view(bh, 2),
-        state=torch.empty(bh, 2, **i32), cand=torch.empty(bh, s_cap, **i32),
+        counts=torch.zeros(bh, 2, **i32),
+        state=torch.empty(bh, 2, dtype=torch.int64, device=device), cand=torch.empty(bh, s_cap, **i32),
         idx=torch.empty(bh, k_max, **i32),
         part_m=torch.empty(rows, n_split2, **f32), part_l=torch.empty(rows, n_split2, **f32),
         part_a=torch.empty(rows, n_split2, **f32), part_acc=torch.empty(rows, n_split2, head_dim, **f32),
@@ -165,7 +166,7 @@ def sparq_decode(
     query = query.contiguous()
 
     k_b, local_b = budgets(config, lengths)
-    ws.ints.zero_()
+    ws.counts.zero_()
 
     # step 1
     scorer.score(query, lengths, ws)
@@ -175,18 +176,19 @@ def sparq_decode(
 
     # step 2a
     g_pad = triton.next_power_of_2(g)
-    grid1 = (bh, ws.n_split1)
-    _keys_hist_kernel[grid1](
-        ws.logits, logz, ws.keys, lengths, k_b, local_b, ws.hist, num_kv_heads, s_cap,
-        G=g, G_PAD=g_pad, CHUNK=ws.chunk1, BLOCK_S=ws.block_s, num_warps=4,
+    _sample_kernel[(bh,)](
+        ws.logits, logz, lengths, k_b, local_b, ws.state, num_kv_heads, s_cap,
+        G=g, G_PAD=g_pad, NS=_select.SAMPLES, num_warps=8,
     )
-    _emit_kernel[grid1](
-        ws.keys, lengths, k_b, local_b, ws.hist, ws.state, ws.counts, ws.idx, ws.cand,
-        num_kv_heads, s_cap, ws.k_max, CHUNK=ws.chunk1, BLOCK_S=ws.block_s, num_warps=4,
+    _emit_kernel[(bh, ws.n_split1)](
+        ws.logits, logz, lengths, k_b, local_b, ws.state, ws.counts, ws.idx, ws.cand,
+        num_kv_heads, s_cap, ws.k_max, G=g, G_PAD=g_pad, CHUNK=ws.chunk1, BLOCK_S=ws.block_s,
+        num_warps=4,
     )
     _resolve_kernel[(bh,)](
-        ws.keys, ws.state, ws.counts, ws.idx, ws.cand, s_cap, ws.k_max,
-        BLOCK=64 if interpreting() else 512, num_warps=4,
+        ws.logits, logz, lengths, k_b, local_b, ws.counts, ws.idx, ws.cand,
+        num_kv_heads, s_cap, ws.k_max, G=g, G_PAD=g_pad, CAP=_select.CAP,
+        BLOCK=64 if interpreting() else 1024, num_warps=8,
     )
 
     # step 2b + 3
@@ -197,7 +199,7 @@ def sparq_decode(
         key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
         num_kv_heads, s_cap, ws.k_max, ws.n_split2, float(scale),
         G=g, G_PAD=g_dot, D=head_dim, CHUNK=ws.chunk2, BLOCK_N=ws.block_n,
-        REALLOC=bool(config.reallocate), num_warps=4,
+        REALLOC=bool(config.reallocate), num_warps=4 if interpreting() else TUNING["gather_warps"],
     )
     if out is None:
         out = torch.empty_like(query)

@@ -1,21 +1,26 @@
 """Step 2a of SparQ: which positions each KV head keeps, without a sort and without host syncs.
 
-Per KV head the kept set is: the last `local_b` valid positions, plus the `k_b - local_b`
-candidates (valid, not local) with the largest selection key, or every valid position when
-k_b >= length. The selection key is monotone in s_hat summed over the group's query heads:
-- g = 1: the approximate logit itself (softmax is monotone), read straight from step 1's output;
-- g > 1: c(s) = sum_j exp(logit_j(s) - logZ_j), written once by `_keys_hist_kernel`.
-Each fp32 key maps to an order-preserving unsigned 32-bit integer u.
+Per KV head the kept set is: the last `local_b` valid positions, plus the `need = k_b - local_b`
+candidates (valid, not local: positions < length - local_b) with the largest selection key, or
+every valid position when k_b >= length. The selection key is monotone in s_hat summed over the
+group's query heads:
+- g = 1: the approximate logit itself (softmax is monotone), read from step 1's output;
+- g > 1: c(s) = sum_j exp(logit_j(s) - logZ_j), computed on the fly from step 1's logits.
+Each fp32 key maps to an order-preserving unsigned 32-bit integer u (held in int64).
 
-Threshold (radix) selection in three kernels:
-1. `_keys_hist_kernel`: histogram of the top 12 bits of u over the candidates (split over blocks,
-   one atomic add per non-empty bin and block).
-2. `_emit_kernel`: every block scans the 4096-bin histogram for the boundary bin b1 (the bin that
-   holds the n-th largest key), appends the positions above b1 and the local window to the index
-   list, and the positions inside b1 to a candidate list.
-3. `_resolve_kernel`: one block per KV head finishes the radix selection (10 + 10 more bits) on the
-   small candidate list only, and appends the exact remaining winners (ties at the threshold are
-   broken by candidate order, as any top-k may).
+Threshold selection in three kernels (no sort, one full pass over the keys):
+1. `_sample_kernel` (one block per KV head): a stratified sample of NS candidate keys; exact sample
+   order statistics (32-step bisection over u, counts by comparison) bracket the need-th largest
+   key: U_hi (surely above: ~4 sigma of the sample quantile) and U_lo. When the sample is the whole
+   candidate set the bracket is exact (U_hi = U_lo = the need-th largest key).
+2. `_emit_kernel` (split over the sequence): one pass over the keys; appends the local window and
+   every candidate with u > U_hi to the index list, the candidates with U_lo <= u <= U_hi to a
+   small candidate list (one atomic add per block and list).
+3. `_resolve_kernel` (one block per KV head): the exact remaining winners among the bracket's
+   candidates (bisection over u on the candidate keys held in registers; ties at the threshold
+   are broken by candidate order, as any top-k may). If the bracket missed (too many above U_hi,
+   or too few up to U_lo: possible only for adversarial key orders), it recomputes the selection
+   exactly over all candidates from memory: slower, never wrong.
 Only positions < length are read; the kept positions are appended in no particular order.
 """
 
@@ -25,10 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-HIST_BITS = 12
-NUM_HIST_BINS = 1 << HIST_BITS
-HIST_BINS = tl.constexpr(NUM_HIST_BINS)
-LOW_BINS = tl.constexpr(1024)  # two further passes of 10 bits: 12 + 10 + 10 = 32
+SAMPLES = 4096   # sample size per KV head
+CAP = 4096       # candidates held in registers by the resolve kernel
+KEY_SPAN = tl.constexpr(4294967296)  # 2^32: above every key
 
 
 def budgets(config, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,76 +58,84 @@ def _order_key(v):
 
 
 @triton.jit
-def _pick_bin(hist, need, NB: tl.constexpr):
-    """Largest bin b with count(digit >= b) >= need, and count(digit > b)."""
-    offs = tl.arange(0, NB)
-    incl = tl.cumsum(hist, 0)
-    total = tl.sum(hist, 0)
-    suffix = total - incl + hist
-    sel = tl.max(tl.where(suffix >= need, offs, -1), 0)
-    above = tl.sum(tl.where(offs > sel, hist, 0), 0)
-    return sel, above
+def _key_at(logits_ptr, logz_ptr, bh, pos, mask, s_cap, G: tl.constexpr, G_PAD: tl.constexpr):
+    """Ordered selection key of positions `pos` of KV head `bh` (see the module docstring)."""
+    if G == 1:
+        v = tl.load(logits_ptr + bh.to(tl.int64) * s_cap + pos, mask=mask, other=0.0)
+    else:
+        offs_g = tl.arange(0, G_PAD)
+        g_ok = offs_g < G
+        logz = tl.load(logz_ptr + bh * G + offs_g, mask=g_ok, other=0.0)
+        lg = tl.load(logits_ptr + (bh * G + offs_g).to(tl.int64)[:, None] * s_cap + pos[None, :],
+                     mask=g_ok[:, None] & mask[None, :], other=float("-inf"))
+        v = tl.sum(tl.exp(lg - logz[:, None]), axis=0)
+    return _order_key(v)
 
 
 @triton.jit
-def _keys_hist_kernel(
-    logits_ptr, logz_ptr, keys_ptr, len_ptr, k_ptr, local_ptr, hist_ptr,
-    num_kv_heads, s_cap,
-    G: tl.constexpr, G_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    """Histogram of the top 12 key bits over one chunk's candidates (+ the GQA key itself).
+def _kth_largest(u, ok, j):
+    """The j-th largest (0-based) of u[ok]: max v with count(u >= v) >= j + 1 (32-step bisection)."""
+    lo = tl.min(tl.where(ok, u, 0), 0) * 0  # int64 zero
+    hi = lo + 4294967295
+    for _ in range(32):
+        mid = (lo + hi + 1) // 2
+        c = tl.sum((ok & (u >= mid)).to(tl.int32), 0)
+        take = c >= j + 1
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+    return lo
 
-    Reads 4 * g bytes per candidate position (the logits); for g > 1 writes 4 bytes per candidate
-    (the combined key). Atomically adds at most 4096 int32 counts per block.
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr,
+    num_kv_heads, s_cap,
+    G: tl.constexpr, G_PAD: tl.constexpr, NS: tl.constexpr,
+):
+    """Bracket [U_lo, U_hi] of the need-th largest key from a stratified sample.
+
+    Reads up to NS keys per KV head (4 * g bytes each, strided); writes 16 bytes of state.
     """
     bh = tl.program_id(0)
-    split = tl.program_id(1)
     b = bh // num_kv_heads
     length = tl.load(len_ptr + b)
     kb = tl.load(k_ptr + b)
     lb = tl.load(local_ptr + b)
     n_cand = length - lb
-    if (kb < length) & (kb > lb):
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_g = tl.arange(0, G_PAD)
-        g_ok = offs_g < G
-        start = split * CHUNK
-        end = tl.minimum(start + CHUNK, n_cand)
-        hist = tl.zeros([HIST_BINS], tl.int32)
-        if G > 1:
-            logz = tl.load(logz_ptr + bh * G + offs_g, mask=g_ok, other=0.0)
-        for s0 in range(start, end, BLOCK_S):
-            s = s0 + offs_s
-            ok = s < end
-            if G == 1:
-                v = tl.load(logits_ptr + bh.to(tl.int64) * s_cap + s, mask=ok, other=0.0)
-            else:
-                lg = tl.load(logits_ptr + (bh * G + offs_g).to(tl.int64)[:, None] * s_cap + s[None, :],
-                             mask=g_ok[:, None] & ok[None, :], other=float("-inf"))
-                v = tl.sum(tl.exp(lg - logz[:, None]), axis=0)
-                tl.store(keys_ptr + bh.to(tl.int64) * s_cap + s, v, mask=ok)
-            digit = (_order_key(v) >> 20).to(tl.int32)
-            digit = tl.where(ok, digit, 0)
-            hist += tl.histogram(digit, HIST_BINS)
-            # masked lanes were counted in bin 0: take them out again
-            hist -= tl.where(tl.arange(0, HIST_BINS) == 0, tl.sum((~ok).to(tl.int32), 0), 0)
-        if start < end:
-            offs_h = tl.arange(0, HIST_BINS)
-            tl.atomic_add(hist_ptr + bh * HIST_BINS + offs_h, hist, mask=hist > 0)
+    need = kb - lb
+    u_hi = tl.full([], 4294967296, tl.int64)
+    u_lo = tl.full([], 4294967296, tl.int64)
+    if (kb < length) & (need > 0):
+        ns = tl.minimum(n_cand, NS)
+        i = tl.arange(0, NS)
+        ok = i < ns
+        pos = (i.to(tl.int64) * n_cand) // ns
+        u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
+        nsf = ns.to(tl.float32)
+        t = need.to(tl.float32) * nsf / n_cand.to(tl.float32)
+        margin = 4.0 * tl.sqrt(tl.maximum(t * (1.0 - t / nsf), 0.0)) + 2.0
+        margin = tl.where(ns == n_cand, 0.0, margin)
+        r_hi = tl.floor(t - margin).to(tl.int32) - 1
+        r_lo = tl.ceil(t + margin).to(tl.int32) - 1
+        v_hi = _kth_largest(u, ok, tl.maximum(r_hi, 0))
+        v_lo = _kth_largest(u, ok, tl.minimum(r_lo, ns - 1))
+        u_hi = tl.where(r_hi < 0, u_hi, v_hi)
+        u_lo = tl.where(r_lo >= ns, u_lo * 0, v_lo)
+    tl.store(state_ptr + bh * 2, u_hi)
+    tl.store(state_ptr + bh * 2 + 1, u_lo)
 
 
 @triton.jit
 def _emit_kernel(
-    keys_ptr, len_ptr, k_ptr, local_ptr, hist_ptr, state_ptr, count_ptr, idx_ptr, cand_ptr,
+    logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count_ptr, idx_ptr, cand_ptr,
     num_kv_heads, s_cap, k_max,
-    CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Append the surely-kept positions of one chunk to the index list, the boundary bin's to the
-    candidate list.
+    """Append one chunk's surely-kept positions to the index list and its bracket candidates to
+    the candidate list.
 
-    Reads 16 KiB of histogram (L2-resident) and 4 bytes of key per candidate position of the chunk;
-    writes 4 bytes per appended position (index or candidate) plus one atomic per block and list.
-    state[bh] = (b1, need inside b1); count[bh] = (kept so far, candidates).
+    Reads 4 * g bytes per candidate position of the chunk (the logits); writes 4 bytes per
+    appended position, plus two atomics per block tile. count[bh] = (kept so far, candidates).
     """
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -131,29 +143,19 @@ def _emit_kernel(
     length = tl.load(len_ptr + b)
     kb = tl.load(k_ptr + b)
     lb = tl.load(local_ptr + b)
-    n_cand = length - lb
-    not_all = kb < length
-    need = kb - lb
-    active = not_all & (need > 0)
-    hist = tl.load(hist_ptr + bh * HIST_BINS + tl.arange(0, HIST_BINS))
-    sel, above = _pick_bin(hist, need, HIST_BINS)
-    b1 = tl.where(active, sel, HIST_BINS)  # HIST_BINS: no candidate is above or inside this bin
-    need2 = tl.where(active, need - above, 0)
-    if split == 0:
-        tl.store(state_ptr + bh * 2, b1)
-        tl.store(state_ptr + bh * 2 + 1, need2)
+    read_lim = tl.where(kb < length, length - lb, 0)  # candidates are s < read_lim
+    u_hi = tl.load(state_ptr + bh * 2)
+    u_lo = tl.load(state_ptr + bh * 2 + 1)
     offs_s = tl.arange(0, BLOCK_S)
-    read_lim = tl.where(not_all, n_cand, 0)  # keys are read for candidates only
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, length)
     for s0 in range(start, end, BLOCK_S):
         s = s0 + offs_s
         ok = s < end
         is_cand = ok & (s < read_lim)
-        v = tl.load(keys_ptr + bh.to(tl.int64) * s_cap + s, mask=ok & (s < read_lim), other=0.0)
-        digit = (_order_key(v) >> 20).to(tl.int32)
-        keep = ok & ((s >= read_lim) | (digit > b1))  # local window / keep-all, or above b1
-        bnd = is_cand & (digit == b1)
+        u = _key_at(logits_ptr, logz_ptr, bh, s, is_cand, s_cap, G, G_PAD)
+        keep = (ok & (s >= read_lim)) | (is_cand & (u > u_hi))
+        bnd = is_cand & (u >= u_lo) & (u <= u_hi)
         keep_i = keep.to(tl.int32)
         n_keep = tl.sum(keep_i, 0)
         if n_keep > 0:
@@ -170,60 +172,87 @@ def _emit_kernel(
 
 @triton.jit
 def _resolve_kernel(
-    keys_ptr, state_ptr, count_ptr, idx_ptr, cand_ptr, s_cap, k_max,
-    BLOCK: tl.constexpr,
+    logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, count_ptr, idx_ptr, cand_ptr,
+    num_kv_heads, s_cap, k_max,
+    G: tl.constexpr, G_PAD: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Exact top-`need` among one KV head's boundary-bin candidates (radix, 10 + 10 bits).
+    """Exact winners inside the bracket (or, if the bracket missed, over all candidates).
 
-    Reads the candidate list three times (4 bytes of position + 4 bytes of key per candidate and
-    pass; typically ~1-3% of the sequence); writes 4 bytes per winner.
+    Usual case: reads 4 + 4 * g bytes per bracket candidate once (held in registers), writes 4
+    bytes per winner. Fallback: 33 passes over the candidate keys of the KV head.
     """
     bh = tl.program_id(0)
-    b1 = tl.load(state_ptr + bh * 2)
-    need = tl.load(state_ptr + bh * 2 + 1)
-    n_c = tl.load(count_ptr + bh * 2 + 1)
-    if need > 0 and n_c > 0:
-        out_base = tl.load(count_ptr + bh * 2)
-        offs = tl.arange(0, BLOCK)
-        key_base = keys_ptr + bh.to(tl.int64) * s_cap
-        cand_base = cand_ptr + bh.to(tl.int64) * s_cap
-        # pass A: bits 19..10
-        hist = tl.zeros([LOW_BINS], tl.int32)
-        for c0 in range(0, n_c, BLOCK):
-            ok = c0 + offs < n_c
-            pos = tl.load(cand_base + c0 + offs, mask=ok, other=0)
-            u = _order_key(tl.load(key_base + pos, mask=ok, other=0.0))
-            d = tl.where(ok, ((u >> 10) & 1023).to(tl.int32), 0)
-            hist += tl.histogram(d, LOW_BINS)
-            hist -= tl.where(tl.arange(0, LOW_BINS) == 0, tl.sum((~ok).to(tl.int32), 0), 0)
-        da, above = _pick_bin(hist, need, LOW_BINS)
-        need_b = need - above
-        # pass B: bits 9..0 of the candidates that match digit A
-        hist = tl.zeros([LOW_BINS], tl.int32)
-        for c0 in range(0, n_c, BLOCK):
-            ok = c0 + offs < n_c
-            pos = tl.load(cand_base + c0 + offs, mask=ok, other=0)
-            u = _order_key(tl.load(key_base + pos, mask=ok, other=0.0))
-            m = ok & (((u >> 10) & 1023).to(tl.int32) == da)
-            d = tl.where(m, (u & 1023).to(tl.int32), 0)
-            hist += tl.histogram(d, LOW_BINS)
-            hist -= tl.where(tl.arange(0, LOW_BINS) == 0, tl.sum((~m).to(tl.int32), 0), 0)
-        db, above_b = _pick_bin(hist, need_b, LOW_BINS)
-        n_ties = need_b - above_b  # how many keys equal to the threshold are kept
-        thr = (b1.to(tl.int64) << 20) | (da.to(tl.int64) << 10) | db.to(tl.int64)
-        # emit: everything above the threshold, and the first n_ties keys equal to it
-        written = out_base
-        ties = out_base * 0
-        for c0 in range(0, n_c, BLOCK):
-            ok = c0 + offs < n_c
-            pos = tl.load(cand_base + c0 + offs, mask=ok, other=0)
-            u = _order_key(tl.load(key_base + pos, mask=ok, other=0.0))
-            tie_i = (ok & (u == thr)).to(tl.int32)
-            tie_rank = ties + tl.cumsum(tie_i, 0) - tie_i
-            keep = ok & ((u > thr) | ((tie_i > 0) & (tie_rank < n_ties)))
-            keep_i = keep.to(tl.int32)
-            out = written + tl.cumsum(keep_i, 0) - keep_i
-            tl.store(idx_ptr + bh.to(tl.int64) * k_max + out, pos, mask=keep & (out < k_max))
-            written += tl.sum(keep_i, 0)
-            ties += tl.sum(tie_i, 0)
-        tl.store(count_ptr + bh * 2, written)  # final kept count (= k_b)
+    b = bh // num_kv_heads
+    length = tl.load(len_ptr + b)
+    kb = tl.load(k_ptr + b)
+    lb = tl.load(local_ptr + b)
+    need = kb - lb
+    if (kb < length) & (need > 0):
+        n_cand = length - lb
+        n_idx = tl.load(count_ptr + bh * 2)
+        n_c = tl.load(count_ptr + bh * 2 + 1)
+        need2 = need - (n_idx - lb)  # emitted so far: the local window + the sure winners
+        fallback = (need2 < 0) | (need2 > n_c)
+        idx_row = idx_ptr + bh.to(tl.int64) * k_max
+        cand_row = cand_ptr + bh.to(tl.int64) * s_cap
+        if fallback:  # rewrite the index list: local window first
+            for s0 in range(n_cand, length, BLOCK):
+                s = s0 + tl.arange(0, BLOCK)
+                tl.store(idx_row + (s - n_cand), s, mask=s < length)
+        base = tl.where(fallback, lb, n_idx)
+        m = tl.where(fallback, need, need2)
+        n_list = tl.where(fallback, n_cand, n_c)
+        list_lim = tl.where(fallback, 0, BLOCK)  # fallback: the list is 0..n_cand-1, not cand_row
+        if m > 0:
+            if (n_list <= CAP) & (fallback == 0):
+                offs = tl.arange(0, CAP)
+                ok = offs < n_list
+                pos = tl.load(cand_row + offs, mask=ok, other=0)
+                u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
+                thr = _kth_largest(u, ok, m - 1)
+                tie_i = (ok & (u == thr)).to(tl.int32)
+                n_ties = m - tl.sum((ok & (u > thr)).to(tl.int32), 0)
+                keep = ok & ((u > thr) | ((tie_i > 0) & (tl.cumsum(tie_i, 0) - tie_i < n_ties)))
+                keep_i = keep.to(tl.int32)
+                out = base + tl.cumsum(keep_i, 0) - keep_i
+                tl.store(idx_row + out, pos, mask=keep & (out < k_max))
+            else:
+                offs = tl.arange(0, BLOCK)
+                lo = (base * 0).to(tl.int64)
+                hi = lo + 4294967295
+                for _ in range(32):
+                    mid = (lo + hi + 1) // 2
+                    c = base * 0
+                    for c0 in range(0, n_list, BLOCK):
+                        ok = c0 + offs < n_list
+                        pos = tl.load(cand_row + c0 + offs, mask=ok & (offs < list_lim), other=0)
+                        pos = tl.where(fallback, c0 + offs, pos)
+                        u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
+                        c += tl.sum((ok & (u >= mid)).to(tl.int32), 0)
+                    take = c >= m
+                    lo = tl.where(take, mid, lo)
+                    hi = tl.where(take, hi, mid - 1)
+                thr = lo
+                n_above = base * 0
+                for c0 in range(0, n_list, BLOCK):
+                    ok = c0 + offs < n_list
+                    pos = tl.load(cand_row + c0 + offs, mask=ok & (offs < list_lim), other=0)
+                    pos = tl.where(fallback, c0 + offs, pos)
+                    u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
+                    n_above += tl.sum((ok & (u > thr)).to(tl.int32), 0)
+                n_ties = m - n_above
+                written = base
+                ties = base * 0
+                for c0 in range(0, n_list, BLOCK):
+                    ok = c0 + offs < n_list
+                    pos = tl.load(cand_row + c0 + offs, mask=ok & (offs < list_lim), other=0)
+                    pos = tl.where(fallback, c0 + offs, pos)
+                    u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
+                    tie_i = (ok & (u == thr)).to(tl.int32)
+                    keep = ok & ((u > thr) | ((tie_i > 0) & (ties + tl.cumsum(tie_i, 0) - tie_i < n_ties)))
+                    keep_i = keep.to(tl.int32)
+                    out = written + tl.cumsum(keep_i, 0) - keep_i
+                    tl.store(idx_row + out, pos, mask=keep & (out < k_max))
+                    written += tl.sum(keep_i, 0)
+                    ties += tl.sum(tie_i, 0)
+        tl.store(count_ptr + bh * 2, base + m)  # final kept count (= k_b)
