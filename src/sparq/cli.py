@@ -108,6 +108,59 @@ def demo(
                       f"decode {res.decode_tokens_per_s:.1f} tokens/s (batch {len(prompts)})")
 
 
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(float(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be a comma-separated list of integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{name} must hold positive integers, got {text!r}")
+    return values
+
+
+@bench_app.command("kernels")
+def bench_kernels(
+    r_div: Annotated[int, typer.Option(min=1, help="r = head_dim / R_DIV.")] = 8,
+    k_div: Annotated[int, typer.Option(min=1, help="k = S / K_DIV.")] = 16,
+    local_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Local window as a fraction of k.")] = 0.25,
+    reallocate: Annotated[bool, typer.Option(help="Step 3 on or off.")] = True,
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("benchmarks/results"),
+) -> None:
+    """SparQ decode kernels vs the best dense SDPA backend, per shape, against the bandwidth floor (CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise typer.BadParameter("bench kernels needs a CUDA device")
+    from .bench import bench_kernels as run
+
+    result = run(r_div=r_div, k_div=k_div, local_fraction=local_fraction, reallocate=reallocate, out_dir=out_dir)
+    console.print(f"wrote {result.get('path')}")
+
+
+@bench_app.command("generate")
+def bench_generate(
+    model: Annotated[str, typer.Option(help="Random-weight shape (llama3-8b, smollm2-135m) or an HF id / path.")]
+    = "llama3-8b",
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
+    context: Annotated[str, typer.Option(help="Comma-separated context lengths.")] = "4096,32768",
+    new_tokens: Annotated[int, typer.Option(min=2, help="Decode steps timed per method.")] = 64,
+    compressions: Annotated[str, typer.Option(help="SparQ budgets 1/N, comma-separated N.")] = "4,8,16",
+    ragged: Annotated[bool, typer.Option(help="Spread prompt lengths from context/2 to context.")] = False,
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("benchmarks/results"),
+) -> None:
+    """Decode tokens/s of dense vs SparQ in one static-cache CUDA-graph loop, with floors and memory (CUDA)."""
+    import torch
+
+    batches, contexts = _int_list(batch, "--batch"), _int_list(context, "--context")
+    comps = _int_list(compressions, "--compressions")
+    if not torch.cuda.is_available():
+        raise typer.BadParameter("bench generate needs a CUDA device")
+    from .bench_e2e import bench_generate as run
+
+    result = run(model, batches, contexts, new_tokens, comps, ragged=ragged, out_dir=out_dir)
+    console.print(f"wrote {result.get('path')}")
+
+
 @app.command()
 def info() -> None:
     """Versions, device and which kernels are available."""

@@ -1,0 +1,154 @@
+"""End-to-end decode benchmark: dense and SparQ in the same static-cache, CUDA-graph loop.
+
+For each (batch, context) one dense prefill fills a `FastDecoder` cache; then each method decodes
+`new_tokens` steps from that same state (restored between methods), so every method sees the same
+model, cache and loop and differs only in its attention. Reported per method: ms per decode step,
+tokens/s (batch x steps / time), the bandwidth floor of the step (weights read once + the method's
+fraction of the K/V cache, over the measured read bandwidth) and the fraction of it reached, the
+prefill time and the peak GPU memory, plus what each variant's cache costs per token.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from .config import SparQConfig
+from .fast import FastDecoder, kv_bytes_per_token
+
+# Random-weight model shapes (no download): built from a config on the GPU.
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
+}
+
+
+def build_model(name: str, max_positions: int, dtype: torch.dtype = torch.bfloat16):
+    """A random-weight Llama of a named shape, or a real model from an HF id / local path."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if name in SHAPES:
+        cfg = LlamaConfig(max_position_embeddings=max_positions, **SHAPES[name])
+        with torch.device("cuda"):
+            model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+        return model.eval()
+    from .models import resolve
+
+    return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype).cuda().eval()
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decode step reads: everything but the embedding table (B rows of it)."""
+    embed = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    tied = model.get_output_embeddings().weight is embed
+    return total if tied else total - embed.numel() * embed.element_size()
+
+
+def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 32768), new_tokens: int = 64,
+                   compressions=(4, 8, 16), *, ragged: bool = False, out_dir: str | os.PathLike | None =
+                   "benchmarks/results", print_rows: bool = True) -> dict:
+    """Run the grid; returns {"device", "versions", "rows", ...} and writes it as JSON under out_dir."""
+    import triton
+
+    from .bench import measure_read_bandwidth
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench generate needs a CUDA device")
+    bw = measure_read_bandwidth()
+    max_ctx = max(contexts) + new_tokens + 1
+    lm = build_model(model, max_ctx)
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w_bytes = weight_bytes_per_step(lm)
+    kv_dense, kv_sparq = (kv_bytes_per_token(cfg, sparq=s) for s in (False, True))
+    total_mem = torch.cuda.get_device_properties(0).total_memory
+    rows, skipped = [], []
+    for context in contexts:
+        for batch in batches:
+            max_len = context + new_tokens + 1
+            need = kv_sparq * batch * max_len + torch.cuda.memory_allocated() + (6 << 30)
+            if need > total_mem:
+                skipped.append({"batch": batch, "context": context,
+                                "reason": f"needs ~{need / 2**30:.0f} GiB of {total_mem / 2**30:.0f}"})
+                if print_rows:
+                    print(f"skip B={batch} S={context}: {skipped[-1]['reason']}", flush=True)
+                continue
+            torch.manual_seed(0)
+            lengths = torch.full((batch,), context, dtype=torch.long)
+            if ragged and batch > 1:  # spread lengths over [context/2, context]
+                lengths = context - torch.arange(batch) * (context // 2) // max(1, batch - 1)
+            ids = torch.randint(0, cfg.vocab_size, (batch, context))
+            torch.cuda.reset_peak_memory_stats()
+            dec = FastDecoder(lm, "dense", batch=batch, max_len=max_len, keep_key_t=True)
+            torch.cuda.synchronize()
+            t0 = torch.cuda.Event(enable_timing=True)
+            t1 = torch.cuda.Event(enable_timing=True)
+            t0.record()
+            dec.prefill(ids, lengths)
+            t1.record()
+            torch.cuda.synchronize()
+            prefill_s = t0.elapsed_time(t1) / 1e3
+            snap = dec.snapshot()
+            kv_read_dense = kv_dense * int(lengths.sum())
+            methods = [("dense", "dense", 1.0)] + [
+                (f"sparq 1/{c}", SparQConfig.from_compression(c, head_dim=head_dim), None) for c in compressions]
+            dense_ms = None
+            for label, method, frac in methods:
+                dec.restore(snap)
+                dec.use(method)
+                dec.decode(2)  # capture the graph, warm up
+                dec.restore(snap)
+                _, secs = dec.decode(new_tokens)
+                ms = secs / new_tokens * 1e3
+                if frac is None:
+                    frac = sum(method.data_fraction(int(n), head_dim) * int(n) for n in lengths) / int(lengths.sum())
+                floor_ms = (w_bytes + frac * kv_read_dense) / bw * 1e3
+                dense_ms = ms if method == "dense" else dense_ms
+                row = {"model": model, "batch": batch, "context": context, "ragged": ragged, "method": label,
+                       "ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "kv_fraction_read": frac,
+                       "floor_ms": floor_ms, "fraction_of_floor": floor_ms / ms,
+                       "speedup_vs_dense": dense_ms / ms, "prefill_s": prefill_s,
+                       "cache_bytes_per_token": kv_dense if method == "dense" else kv_sparq}
+                rows.append(row)
+                if print_rows:
+                    print(format_row(row), flush=True)
+            peak = torch.cuda.max_memory_allocated()
+            for row in rows[-len(methods):]:
+                row["peak_memory_GiB"] = peak / 2**30
+            del dec, snap
+            torch.cuda.empty_cache()
+    props = torch.cuda.get_device_properties(0)
+    free_for_cache = total_mem - w_bytes - (6 << 30)
+    result = {
+        "device": props.name,
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                     "python": platform.python_version()},
+        "model": model, "new_tokens": new_tokens, "read_bandwidth_TBps": bw / 1e12,
+        "weight_bytes_per_step": w_bytes,
+        "cache_bytes_per_token": {"dense": kv_dense, "sparq_fp16_key_t": kv_sparq},
+        "max_tokens_in_cache": {"dense": free_for_cache // kv_dense, "sparq": free_for_cache // kv_sparq},
+        "timing": "wall clock over CUDA-graph replays of whole decode steps (greedy), after a warm-up",
+        "rows": rows, "skipped": skipped,
+    }
+    if out_dir is not None:
+        path = Path(out_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        file = path / f"generate-{model}-{props.name.replace(' ', '_')}-{stamp}.json"
+        file.write_text(json.dumps(result, indent=1))
+        result["path"] = str(file)
+    return result
+
+
+def format_row(row: dict) -> str:
+    return (f"{row['model']:>12s} B={row['batch']:<3d} S={row['context']:<7d} {row['method']:<11s} "
+            f"{row['ms_per_step']:8.2f} ms/step {row['tokens_per_s']:9.1f} tok/s  floor {row['floor_ms']:7.2f} ms "
+            f"({100 * row['fraction_of_floor']:5.1f}%)  x{row['speedup_vs_dense']:.2f} vs dense")

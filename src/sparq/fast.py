@@ -1,0 +1,281 @@
+"""A fast decode loop for Llama-family Hugging Face models: static cache, CUDA graphs, SparQ kernels.
+
+transformers' own generate loop spends most of a decode step outside attention (about 3x the
+bandwidth floor for an 8B model, shared/notes/anchors.md), which would swamp SparQ's gain. This
+loop runs the model's own modules (projections, norms, rotary embedding, MLP) in a flat,
+gpt-fast-style forward over a preallocated `SparQKernelCache`:
+  * prefill: chunked, dense (PyTorch SDPA over the cache prefix), writing K, Kᵀ, V and the fp32
+    V sum in place; prompts of different lengths sit left-aligned, row b valid up to lengths[b];
+  * decode: one token per row at its own position, attention by the chosen method (dense SDPA
+    over the static buffer with a length mask, or the SparQ kernels), greedy argmax, all on the
+    device with static shapes, so the whole step is captured once in a CUDA graph and replayed.
+Dense and SparQ run in this same loop, so a speed-up measured here is SparQ's own.
+
+Supported: Llama, Mistral (full attention), Qwen2, Qwen3 (QK-norm) and SmolLM2 style models.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import SparQConfig
+from .kernel_cache import KernelCacheLayer
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, L, d]; cos, sin [B, L, d]."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+@dataclass
+class DecodeTimings:
+    prefill_s: float
+    decode_s: float
+    steps: int
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1e3 * self.decode_s / self.steps if self.steps else float("nan")
+
+
+class FastDecoder:
+    """Greedy batched decoding of a Llama-family model with `method` = "dense" or a SparQConfig."""
+
+    def __init__(self, model: nn.Module, method: str | SparQConfig, *, batch: int, max_len: int,
+                 prefill_chunk: int = 4096, keep_key_t: bool | None = None) -> None:
+        _check_method(method)
+        if batch < 1 or max_len < 2:
+            raise ValueError(f"batch must be >= 1 and max_len >= 2, got {batch}, {max_len}")
+        inner = getattr(model, "model", None)
+        layers = getattr(inner, "layers", None)
+        if layers is None or not all(_is_llama_like(layer) for layer in layers):
+            raise ValueError(f"FastDecoder supports Llama-family models (Llama, Mistral, Qwen2, Qwen3); "
+                             f"got {type(model).__name__}")
+        cfg = model.config
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and \
+                cfg.sliding_window < max_len:
+            raise ValueError(f"sliding-window attention ({cfg.sliding_window}) shorter than max_len is not supported")
+        self.model, self.inner, self.layers = model, inner, layers
+        self.method = method
+        self.batch, self.max_len, self.prefill_chunk = batch, max_len, prefill_chunk
+        attn = layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.num_q_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.scale = attn.scaling
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        # Kᵀ is SparQ's step-1 copy; keep it for dense too when switching methods on one cache.
+        keep_key_t = method != "dense" if keep_key_t is None else keep_key_t
+        self.cache = [KernelCacheLayer(batch, self.num_kv_heads, self.head_dim, max_len, self.dtype, self.device,
+                                       keep_key_t=keep_key_t) for _ in layers]
+        self.positions = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    def use(self, method: str | SparQConfig) -> None:
+        """Switch the decode method (same cache; the CUDA graph is captured again on next step)."""
+        _check_method(method)
+        if method != "dense" and self.cache[0].key_t is None:
+            raise ValueError("this cache has no transposed key copy: build it with keep_key_t=True for SparQ")
+        self.method = method
+        self._graph = None
+
+    def snapshot(self) -> list[Tensor]:
+        """The decode state (lengths, V sums, positions, next tokens); K/V past lengths is scratch."""
+        return [t.clone() for c in self.cache for t in (c.lengths, c.value_sum)] + \
+            [self.positions.clone(), self.tokens.clone()]
+
+    def restore(self, snap: list[Tensor]) -> None:
+        it = iter(snap)
+        for c in self.cache:
+            c.lengths.copy_(next(it))
+            c.value_sum.copy_(next(it))
+        self.positions.copy_(next(it))
+        self.tokens.copy_(next(it))
+
+    # ---- the model, layer by layer -------------------------------------------------------------
+
+    def _qkv(self, layer: nn.Module, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """h [B, L, hidden] -> q [B, Hq, L, d], k, v [B, Hkv, L, d], rotary applied."""
+        attn = layer.self_attn
+        B, L, _ = h.shape
+        q = attn.q_proj(h).view(B, L, -1, self.head_dim)
+        k = attn.k_proj(h).view(B, L, -1, self.head_dim)
+        v = attn.v_proj(h).view(B, L, -1, self.head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = self.inner.rotary_emb(h, positions)
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+    def _mlp_block(self, layer: nn.Module, x: Tensor, attn_out: Tensor) -> Tensor:
+        x = x + layer.self_attn.o_proj(attn_out)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _logits(self, x: Tensor) -> Tensor:
+        return self.model.lm_head(self.inner.norm(x))
+
+    # ---- prefill ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+        """input_ids [B, L] left-aligned (row b real up to lengths[b]); returns the first new tokens [B]."""
+        B, L = input_ids.shape
+        if B != self.batch:
+            raise ValueError(f"input_ids has batch {B}, the decoder was built for {self.batch}")
+        if L >= self.max_len:
+            raise ValueError(f"prompt length {L} leaves no room in max_len={self.max_len}")
+        lengths = lengths.to(self.device)
+        last_hidden = torch.zeros(B, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
+        for start in range(0, L, self.prefill_chunk):
+            end = min(L, start + self.prefill_chunk)
+            ids = input_ids[:, start:end].to(self.device)
+            pos = torch.arange(start, end, device=self.device).expand(B, -1)
+            x = self.inner.embed_tokens(ids)
+            # causal over the whole prefix: query i (absolute start+i) sees keys j <= start+i
+            mask = torch.arange(end, device=self.device)[None, :] <= pos[0][:, None]
+            for layer, c in zip(self.layers, self.cache):
+                q, k, v = self._qkv(layer, layer.input_layernorm(x), pos)
+                c.key[:, :, start:end] = k
+                c.value[:, :, start:end] = v
+                if c.key_t is not None:
+                    c.key_t[:, :, :, start:end] = k.transpose(-1, -2)
+                out = F.scaled_dot_product_attention(q, c.key[:, :, :end], c.value[:, :, :end], attn_mask=mask,
+                                                     scale=self.scale, enable_gqa=True)
+                x = self._mlp_block(layer, x, out.transpose(1, 2).reshape(B, end - start, -1))
+            # keep the hidden state of each row's last real token
+            inside = (lengths - 1 >= start) & (lengths - 1 < end)
+            idx = (lengths - 1 - start).clamp(0, end - start - 1)
+            picked = x[torch.arange(B, device=self.device), idx]
+            last_hidden = torch.where(inside[:, None], picked, last_hidden)
+        valid = torch.arange(self.max_len, device=self.device)[None, :] < lengths[:, None]
+        for c in self.cache:
+            # padding past each row's length must not count (it is overwritten by later tokens)
+            c.key.masked_fill_(~valid[:, None, :, None], 0)
+            c.value.masked_fill_(~valid[:, None, :, None], 0)
+            if c.key_t is not None:
+                c.key_t.masked_fill_(~valid[:, None, None, :], 0)
+            c.value_sum.copy_(c.value.float().sum(2))
+            c.lengths.copy_(lengths)
+        self.positions.copy_(lengths)
+        first = self._logits(last_hidden).argmax(-1)
+        self.tokens.copy_(first)
+        return first
+
+    # ---- decode ----------------------------------------------------------------------------------
+
+    def _attend(self, c: KernelCacheLayer, q: Tensor) -> Tensor:
+        """q [B, Hq, d] over the layer's cache -> [B, Hq, d]."""
+        if self.method == "dense":
+            valid = torch.arange(self.max_len, device=self.device)[None, :] < c.lengths[:, None]
+            out = F.scaled_dot_product_attention(q[:, :, None], c.key, c.value, attn_mask=valid[:, None, None, :],
+                                                 scale=self.scale, enable_gqa=True)
+            return out[:, :, 0]
+        return c.attend(q, self.method, scale=self.scale)
+
+    def _step(self) -> None:
+        """Feed self.tokens at self.positions; leave the next greedy tokens in self.tokens."""
+        x = self.inner.embed_tokens(self.tokens[:, None])  # [B, 1, hidden]
+        pos = self.positions[:, None]
+        for layer, c in zip(self.layers, self.cache):
+            q, k, v = self._qkv(layer, layer.input_layernorm(x), pos)
+            c.append(k, v)
+            out = self._attend(c, q[:, :, 0])
+            x = self._mlp_block(layer, x, out.reshape(self.batch, 1, -1))
+        self.tokens.copy_(self._logits(x)[:, 0].argmax(-1))
+        self.positions.add_(1)
+
+    @torch.inference_mode()
+    def step(self, use_graph: bool = True) -> Tensor:
+        """One decode step (replays a captured CUDA graph on CUDA); returns the new tokens [B]."""
+        if use_graph and self.device.type == "cuda":
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+        else:
+            self._step()
+        return self.tokens
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (compiles kernels, allocates workspaces), then capture.
+        # Warm-up steps write one token past each row's length: restore the state around them.
+        snap = self.snapshot()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.restore(snap)
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.restore(snap)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        self.restore(snap)
+        self._graph = graph
+
+    def decode(self, steps: int, use_graph: bool = True) -> tuple[Tensor, float]:
+        """`steps` decode steps from the current state: (tokens [B, steps], seconds, capture excluded)."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        if use_graph and self.device.type == "cuda" and self._graph is None:
+            self._capture()
+        sync()
+        t0 = time.perf_counter()
+        out = [self.step(use_graph).clone() for _ in range(steps)]
+        sync()
+        return torch.stack(out, 1), time.perf_counter() - t0
+
+    def generate(self, input_ids: Tensor, lengths: Tensor, max_new_tokens: int,
+                 use_graph: bool = True) -> tuple[Tensor, DecodeTimings]:
+        """Greedy tokens [B, max_new_tokens] and timings (prefill; decode steps after the first token)."""
+        if int(lengths.max()) + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt + {max_new_tokens} new tokens exceed max_len={self.max_len}")
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        first = self.prefill(input_ids, lengths).clone()
+        sync()
+        prefill_s = time.perf_counter() - t0
+        rest, decode_s = self.decode(max_new_tokens - 1, use_graph)
+        return torch.cat([first[:, None], rest], 1), DecodeTimings(prefill_s, decode_s, max_new_tokens - 1)
+
+
+def _check_method(method) -> None:
+    if not (method == "dense" or isinstance(method, SparQConfig)):
+        raise TypeError(f"method must be 'dense' or a SparQConfig, got {method!r}")
+
+
+def _is_llama_like(layer: nn.Module) -> bool:
+    attn = getattr(layer, "self_attn", None)
+    return (attn is not None and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")
+            and hasattr(layer, "mlp") and not hasattr(layer, "pre_feedforward_layernorm"))
+
+
+def kv_bytes_per_token(model_config, *, sparq: bool, dtype_bytes: int = 2) -> int:
+    """Cache bytes one token costs across all layers: K and V, plus Kᵀ for SparQ's step 1."""
+    c = model_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_layer = 2 * c.num_key_value_heads * head_dim * dtype_bytes
+    if sparq:
+        per_layer = per_layer * 3 // 2
+    return per_layer * c.num_hidden_layers
+
+
+def decode_floor_bytes(model_config, n_params: int, batch: int, context: int, fraction: float,
+                       dtype_bytes: int = 2) -> float:
+    """Bytes one decode step must read: all weights once plus `fraction` of the dense K/V cache."""
+    kv = kv_bytes_per_token(model_config, sparq=False, dtype_bytes=dtype_bytes) * batch * context
+    return n_params * dtype_bytes + fraction * kv
