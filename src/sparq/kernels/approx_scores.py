@@ -129,7 +129,7 @@ class TransposedKeyScorer:
         g = query.shape[1] // num_kv_heads
         r = self.r
         dims, q_sel, fac = query_dims_and_factors(query, num_kv_heads, r, self.scale)
-        use_dot = g > 1
+        use_dot = True  # tensor cores; exact products (q[i1] is exact in the cache dtype), fp32 sums
         g_pad = max(16, triton.next_power_of_2(g)) if use_dot else 1
         r_pad = max(16, triton.next_power_of_2(r))
         grid = (batch * num_kv_heads, ws.n_split1)

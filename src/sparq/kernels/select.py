@@ -205,17 +205,17 @@ def _resolve_kernel(
         list_lim = tl.where(fallback, 0, BLOCK)  # fallback: the list is 0..n_cand-1, not cand_row
         if m > 0:
             if (n_list <= CAP) & (fallback == 0):
-                offs = tl.arange(0, CAP)
-                ok = offs < n_list
-                pos = tl.load(cand_row + offs, mask=ok, other=0)
-                u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
-                thr = _kth_largest(u, ok, m - 1)
-                tie_i = (ok & (u == thr)).to(tl.int32)
-                n_ties = m - tl.sum((ok & (u > thr)).to(tl.int32), 0)
-                keep = ok & ((u > thr) | ((tie_i > 0) & (tl.cumsum(tie_i, 0) - tie_i < n_ties)))
-                keep_i = keep.to(tl.int32)
-                out = base + tl.cumsum(keep_i, 0) - keep_i
-                tl.store(idx_row + out, pos, mask=keep & (out < k_max))
+                offs_r = tl.arange(0, CAP)
+                ok_r = offs_r < n_list
+                pos_r = tl.load(cand_row + offs_r, mask=ok_r, other=0)
+                u_r = _key_at(logits_ptr, logz_ptr, bh, pos_r, ok_r, s_cap, G, G_PAD)
+                thr_r = _kth_largest(u_r, ok_r, m - 1)
+                tie_i_r = (ok_r & (u_r == thr_r)).to(tl.int32)
+                n_ties_r = m - tl.sum((ok_r & (u_r > thr_r)).to(tl.int32), 0)
+                keep_r = ok_r & ((u_r > thr_r) | ((tie_i_r > 0) & (tl.cumsum(tie_i_r, 0) - tie_i_r < n_ties_r)))
+                keep_i_r = keep_r.to(tl.int32)
+                out_r = base + tl.cumsum(keep_i_r, 0) - keep_i_r
+                tl.store(idx_row + out_r, pos_r, mask=keep_r & (out_r < k_max))
             else:
                 offs = tl.arange(0, BLOCK)
                 lo = (base * 0).to(tl.int64)
