@@ -38,7 +38,7 @@ def test_generate_and_demo_on_bundled_model(tmp_path):
     result = runner.invoke(app, ["generate", "--prompt-file", str(prompt), "--max-new-tokens", "6",
                                  "--method", "sparq", "--k", "4", "--r", "8", "--local-window", "1"])
     assert result.exit_code == 0, result.output
-    m = re.search(r"attention data read ([0-9.]+) of dense", result.output)
+    m = re.search(r"attention\s+data\s+read\s+([0-9.]+)\s+of\s+dense", result.output)
     assert m and 0 < float(m.group(1)) < 1, result.output
     result = runner.invoke(app, ["demo", "--context", "400", "--keys", "1"])
     assert result.exit_code == 0, result.output

@@ -62,7 +62,7 @@ def generate(
                               streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
     console.print(f"\n[dim]{m.label}: prompt {res.prompt_tokens[0]} tokens, prefill {res.prefill_s:.2f} s, "
                   f"decode {res.decode_tokens_per_s:.1f} tokens/s, attention data read "
-                  f"{res.fraction_read:.3f} of dense[/dim]")
+                  f"{res.fraction_read:.3f} of dense[/dim]", soft_wrap=True)
 
 
 @app.command()
@@ -105,7 +105,7 @@ def demo(
         console.print(f"{name:6s} {method.label:40s} correct {correct}/{len(answers)}  "
                       f"attention data read {res.fraction_read:.3f} of dense  "
                       f"prompt {min(res.prompt_tokens)}-{max(res.prompt_tokens)} tokens  "
-                      f"decode {res.decode_tokens_per_s:.1f} tokens/s (batch {len(prompts)})")
+                      f"decode {res.decode_tokens_per_s:.1f} tokens/s (batch {len(prompts)})", soft_wrap=True)
 
 
 def _int_list(text: str, name: str) -> list[int]:
