@@ -54,3 +54,26 @@ def test_memory_accounting():
     dense = kv_bytes_per_token(model.config, sparq=False)
     assert dense == 2 * 2 * 16 * 2 * 2  # layers * (K+V) * Hkv * d * bytes
     assert kv_bytes_per_token(model.config, sparq=True) == dense * 3 // 2
+
+
+def test_switching_methods_from_one_prefill_equals_fresh_decoders():
+    model = tiny("llama")
+    ids, mask, _ = prompts()
+    aligned, lengths = left_aligned(ids, mask)
+    cfg = SparQConfig(r=2, k=5, local_window=1)
+    shared = FastDecoder(model, "dense", batch=3, max_len=64, keep_key_t=True)
+    first = shared.prefill(aligned, lengths)
+    snap = shared.snapshot()
+    results = {}
+    for name, method in (("dense", "dense"), ("sparq", cfg), ("dense2", "dense")):
+        shared.restore(snap)
+        shared.use(method)
+        tokens, _ = shared.decode(6)
+        results[name] = torch.cat([first[:, None], tokens], 1)
+    assert torch.equal(results["dense"], results["dense2"])
+    for name, method in (("dense", "dense"), ("sparq", cfg)):
+        fresh, _ = FastDecoder(model, method, batch=3, max_len=64).generate(aligned, lengths, max_new_tokens=7)
+        assert torch.equal(results[name], fresh), name
+    assert not torch.equal(results["dense"], results["sparq"])
+    with pytest.raises(ValueError, match="keep_key_t"):
+        FastDecoder(model, "dense", batch=3, max_len=64).use(cfg)
