@@ -1,0 +1,96 @@
+"""GPU check of the fast decode loop, then `bench generate` grids. Run on the device machine.
+
+1. Correctness: FastDecoder (dense; SparQ on the kernels) against Hugging Face generate (dense;
+   SparQ via the reference) on a tiny fp16 Llama, ragged prompts: token agreement.
+2. Dense attention options inside the loop for one 8B layer (is our dense baseline the best?).
+3. bench_generate on the SmolLM2 shape and the Llama-3-8B shape.
+Writes JSON to $OUT (or benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import sparq
+from sparq import SparQConfig
+from sparq.bench_e2e import bench_generate, format_row
+from sparq.fast import FastDecoder
+
+out_dir = os.environ.get("OUT", "benchmarks/results")
+which = sys.argv[1] if len(sys.argv) > 1 else "all"
+
+
+def correctness():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                         initializer_range=0.1, pad_token_id=0)
+    model = tf.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
+    B, L = 4, 700
+    lengths = torch.tensor([700, 523, 311, 97])
+    aligned = torch.randint(1, 512, (B, L))
+    left = torch.zeros_like(aligned)
+    mask = torch.zeros_like(aligned)
+    for b, n in enumerate(lengths.tolist()):
+        aligned[b, n:] = 0
+        left[b, L - n:] = aligned[b, :n]
+        mask[b, L - n:] = 1
+    scfg = SparQConfig(r=8, k=32, local_window=8)
+    for name, method in (("dense", "dense"), ("sparq", scfg)):
+        kw = dict(attention_mask=mask.cuda(), max_new_tokens=24, do_sample=False)
+        if method == "dense":
+            hf = model.generate(left.cuda(), **kw)[:, L:]
+        else:
+            with sparq.enabled(model, method):
+                hf = model.generate(left.cuda(), **kw)[:, L:]
+        fast, _ = FastDecoder(model, method, batch=B, max_len=L + 32).generate(aligned, lengths, 24)
+        agree = (fast.cpu() == hf.cpu()).float().mean().item()
+        first_diff = [(row != 0).nonzero()[0].item() if (row != 0).any() else None
+                      for row in (fast.cpu() != hf.cpu()).int()]
+        print(f"correctness {name}: token agreement {agree:.3f}, first mismatch per row {first_diff}", flush=True)
+
+
+def dense_options():
+    B, Hq, Hkv, S, d = 8, 32, 8, 32768, 128
+    k = torch.randn(B, Hkv, S, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(B, Hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.full((B,), S - 5, device="cuda")
+    valid = torch.arange(S, device="cuda")[None] < lengths[:, None]
+    from triton.testing import do_bench
+
+    opts = {
+        "sdpa mask (loop's dense)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :],
+                                                                          enable_gqa=True),
+        "sdpa flash slice (no mask)": lambda: F.scaled_dot_product_attention(q, k[:, :, :S - 5], v[:, :, :S - 5],
+                                                                            enable_gqa=True),
+    }
+    floor = 2 * B * Hkv * S * d * 2 / 3.0e12 * 1e6
+    for name, fn in opts.items():
+        try:
+            us = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+            print(f"dense option {name:32s} {us:8.1f} us  (floor ~{floor:.0f} us)", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"dense option {name}: failed {type(e).__name__}: {e}", flush=True)
+
+
+if which in ("all", "check"):
+    correctness()
+    dense_options()
+if which in ("all", "bench"):
+    t = time.time()
+    r = bench_generate("smollm2-135m", batches=(1, 8), contexts=(4096, 32768), new_tokens=64, out_dir=out_dir)
+    print(f"smollm2 grid {time.time() - t:.0f} s -> {r['path']}", flush=True)
+    t = time.time()
+    r = bench_generate("llama3-8b", batches=(1, 8, 16), contexts=(4096, 32768, 65536, 131072), new_tokens=48,
+                       out_dir=out_dir)
+    print(f"llama3-8b grid {time.time() - t:.0f} s -> {r['path']}", flush=True)
+    for row in r["rows"]:
+        print(format_row(row))
