@@ -144,14 +144,13 @@ def main():
         variants = [
             ("base", {}),
             ("bps8", dict(blocks_per_sm=8)),
+            ("bps2", dict(blocks_per_sm=2)),
             ("bs1024w8", dict(score_block=1024, score_warps=8)),
-            ("bps8bs256", dict(blocks_per_sm=8, score_block=256)),
-            ("bps16bs1024w8", dict(blocks_per_sm=16, score_block=1024, score_warps=8)),
-            ("st4", dict(score_stages=4)),
-            ("g32w4", dict(gather_block=32)),
-            ("g64w8", dict(gather_warps=8)),
-            ("g128w8", dict(gather_block=128, gather_warps=8)),
-            ("gbps16", dict(gather_blocks_per_sm=16)),
+            ("bs256", dict(score_block=256)),
+            ("e2048w4", dict(emit_block=2048, emit_warps=4)),
+            ("e8192w8", dict(emit_block=8192)),
+            ("g32", dict(gather_block=32)),
+            ("gbps8", dict(gather_blocks_per_sm=8)),
         ]
         sweep([DEFAULT_SHAPES[i] for i in (2, 4, 9)], variants)
     if not args.no_bench:

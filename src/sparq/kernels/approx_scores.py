@@ -39,6 +39,7 @@ def _transposed_key_scores_kernel(
 ):
     """Approximate logits of one (batch, KV head) over one chunk of the sequence.
 
+    Positions in [length, s_cap) of the last tile may be read and written (as -inf); never used.
     Reads  r * min(CHUNK, valid) * elt bytes of K^T (r rows, each contiguous along S), plus
            g*r*4 (selected query), g*4 (temperature factor), r*4 (dims) bytes.
     Writes 4 * g * (valid positions of the chunk) bytes of logits and 8 * g bytes of split stats.
@@ -58,6 +59,7 @@ def _transposed_key_scores_kernel(
     q = tl.load(qsel_ptr + (bh * G + offs_g[:, None]) * r + offs_r[None, :],
                 mask=g_ok[:, None] & r_ok[None, :], other=0.0)  # [G_PAD, R_PAD] fp32
     fac = tl.load(fac_ptr + bh * G + offs_g, mask=g_ok, other=0.0)  # [G_PAD]
+    q_col = tl.load(qsel_ptr + bh * G * r + offs_r, mask=r_ok, other=0.0)[:, None]  # head 0, [R_PAD, 1]
 
     kt_base = kt_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     row_ptr = kt_base + dims.to(tl.int64)[:, None] * stride_kd  # [R_PAD, 1]
@@ -67,23 +69,48 @@ def _transposed_key_scores_kernel(
     end = tl.minimum(start + CHUNK, length)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
+    m_1 = tl.max(m_i, axis=0)  # g = 1: scalar running stats of query head 0
+    l_1 = tl.sum(l_i, axis=0)
+    fac_1 = tl.sum(tl.where(offs_g == 0, fac, 0.0), axis=0)
     for s0 in range(start, end, BLOCK_S):
         s = s0 + offs_s
         s_ok = s < end
-        kt = tl.load(row_ptr + s[None, :], mask=r_ok[:, None] & s_ok[None, :], other=0.0)
+        if s0 + BLOCK_S <= s_cap:
+            # whole tile inside the buffer: no mask, so the loads vectorise (padded rows read
+            # row dims=0 and meet q=0; positions >= length are set to -inf below)
+            kt = tl.load(row_ptr + s[None, :])
+        else:
+            kt = tl.load(row_ptr + s[None, :], mask=r_ok[:, None] & (s[None, :] < s_cap), other=0.0)
         if USE_DOT:
             if kt.dtype == tl.float32:
                 acc = tl.dot(q, kt, input_precision="ieee")
             else:
                 acc = tl.dot(q.to(kt.dtype), kt)  # q[i1] is exact in the cache dtype
         else:  # one query head per KV head: a plain reduction over the r rows
-            acc = tl.sum(q.reshape(R_PAD, 1) * kt.to(tl.float32), axis=0).reshape(1, BLOCK_S)
-        logit = acc * fac[:, None]
-        logit = tl.where(s_ok[None, :], logit, float("-inf"))
-        tl.store(out_base + s[None, :], logit, mask=g_ok[:, None] & s_ok[None, :])
-        m_new = tl.maximum(m_i, tl.max(logit, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
-        m_i = m_new
+            acc = tl.sum(q_col * kt.to(tl.float32), axis=0)[None, :]
+        if G == 1:  # epilogue on query head 0 only (the padded rows of the dot are dropped)
+            logit = tl.sum(tl.where(offs_g[:, None] == 0, acc, 0.0), axis=0) * fac_1
+            logit = tl.where(s_ok, logit, float("-inf"))
+            if s0 + BLOCK_S <= s_cap:
+                tl.store(logits_ptr + bh.to(tl.int64) * s_cap + s, logit)
+            else:
+                tl.store(logits_ptr + bh.to(tl.int64) * s_cap + s, logit, mask=s < s_cap)
+            m_new1 = tl.maximum(m_1, tl.max(logit, axis=0))
+            l_1 = l_1 * tl.exp(m_1 - m_new1) + tl.sum(tl.exp(logit - m_new1), axis=0)
+            m_1 = m_new1
+        else:
+            logit = acc * fac[:, None]
+            logit = tl.where(s_ok[None, :], logit, float("-inf"))
+            if s0 + BLOCK_S <= s_cap:
+                tl.store(out_base + s[None, :], logit, mask=g_ok[:, None])
+            else:
+                tl.store(out_base + s[None, :], logit, mask=g_ok[:, None] & (s[None, :] < s_cap))
+            m_new = tl.maximum(m_i, tl.max(logit, axis=1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
+            m_i = m_new
+    if G == 1:
+        m_i = tl.where(offs_g == 0, m_1, m_i)
+        l_i = tl.where(offs_g == 0, l_1, l_i)
     stat = (bh * G + offs_g) * n_split + split
     tl.store(m_ptr + stat, m_i, mask=g_ok)
     tl.store(l_ptr + stat, l_i, mask=g_ok)
@@ -129,7 +156,11 @@ class TransposedKeyScorer:
         g = query.shape[1] // num_kv_heads
         r = self.r
         dims, q_sel, fac = query_dims_and_factors(query, num_kv_heads, r, self.scale)
-        use_dot = True  # tensor cores; exact products (q[i1] is exact in the cache dtype), fp32 sums
+        from .dispatch import TUNING
+
+        # tensor cores (exact products: q[i1] is exact in the cache dtype; fp32 sums), or for
+        # g = 1 optionally a plain reduction over the r rows
+        use_dot = g > 1 or TUNING.get("score_dot", True)
         g_pad = max(16, triton.next_power_of_2(g)) if use_dot else 1
         r_pad = max(16, triton.next_power_of_2(r))
         grid = (batch * num_kv_heads, ws.n_split1)

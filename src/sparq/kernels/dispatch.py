@@ -49,6 +49,9 @@ class Workspace:
     n_split1: int
     score_warps: int
     score_stages: int | None
+    emit_block: int
+    chunk_e: int
+    n_split_e: int
     block_n: int
     chunk2: int
     n_split2: int
@@ -69,7 +72,8 @@ _WORKSPACES: dict = {}
 
 # Launch geometry knobs (None = the default below); benchmarks/kernel_check.py sweeps them.
 TUNING = dict(blocks_per_sm=4, score_block=None, score_warps=4, score_stages=None,
-              gather_block=None, gather_warps=4, gather_blocks_per_sm=None, emit_block=None)
+              gather_block=None, gather_warps=4, gather_blocks_per_sm=None, emit_block=4096,
+              emit_warps=8, score_dot=True)
 
 
 def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: int,
@@ -88,6 +92,10 @@ def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: 
     want = max(1, min(n_blocks, triton.cdiv(target, bh)))
     chunk1 = triton.cdiv(n_blocks, want) * block_s
     n_split1 = triton.cdiv(s_cap, chunk1)
+    # emit geometry: as many splits as step 1, bigger tiles (one atomic per tile and list)
+    emit_block = 64 if interp else TUNING["emit_block"]
+    chunk_e = triton.cdiv(triton.cdiv(s_cap, n_split1), emit_block) * emit_block
+    n_split_e = triton.cdiv(s_cap, chunk_e)
     # step 2 geometry over the kept-index list
     k_max = max(1, config.k_for(s_cap))
     block_n = 16 if interp else (TUNING["gather_block"] or (32 if head_dim >= 256 else 64))
@@ -103,7 +111,8 @@ def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: 
     rows = batch * num_q_heads
     ws = Workspace(
         s_cap=s_cap, k_max=k_max, g=g, block_s=block_s, chunk1=chunk1, n_split1=n_split1,
-        score_warps=TUNING["score_warps"], score_stages=TUNING["score_stages"], block_n=block_n, chunk2=chunk2, n_split2=n_split2,
+        score_warps=TUNING["score_warps"], score_stages=TUNING["score_stages"],
+        emit_block=emit_block, chunk_e=chunk_e, n_split_e=n_split_e, block_n=block_n, chunk2=chunk2, n_split2=n_split2,
         logits=logits,
         split_m=torch.empty(bh, g, n_split1, **f32), split_l=torch.empty(bh, g, n_split1, **f32),
         counts=torch.zeros(bh, 2, **i32),
@@ -180,13 +189,13 @@ def sparq_decode(
         ws.logits, logz, lengths, k_b, local_b, ws.state, num_kv_heads, s_cap,
         G=g, G_PAD=g_pad, NS=_select.SAMPLES, num_warps=8,
     )
-    _emit_kernel[(bh, ws.n_split1)](
+    _emit_kernel[(bh, ws.n_split_e)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.counts, ws.idx, ws.cand,
-        num_kv_heads, s_cap, ws.k_max, G=g, G_PAD=g_pad, CHUNK=ws.chunk1, BLOCK_S=ws.block_s,
-        num_warps=4,
+        num_kv_heads, s_cap, ws.k_max, G=g, G_PAD=g_pad, CHUNK=ws.chunk_e, BLOCK_S=ws.emit_block,
+        num_warps=4 if interpreting() else TUNING["emit_warps"],
     )
     _resolve_kernel[(bh,)](
-        ws.logits, logz, lengths, k_b, local_b, ws.counts, ws.idx, ws.cand,
+        ws.logits, logz, lengths, k_b, local_b, ws.state, ws.counts, ws.idx, ws.cand,
         num_kv_heads, s_cap, ws.k_max, G=g, G_PAD=g_pad, CAP=_select.CAP,
         BLOCK=64 if interpreting() else 1024, num_warps=8,
     )

@@ -73,17 +73,17 @@ def _key_at(logits_ptr, logz_ptr, bh, pos, mask, s_cap, G: tl.constexpr, G_PAD: 
 
 
 @triton.jit
-def _kth_largest(u, ok, j):
-    """The j-th largest (0-based) of u[ok]: max v with count(u >= v) >= j + 1 (32-step bisection)."""
-    lo = tl.min(tl.where(ok, u, 0), 0) * 0  # int64 zero
-    hi = lo + 4294967295
-    for _ in range(32):
+def _kth_largest(u, ok, j, lo, hi, tol):
+    """Bisection for the j-th largest (0-based) v of u[ok] (max v with count(u >= v) >= j + 1),
+    starting from lo <= v <= hi; stops once hi - lo <= tol and returns (lo, hi), so that
+    lo <= v <= hi (exact with tol = 0)."""
+    while hi - lo > tol:
         mid = (lo + hi + 1) // 2
         c = tl.sum((ok & (u >= mid)).to(tl.int32), 0)
         take = c >= j + 1
         lo = tl.where(take, mid, lo)
         hi = tl.where(take, hi, mid - 1)
-    return lo
+    return lo, hi
 
 
 @triton.jit
@@ -117,8 +117,12 @@ def _sample_kernel(
         margin = tl.where(ns == n_cand, 0.0, margin)
         r_hi = tl.floor(t - margin).to(tl.int32) - 1
         r_lo = tl.ceil(t + margin).to(tl.int32) - 1
-        v_hi = _kth_largest(u, ok, tl.maximum(r_hi, 0))
-        v_lo = _kth_largest(u, ok, tl.minimum(r_lo, ns - 1))
+        # Inexact order statistics are enough: v_hi is rounded up and v_lo down, which can only
+        # widen the bracket. The exact case (whole candidate set sampled) bisects to the end.
+        tol = tl.where(ns == n_cand, 0, 4095).to(tl.int64)
+        zero = tl.min(tl.where(ok, u, 0), 0) * 0
+        _, v_hi = _kth_largest(u, ok, tl.maximum(r_hi, 0), zero, zero + 4294967295, tol)
+        v_lo, _ = _kth_largest(u, ok, tl.minimum(r_lo, ns - 1), zero, zero + 4294967295, tol)
         u_hi = tl.where(r_hi < 0, u_hi, v_hi)
         u_lo = tl.where(r_lo >= ns, u_lo * 0, v_lo)
     tl.store(state_ptr + bh * 2, u_hi)
@@ -153,7 +157,14 @@ def _emit_kernel(
         s = s0 + offs_s
         ok = s < end
         is_cand = ok & (s < read_lim)
-        u = _key_at(logits_ptr, logz_ptr, bh, s, is_cand, s_cap, G, G_PAD)
+        if G == 1:  # unmasked (vectorised) load when the tile lies inside the buffer
+            if s0 + BLOCK_S <= s_cap:
+                v = tl.load(logits_ptr + bh.to(tl.int64) * s_cap + s)
+            else:
+                v = tl.load(logits_ptr + bh.to(tl.int64) * s_cap + s, mask=s < s_cap, other=0.0)
+            u = _order_key(v)
+        else:
+            u = _key_at(logits_ptr, logz_ptr, bh, s, is_cand, s_cap, G, G_PAD)
         keep = (ok & (s >= read_lim)) | (is_cand & (u > u_hi))
         bnd = is_cand & (u >= u_lo) & (u <= u_hi)
         keep_i = keep.to(tl.int32)
@@ -172,7 +183,7 @@ def _emit_kernel(
 
 @triton.jit
 def _resolve_kernel(
-    logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, count_ptr, idx_ptr, cand_ptr,
+    logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count_ptr, idx_ptr, cand_ptr,
     num_kv_heads, s_cap, k_max,
     G: tl.constexpr, G_PAD: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -209,7 +220,10 @@ def _resolve_kernel(
                 ok_r = offs_r < n_list
                 pos_r = tl.load(cand_row + offs_r, mask=ok_r, other=0)
                 u_r = _key_at(logits_ptr, logz_ptr, bh, pos_r, ok_r, s_cap, G, G_PAD)
-                thr_r = _kth_largest(u_r, ok_r, m - 1)
+                # every candidate lies in [U_lo, U_hi]: bisect inside the bracket only
+                b_lo = tl.load(state_ptr + bh * 2 + 1)
+                b_hi = tl.minimum(tl.load(state_ptr + bh * 2), 4294967295)
+                thr_r, _ = _kth_largest(u_r, ok_r, m - 1, b_lo, b_hi, b_lo * 0)
                 tie_i_r = (ok_r & (u_r == thr_r)).to(tl.int32)
                 n_ties_r = m - tl.sum((ok_r & (u_r > thr_r)).to(tl.int32), 0)
                 keep_r = ok_r & ((u_r > thr_r) | ((tie_i_r > 0) & (tl.cumsum(tie_i_r, 0) - tie_i_r < n_ties_r)))
@@ -220,7 +234,7 @@ def _resolve_kernel(
                 offs = tl.arange(0, BLOCK)
                 lo = (base * 0).to(tl.int64)
                 hi = lo + 4294967295
-                for _ in range(32):
+                while hi > lo:
                     mid = (lo + hi + 1) // 2
                     c = base * 0
                     for c0 in range(0, n_list, BLOCK):
