@@ -27,24 +27,30 @@ PREFILL_KEY = "h2o_prefill_scores"  # [B, Hkv, S] accumulated over the prefill, 
 def prefill_scores(query: Tensor, key: Tensor, valid: Tensor, scale: float, chunk: int = 256) -> Tensor:
     """Column sums of the causal prefill attention, [B, Hkv, S] (fp32), padding rows ignored.
 
-    query [B, Hq, L, d] are the last L positions of key [B, Hkv, S, d].
+    query [B, Hq, L, d] are the last L positions of key [B, Hkv, S, d]. Exact; each chunk of
+    queries only looks at the keys it can see (causal) and skips the batch's common padding.
     """
     b, hq, q_len, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
     g = hq // hkv
-    k = key.float()
     out = torch.zeros(b, hkv, s, dtype=torch.float32, device=key.device)
+    first = int(valid.float().argmax(-1).min()) if bool(valid.any()) else s  # common left padding
+    offset = s - q_len
+    k_all = key.float()
     pos_k = torch.arange(s, device=key.device)
-    for start in range(0, q_len, chunk):
-        q = query[:, :, start:start + chunk].float().reshape(b, hkv, g, -1, d)  # [B, Hkv, g, c, d]
-        c = q.shape[3]
-        pos_q = torch.arange(s - q_len + start, s - q_len + start + c, device=key.device)
-        logits = (q @ k[:, :, None].transpose(-1, -2)) * scale  # [B, Hkv, g, c, S]
-        allowed = (pos_k[None, :] <= pos_q[:, None])[None] & valid[:, None, :]  # [B, c, S]
-        logits = logits.masked_fill(~allowed[:, None, None], NEG_INF)
-        probs = logits.softmax(-1).nan_to_num(0.0)
-        row_ok = valid[:, s - q_len + start: s - q_len + start + c].float()  # padding queries count 0
-        out += (probs * row_ok[:, None, None, :, None]).sum(dim=(2, 3))
+    for start in range(max(0, first - offset), q_len, chunk):
+        stop = min(q_len, start + chunk)
+        hi = offset + stop  # keys visible to this chunk: [first, hi)
+        lo = first
+        q = query[:, :, start:stop].float().reshape(b, hkv, g, stop - start, d)
+        k = k_all[:, :, lo:hi]
+        logits = (q @ k[:, :, None].transpose(-1, -2)).mul_(scale)  # [B, Hkv, g, c, hi-lo]
+        pos_q = torch.arange(offset + start, offset + stop, device=key.device)
+        blocked = (pos_k[None, lo:hi] > pos_q[:, None])[None] | ~valid[:, None, lo:hi]  # [B, c, S']
+        logits.masked_fill_(blocked[:, None, None], NEG_INF)
+        probs = logits.softmax(-1).nan_to_num_(0.0)
+        row_ok = valid[:, offset + start: offset + stop].float()  # padding queries count 0
+        out[:, :, lo:hi] += torch.einsum("bhgcs,bc->bhs", probs, row_ok)
     return out
 
 
