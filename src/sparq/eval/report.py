@@ -37,8 +37,8 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (model, task, method, budget), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], _task_order(kv[0][1]), kv[0][2], -budget_value(kv[0][3]))):
         score = _mean([r["score"] for r in rs])
         ref = dense.get((model, task))
-        if ref is None or ref == 0 or score == 0 or math.isnan(score):
-            rel = float("nan")
+        if ref is None or ref <= 0 or math.isnan(score) or (not HIGHER_IS_BETTER[task] and score <= 0):
+            rel = float("nan")  # no dense score to compare with (or dense scored 0)
         else:
             rel = score / ref if HIGHER_IS_BETTER[task] else ref / score
         rows.append({"model": model, "task": task, "method": method, "budget": budget,
@@ -58,7 +58,9 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]
         w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()) if rows else ["model"])
         w.writeheader()
         w.writerows(rows)
-    (out_dir / "results.md").write_text(markdown(rows), encoding="utf-8")
+    budgets = sorted({r["budget"] for r in rows if r["budget"] != "1"}, key=budget_value, reverse=True)
+    text = "".join(f"### All methods at {b} of dense data\n\n{budget_table(rows, b)}\n" for b in budgets)
+    (out_dir / "results.md").write_text(text + markdown(rows), encoding="utf-8")
 
 
 def _fmt(task: str, score: float) -> str:
@@ -158,3 +160,29 @@ def report(records: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -
     if rows:
         plot(rows, records, out_dir)
     return rows
+
+
+def budget_table(rows: list[dict[str, Any]], budget: str, methods: list[str] | None = None) -> str:
+    """Tasks x methods at one budget: score (% of dense), with the mean fraction actually read."""
+    tasks = sorted({r["task"] for r in rows}, key=_task_order)
+    if methods is None:
+        methods = sorted({r["method"] for r in rows if ":" not in r["method"]}, key=lambda m: (m != "dense", m))
+    head = "| task | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods) + "\n"
+    lines = []
+    for t in tasks:
+        cells = []
+        for m in methods:
+            hit = [r for r in rows if r["task"] == t and r["method"] == m and (r["budget"] == budget or m == "dense")]
+            if not hit:
+                cells.append("")
+                continue
+            r = hit[0]
+            rel = "" if m == "dense" or math.isnan(r["rel_dense"]) else f" ({100 * r['rel_dense']:.0f}%)"
+            cells.append(f"{_fmt(t, r['score'])}{rel}")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    fr = []
+    for m in methods:
+        fs = [r["fraction"] for r in rows if r["method"] == m and (r["budget"] == budget or m == "dense")]
+        fr.append(f"{_mean(fs):.3f}" if fs else "")
+    lines.append("| *fraction read* | " + " | ".join(fr) + " |")
+    return head + "\n".join(lines) + "\n"
