@@ -116,6 +116,46 @@ def _transposed_key_scores_kernel(
     tl.store(l_ptr + stat, l_i, mask=g_ok)
 
 
+@triton.jit
+def _query_prep_kernel(q_ptr, dims_ptr, qsel_ptr, fac_ptr, r, scale,
+                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, JB: tl.constexpr):
+    """Per KV head: the r dims with the largest |q| summed over the group (ties: lower index),
+    q[i1] per query head and the temperature factor scale / sqrt(||q[i1]||_1 / ||q||_1).
+
+    Reads g * d * elt bytes of query; writes 4 * (r + g * r + g) bytes.
+    """
+    bh = tl.program_id(0)
+    offs_d = tl.arange(0, D)
+    offs_g = tl.arange(0, G_PAD)
+    g_ok = offs_g < G
+    row = q_ptr + (bh * G) * D
+    w = tl.zeros([D], tl.float32)
+    for g in tl.static_range(G):  # sequential sum over the group, same order for every chunk
+        w += tl.abs(tl.load(row + g * D + offs_d).to(tl.float32))
+    rank = tl.zeros([D], tl.int32)
+    offs_j = tl.arange(0, JB)
+    for j0 in tl.static_range(0, D, JB):
+        wj = tl.zeros([JB], tl.float32)
+        for g in tl.static_range(G):
+            wj += tl.abs(tl.load(row + g * D + j0 + offs_j).to(tl.float32))
+        jj = j0 + offs_j
+        beats = (wj[None, :] > w[:, None]) | ((wj[None, :] == w[:, None]) & (jj[None, :] < offs_d[:, None]))
+        rank += tl.sum(beats.to(tl.int32), axis=1)
+    sel = rank < r
+    sel_i = sel.to(tl.int32)
+    pos = tl.cumsum(sel_i, 0) - sel_i
+    tl.store(dims_ptr + bh * r + pos, offs_d, mask=sel)
+    q = tl.load(row + offs_g[:, None] * D + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(qsel_ptr + (bh * G + offs_g)[:, None] * r + pos[None, :], q, mask=g_ok[:, None] & sel[None, :])
+    aq = tl.abs(q)
+    q_l1 = tl.sum(aq, axis=1)
+    sel_l1 = tl.sum(tl.where(sel[None, :], aq, 0.0), axis=1)
+    tiny = 1.1754943508222875e-38
+    ratio = tl.where(q_l1 > 0, sel_l1 / tl.maximum(q_l1, tiny), 1.0)
+    ratio = tl.maximum(ratio, tiny)
+    tl.store(fac_ptr + bh * G + offs_g, scale / tl.sqrt(ratio), mask=g_ok)
+
+
 def query_dims_and_factors(query: torch.Tensor, num_kv_heads: int, r: int, scale: float):
     """Per KV head: dims [B, Hkv, r] (int32), q[i1] [B, Hkv, g, r] (fp32) and temperature factors
     [B, Hkv, g] (fp32) = scale / sqrt(||q[i1]||_1 / ||q||_1), computed exactly as the reference does."""
@@ -155,7 +195,14 @@ class TransposedKeyScorer:
         batch, num_kv_heads, head_dim, _ = kt.shape
         g = query.shape[1] // num_kv_heads
         r = self.r
-        dims, q_sel, fac = query_dims_and_factors(query, num_kv_heads, r, self.scale)
+        if ws.prep_in_torch:
+            dims, q_sel, fac = query_dims_and_factors(query, num_kv_heads, r, self.scale)
+        else:
+            dims, q_sel, fac = ws.dims[:, :r], ws.q_sel[:, :, :r], ws.fac
+            _query_prep_kernel[(batch * num_kv_heads,)](
+                query, dims, q_sel, fac, r, self.scale,
+                G=g, G_PAD=triton.next_power_of_2(g), D=head_dim, JB=min(head_dim, 32), num_warps=4,
+            )
         from .dispatch import TUNING
 
         # tensor cores (exact products: q[i1] is exact in the cache dtype; fp32 sums), or for

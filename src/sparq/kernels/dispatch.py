@@ -1,10 +1,9 @@
 """Launch plan of one SparQ decode step on the Triton kernels (no math here).
 
 `sparq_decode(query, key, key_t, value, value_sum, lengths, config, scale)` runs:
-  budgets (torch, float64, on device)   k_b, local_b from lengths
-  scorer.score                          step 1: logits + split softmax stats    (approx_scores)
-  logZ reduce (torch, tiny)             per query head log-normaliser of s_hat
-  _sample_kernel                        bracket of the selection threshold from a sample (select)
+  _budgets_kernel                       k_b, local_b from lengths (float64), zero list counters
+  scorer.score                          step 1: dims/factors + logits + split softmax stats
+  _sample_kernel                        logZ per query head; bracket of the selection threshold
   _emit_kernel                          one pass: sure winners + local window, bracket candidates
   _resolve_kernel                       exact winners inside the bracket
   _gather_attention_kernel              split-K attention over kept rows + alpha (gather_attention)
@@ -26,7 +25,7 @@ from . import interpreting
 from .approx_scores import TransposedKeyScorer
 from .gather_attention import _combine_kernel, _gather_attention_kernel
 from . import select as _select
-from .select import _emit_kernel, _resolve_kernel, _sample_kernel, budgets
+from .select import _budgets_kernel, _emit_kernel, _resolve_kernel, _sample_kernel
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -59,6 +58,14 @@ class Workspace:
     split_m: torch.Tensor  # [BH, g, n_split1]
     split_l: torch.Tensor
     counts: torch.Tensor   # [BH, 2] int32, zeroed each step: (kept, bracket candidates)
+    logz: torch.Tensor     # [BH, g] fp32
+    k_b: torch.Tensor      # [B] int32
+    local_b: torch.Tensor  # [B] int32
+    fracs: torch.Tensor    # [2] fp64: (k_fraction, local_fraction)
+    dims: torch.Tensor     # [BH, d] int32 (first r used)
+    q_sel: torch.Tensor    # [BH, g, d] fp32 (first r used)
+    fac: torch.Tensor      # [BH, g] fp32
+    prep_in_torch: bool
     state: torch.Tensor    # [BH, 2] int64: (U_hi, U_lo)
     cand: torch.Tensor     # [BH, S] int32
     idx: torch.Tensor      # [BH, k_max] int32
@@ -72,8 +79,8 @@ _WORKSPACES: dict = {}
 
 # Launch geometry knobs (None = the default below); benchmarks/kernel_check.py sweeps them.
 TUNING = dict(blocks_per_sm=4, score_block=None, score_warps=4, score_stages=None,
-              gather_block=None, gather_warps=4, gather_blocks_per_sm=None, emit_block=4096,
-              emit_warps=8, score_dot=True)
+              gather_block=None, gather_warps=4, gather_blocks_per_sm=None, emit_block=2048,
+              emit_warps=4, score_dot=True)
 
 
 def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: int,
@@ -116,6 +123,10 @@ def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: 
         logits=logits,
         split_m=torch.empty(bh, g, n_split1, **f32), split_l=torch.empty(bh, g, n_split1, **f32),
         counts=torch.zeros(bh, 2, **i32),
+        logz=torch.empty(bh, g, **f32), k_b=torch.empty(batch, **i32), local_b=torch.empty(batch, **i32),
+        fracs=torch.tensor([config.k_fraction, config.local_fraction], dtype=torch.float64, device=device),
+        dims=torch.empty(bh, head_dim, **i32), q_sel=torch.empty(bh, g, head_dim, **f32),
+        fac=torch.empty(bh, g, **f32), prep_in_torch=bool(TUNING.get("prep_in_torch", False)),
         state=torch.empty(bh, 2, dtype=torch.int64, device=device), cand=torch.empty(bh, s_cap, **i32),
         idx=torch.empty(bh, k_max, **i32),
         part_m=torch.empty(rows, n_split2, **f32), part_l=torch.empty(rows, n_split2, **f32),
@@ -174,23 +185,25 @@ def sparq_decode(
         value_sum = (value.float() * valid[:, None, :, None]).sum(2)
     query = query.contiguous()
 
-    k_b, local_b = budgets(config, lengths)
-    ws.counts.zero_()
+    k_b, local_b = ws.k_b, ws.local_b
+    _budgets_kernel[(batch,)](
+        lengths, ws.fracs, k_b, local_b, ws.counts, int(config.k), int(config.local_window), num_kv_heads,
+        H2_PAD=triton.next_power_of_2(2 * num_kv_heads), num_warps=1,
+    )
 
     # step 1
     scorer.score(query, lengths, ws)
-    m_max = ws.split_m.amax(-1, keepdim=True)
-    logz = (m_max + torch.log((ws.split_l * torch.exp(ws.split_m - m_max)).sum(-1, keepdim=True)))
-    logz = logz.squeeze(-1).contiguous()  # [BH, g]
+    logz = ws.logz  # written by _sample_kernel from the split statistics
 
     # step 2a
     g_pad = triton.next_power_of_2(g)
     _sample_kernel[(bh,)](
-        ws.logits, logz, lengths, k_b, local_b, ws.state, num_kv_heads, s_cap,
-        G=g, G_PAD=g_pad, NS=_select.SAMPLES, num_warps=8,
+        ws.logits, logz, lengths, k_b, local_b, ws.state, ws.split_m, ws.split_l, ws.n_split1,
+        num_kv_heads, s_cap,
+        G=g, G_PAD=g_pad, NS=_select.SAMPLES, NS1_PAD=triton.next_power_of_2(ws.n_split1), num_warps=8,
     )
     _emit_kernel[(bh, ws.n_split_e)](
-        ws.logits, logz, lengths, k_b, local_b, ws.state, ws.counts, ws.idx, ws.cand,
+        ws.logits, logz, lengths, k_b, local_b, ws.state, ws.counts.view(torch.int64), ws.idx, ws.cand,
         num_kv_heads, s_cap, ws.k_max, G=g, G_PAD=g_pad, CHUNK=ws.chunk_e, BLOCK_S=ws.emit_block,
         num_warps=4 if interpreting() else TUNING["emit_warps"],
     )

@@ -51,6 +51,29 @@ def budgets(config, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
+def _budgets_kernel(len_ptr, frac_ptr, k_ptr, local_ptr, count_ptr, k_min, local_min, num_kv_heads,
+                    H2_PAD: tl.constexpr):
+    """budgets() on the device in float64 for sequence b, and zero its KV heads' list counters.
+    Reads 4 + 16 bytes, writes 8 + 8 * Hkv bytes."""
+    b = tl.program_id(0)
+    n = tl.load(len_ptr + b).to(tl.float64)
+    k_frac = tl.load(frac_ptr)
+    l_frac = tl.load(frac_ptr + 1)
+    k = tl.maximum(-tl.floor(-(k_frac * n)), k_min.to(tl.float64))  # ceil
+    k = tl.minimum(k, n)
+    x = l_frac * k
+    f = tl.floor(x)
+    frac = x - f
+    even = (f - 2.0 * tl.floor(f * 0.5)) == 0.0
+    rounded = tl.where(frac > 0.5, f + 1.0, tl.where(frac < 0.5, f, tl.where(even, f, f + 1.0)))  # half to even
+    local = tl.minimum(tl.maximum(rounded, local_min.to(tl.float64)), k)
+    tl.store(k_ptr + b, k.to(tl.int32))
+    tl.store(local_ptr + b, local.to(tl.int32))
+    offs = tl.arange(0, H2_PAD)
+    tl.store(count_ptr + b * num_kv_heads * 2 + offs, tl.zeros([H2_PAD], tl.int32), mask=offs < num_kv_heads * 2)
+
+
+@triton.jit
 def _order_key(v):
     """fp32 -> int64 in [0, 2^32), order preserving (-inf < ... < -0 <= +0 < ... < +inf)."""
     bits = v.to(tl.int32, bitcast=True)
@@ -88,15 +111,28 @@ def _kth_largest(u, ok, j, lo, hi, tol):
 
 @triton.jit
 def _sample_kernel(
-    logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr,
+    logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, split_m_ptr, split_l_ptr, n_split,
     num_kv_heads, s_cap,
-    G: tl.constexpr, G_PAD: tl.constexpr, NS: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, NS: tl.constexpr, NS1_PAD: tl.constexpr,
 ):
-    """Bracket [U_lo, U_hi] of the need-th largest key from a stratified sample.
+    """log-normalisers of s_hat from step 1's split statistics, then the bracket [U_lo, U_hi] of
+    the need-th largest key from a stratified sample.
 
-    Reads up to NS keys per KV head (4 * g bytes each, strided); writes 16 bytes of state.
+    Reads 8 * g * n_split bytes of statistics and up to NS keys per KV head (4 * g bytes each,
+    strided); writes 4 * g bytes of logZ and 16 bytes of state.
     """
     bh = tl.program_id(0)
+    offs_gs = tl.arange(0, G_PAD)
+    offs_p = tl.arange(0, NS1_PAD)
+    st_ok = (offs_gs[:, None] < G) & (offs_p[None, :] < n_split)
+    st = (bh * G + offs_gs)[:, None] * n_split + offs_p[None, :]
+    sm = tl.load(split_m_ptr + st, mask=st_ok, other=float("-inf"))
+    sl = tl.load(split_l_ptr + st, mask=st_ok, other=0.0)
+    mx = tl.max(sm, axis=1)
+    mx_safe = tl.where(mx > float("-inf"), mx, 0.0)
+    lz = mx_safe + tl.log(tl.maximum(tl.sum(sl * tl.exp(sm - mx_safe[:, None]), axis=1), 1e-30))
+    tl.store(logz_ptr + bh * G + offs_gs, lz, mask=offs_gs < G)
+    tl.debug_barrier()  # logZ is read back below (g > 1 keys)
     b = bh // num_kv_heads
     length = tl.load(len_ptr + b)
     kb = tl.load(k_ptr + b)
@@ -119,7 +155,7 @@ def _sample_kernel(
         r_lo = tl.ceil(t + margin).to(tl.int32) - 1
         # Inexact order statistics are enough: v_hi is rounded up and v_lo down, which can only
         # widen the bracket. The exact case (whole candidate set sampled) bisects to the end.
-        tol = tl.where(ns == n_cand, 0, 4095).to(tl.int64)
+        tol = tl.where(ns == n_cand, 0, 65535).to(tl.int64)
         zero = tl.min(tl.where(ok, u, 0), 0) * 0
         _, v_hi = _kth_largest(u, ok, tl.maximum(r_hi, 0), zero, zero + 4294967295, tol)
         v_lo, _ = _kth_largest(u, ok, tl.minimum(r_lo, ns - 1), zero, zero + 4294967295, tol)
@@ -131,7 +167,7 @@ def _sample_kernel(
 
 @triton.jit
 def _emit_kernel(
-    logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count_ptr, idx_ptr, cand_ptr,
+    logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count64_ptr, idx_ptr, cand_ptr,
     num_kv_heads, s_cap, k_max,
     G: tl.constexpr, G_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -139,7 +175,8 @@ def _emit_kernel(
     the candidate list.
 
     Reads 4 * g bytes per candidate position of the chunk (the logits); writes 4 bytes per
-    appended position, plus two atomics per block tile. count[bh] = (kept so far, candidates).
+    appended position, plus one 64-bit atomic per block tile on count64[bh] (= the int32 pair
+    (kept so far, candidates) of count[bh], little-endian).
     """
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -167,18 +204,17 @@ def _emit_kernel(
             u = _key_at(logits_ptr, logz_ptr, bh, s, is_cand, s_cap, G, G_PAD)
         keep = (ok & (s >= read_lim)) | (is_cand & (u > u_hi))
         bnd = is_cand & (u >= u_lo) & (u <= u_hi)
-        keep_i = keep.to(tl.int32)
-        n_keep = tl.sum(keep_i, 0)
-        if n_keep > 0:
-            base = tl.atomic_add(count_ptr + bh * 2, n_keep)
-            pos = base + tl.cumsum(keep_i, 0) - keep_i
-            tl.store(idx_ptr + bh.to(tl.int64) * k_max + pos, s, mask=keep & (pos < k_max))
-        bnd_i = bnd.to(tl.int32)
-        n_bnd = tl.sum(bnd_i, 0)
-        if n_bnd > 0:
-            base = tl.atomic_add(count_ptr + bh * 2 + 1, n_bnd)
-            pos = base + tl.cumsum(bnd_i, 0) - bnd_i
-            tl.store(cand_ptr + bh.to(tl.int64) * s_cap + pos, s, mask=bnd)
+        # one scan and one 64-bit atomic per tile for both lists: low half counts kept
+        # positions, high half bracket candidates (a tile has < 2^16 positions)
+        packed = keep.to(tl.int32) + (bnd.to(tl.int32) << 16)
+        incl = tl.cumsum(packed, 0)
+        total = tl.sum(packed, 0)
+        base = tl.atomic_add(count64_ptr + bh, (total & 65535).to(tl.int64) + ((total >> 16).to(tl.int64) << 32))
+        excl = incl - packed
+        pos_k = (base & 4294967295).to(tl.int32) + (excl & 65535)
+        pos_c = (base >> 32).to(tl.int32) + (excl >> 16)
+        tl.store(idx_ptr + bh.to(tl.int64) * k_max + pos_k, s, mask=keep & (pos_k < k_max))
+        tl.store(cand_ptr + bh.to(tl.int64) * s_cap + pos_c, s, mask=bnd)
 
 
 @triton.jit
