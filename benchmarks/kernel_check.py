@@ -143,16 +143,13 @@ def main():
     if args.sweep:
         variants = [
             ("base", {}),
+            ("e1024", dict(emit_block=1024)),
+            ("e4096", dict(emit_block=4096)),
             ("bps8", dict(blocks_per_sm=8)),
-            ("bps2", dict(blocks_per_sm=2)),
-            ("bs1024w8", dict(score_block=1024, score_warps=8)),
-            ("bs256", dict(score_block=256)),
-            ("e2048w4", dict(emit_block=2048, emit_warps=4)),
-            ("e8192w8", dict(emit_block=8192)),
-            ("g32", dict(gather_block=32)),
             ("gbps8", dict(gather_blocks_per_sm=8)),
+            ("g32w4", dict(gather_block=32)),
         ]
-        sweep([DEFAULT_SHAPES[i] for i in (2, 4, 9)], variants)
+        sweep([DEFAULT_SHAPES[i] for i in (4, 9)], variants)
     if not args.no_bench:
         bench_kernels(shapes, out_dir=out)
 
