@@ -143,13 +143,12 @@ def main():
     if args.sweep:
         variants = [
             ("base", {}),
-            ("e1024", dict(emit_block=1024)),
-            ("e4096", dict(emit_block=4096)),
-            ("bps8", dict(blocks_per_sm=8)),
-            ("gbps8", dict(gather_blocks_per_sm=8)),
-            ("g32w4", dict(gather_block=32)),
+            ("sw4", dict(select_warps=4)),
+            ("sw2", dict(select_warps=2)),
+            ("sw4ns2k", dict(select_warps=4, samples=2048)),
+            ("sw8ns2k", dict(samples=2048)),
         ]
-        sweep([DEFAULT_SHAPES[i] for i in (4, 9)], variants)
+        sweep([DEFAULT_SHAPES[i] for i in (0, 2, 4, 7, 9)], variants)
     if not args.no_bench:
         bench_kernels(shapes, out_dir=out)
 

@@ -80,7 +80,7 @@ _WORKSPACES: dict = {}
 # Launch geometry knobs (None = the default below); benchmarks/kernel_check.py sweeps them.
 TUNING = dict(blocks_per_sm=4, score_block=None, score_warps=4, score_stages=None,
               gather_block=None, gather_warps=4, gather_blocks_per_sm=None, emit_block=2048,
-              emit_warps=4, score_dot=True)
+              emit_warps=4, score_dot=True, select_warps=8, samples=None)
 
 
 def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: int,
@@ -200,7 +200,8 @@ def sparq_decode(
     _sample_kernel[(bh,)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.split_m, ws.split_l, ws.n_split1,
         num_kv_heads, s_cap,
-        G=g, G_PAD=g_pad, NS=_select.SAMPLES, NS1_PAD=triton.next_power_of_2(ws.n_split1), num_warps=8,
+        G=g, G_PAD=g_pad, NS=TUNING["samples"] or _select.SAMPLES, NS1_PAD=triton.next_power_of_2(ws.n_split1),
+        num_warps=4 if interpreting() else TUNING["select_warps"],
     )
     _emit_kernel[(bh, ws.n_split_e)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.counts.view(torch.int64), ws.idx, ws.cand,
@@ -210,7 +211,7 @@ def sparq_decode(
     _resolve_kernel[(bh,)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.counts, ws.idx, ws.cand,
         num_kv_heads, s_cap, ws.k_max, G=g, G_PAD=g_pad, CAP=_select.CAP,
-        BLOCK=64 if interpreting() else 1024, num_warps=8,
+        BLOCK=64 if interpreting() else 1024, num_warps=4 if interpreting() else TUNING["select_warps"],
     )
 
     # step 2b + 3

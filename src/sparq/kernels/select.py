@@ -97,22 +97,15 @@ def _key_at(logits_ptr, logz_ptr, bh, pos, mask, s_cap, G: tl.constexpr, G_PAD: 
 
 @triton.jit
 def _kth_largest(u, ok, j, lo, hi, tol):
-    """Search for the j-th largest (0-based) v of u[ok] (max v with count(u >= v) >= j + 1),
+    """Bisection for the j-th largest (0-based) v of u[ok] (max v with count(u >= v) >= j + 1),
     starting from lo <= v <= hi; stops once hi - lo <= tol and returns (lo, hi), so that
-    lo <= v <= hi (exact with tol = 0). 16-way: each round counts u >= 15 pivots at once
-    (independent block reductions that overlap), so a 32-bit range takes 8 rounds, not 32."""
+    lo <= v <= hi (exact with tol = 0)."""
     while hi - lo > tol:
-        step = (hi - lo + 16) // 16  # >= 1; pivots lo + i * step, i = 1..15
-        new_lo = lo
-        new_hi = hi
-        for i in tl.static_range(1, 16):
-            p = lo + i * step
-            c = tl.sum((ok & (u >= p)).to(tl.int32), 0)
-            take = (c >= j + 1) & (p <= hi)
-            new_lo = tl.where(take, p, new_lo)
-            new_hi = tl.where((~take) & (p - 1 < new_hi), p - 1, new_hi)
-        lo = new_lo
-        hi = tl.maximum(new_hi, new_lo)
+        mid = (lo + hi + 1) // 2
+        c = tl.sum((ok & (u >= mid)).to(tl.int32), 0)
+        take = c >= j + 1
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
     return lo, hi
 
 
