@@ -147,6 +147,8 @@ def main():
             ("sw2", dict(select_warps=2)),
             ("sw4ns2k", dict(select_warps=4, samples=2048)),
             ("sw8ns2k", dict(samples=2048)),
+            ("scw8", dict(score_warps=8)),
+            ("bps6", dict(blocks_per_sm=6)),
         ]
         sweep([DEFAULT_SHAPES[i] for i in (0, 2, 4, 7, 9)], variants)
     if not args.no_bench:
