@@ -26,6 +26,7 @@ class SparQLayerState:
     key_t: Tensor | None
     value_sum: Tensor
     valid: Tensor
+    no_padding: bool = False  # every position valid: the kernels can take plain lengths
     state: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -37,7 +38,8 @@ def build_state(key: Tensor, value: Tensor, valid: Tensor, keep_key_t: bool) -> 
     """Everything from scratch: O(S) work, done at prefill or after the cache changed under us."""
     value_sum = value.float().masked_fill(~valid[:, None, :, None], 0.0).sum(2)
     key_t = key.transpose(-1, -2).contiguous() if keep_key_t else None
-    return SparQLayerState(key_t=key_t, value_sum=value_sum, valid=valid.clone())
+    # One host sync per (re)build, none per decode step: decode tokens are always valid.
+    return SparQLayerState(key_t=key_t, value_sum=value_sum, valid=valid.clone(), no_padding=bool(valid.all()))
 
 
 def extend_state(s: SparQLayerState, key: Tensor, value: Tensor, new_valid: Tensor) -> None:

@@ -90,6 +90,8 @@ def sparq_attention_forward(
     if isinstance(cache, SparQCache):
         s = cache.sparq_state(module.layer_idx, key, value, valid)
         x.key_t, x.value_sum, x.state = s.key_t, s.value_sum, s.state
+        if s.no_padding:
+            x.lengths = torch.full((batch,), seq_len, dtype=torch.int32, device=key.device)
     out = method.attend(x)  # [B, Hq, d]
     return out[:, None, :, :], None  # [B, 1, Hq, d]
 

@@ -23,7 +23,8 @@ class DecodeInputs:
     """One layer's decode step. query [B, Hq, d]; key, value [B, Hkv, S, d]; valid [B, S] bool.
 
     key_t [B, Hkv, d, S] (keys contiguous along the sequence) and value_sum [B, Hkv, d] (fp32
-    sum of V over valid positions) are present when the cache keeps them.
+    sum of V over valid positions) are present when the cache keeps them; lengths [B] too when
+    the valid positions are a plain prefix, which lets CUDA tensors run on the kernels.
     """
 
     query: Tensor
@@ -34,6 +35,7 @@ class DecodeInputs:
     key_t: Tensor | None = None
     value_sum: Tensor | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    lengths: Tensor | None = None  # set when valid is exactly `position < lengths[b]` (no padding)
 
 
 @dataclass(frozen=True)

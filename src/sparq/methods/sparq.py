@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .. import reference
+from ..api import sparq_attention
 from ..config import SparQConfig
 from .base import DecodeInputs, DecodeMethod
 
@@ -17,6 +18,10 @@ class SparQ(DecodeMethod):
     name = "sparq"
 
     def attend(self, x: DecodeInputs) -> Tensor:
+        if x.query.is_cuda and x.lengths is not None:
+            # the Triton kernels (fp16/bf16; the API falls back to the reference otherwise)
+            return sparq_attention(x.query, x.key, x.value, self.config, x.lengths, scale=x.scale,
+                                   key_t=x.key_t, value_sum=x.value_sum, validate=False)
         return reference.sparq_reference(
             x.query, x.key, x.value, self.config, x.valid, x.scale, key_t=x.key_t, value_sum=x.value_sum
         )
