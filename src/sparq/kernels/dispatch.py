@@ -66,6 +66,7 @@ class Workspace:
     q_sel: torch.Tensor    # [BH, g, d] fp32 (first r used)
     fac: torch.Tensor      # [BH, g] fp32
     prep_in_torch: bool
+    samples: int
     state: torch.Tensor    # [BH, 2] int64: (U_hi, U_lo)
     cand: torch.Tensor     # [BH, S] int32
     idx: torch.Tensor      # [BH, k_max] int32
@@ -127,6 +128,9 @@ def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: 
         fracs=torch.tensor([config.k_fraction, config.local_fraction], dtype=torch.float64, device=device),
         dims=torch.empty(bh, head_dim, **i32), q_sel=torch.empty(bh, g, head_dim, **f32),
         fac=torch.empty(bh, g, **f32), prep_in_torch=bool(TUNING.get("prep_in_torch", False)),
+        # sample size: 2048 keeps the bracket (~4.6% of the candidates) within the resolve
+        # kernel's registers (CAP) up to ~88k positions; longer sequences sample 4096
+        samples=TUNING["samples"] or (2048 if s_cap <= 65536 else _select.SAMPLES),
         state=torch.empty(bh, 2, dtype=torch.int64, device=device), cand=torch.empty(bh, s_cap, **i32),
         idx=torch.empty(bh, k_max, **i32),
         part_m=torch.empty(rows, n_split2, **f32), part_l=torch.empty(rows, n_split2, **f32),
@@ -200,7 +204,7 @@ def sparq_decode(
     _sample_kernel[(bh,)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.split_m, ws.split_l, ws.n_split1,
         num_kv_heads, s_cap,
-        G=g, G_PAD=g_pad, NS=TUNING["samples"] or _select.SAMPLES, NS1_PAD=triton.next_power_of_2(ws.n_split1),
+        G=g, G_PAD=g_pad, NS=ws.samples, NS1_PAD=triton.next_power_of_2(ws.n_split1),
         num_warps=4 if interpreting() else TUNING["select_warps"],
     )
     _emit_kernel[(bh, ws.n_split_e)](
