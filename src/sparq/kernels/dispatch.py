@@ -201,7 +201,7 @@ def sparq_decode(
 
     # step 2a
     g_pad = triton.next_power_of_2(g)
-    _sample_kernel[(bh,)](
+    _sample_kernel[(bh, 2)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.split_m, ws.split_l, ws.n_split1,
         num_kv_heads, s_cap,
         G=g, G_PAD=g_pad, NS=ws.samples, NS1_PAD=triton.next_power_of_2(ws.n_split1),

@@ -139,8 +139,8 @@ def _sample_kernel(
     lb = tl.load(local_ptr + b)
     n_cand = length - lb
     need = kb - lb
-    u_hi = tl.full([], 4294967296, tl.int64)
-    u_lo = tl.full([], 4294967296, tl.int64)
+    which = tl.program_id(1)  # 0: U_hi, 1: U_lo (two blocks per KV head halve the latency)
+    val = tl.full([], 4294967296, tl.int64)
     if (kb < length) & (need > 0):
         ns = tl.minimum(n_cand, NS)
         i = tl.arange(0, NS)
@@ -157,12 +157,12 @@ def _sample_kernel(
         # widen the bracket. The exact case (whole candidate set sampled) bisects to the end.
         tol = tl.where(ns == n_cand, 0, 65535).to(tl.int64)
         zero = tl.min(tl.where(ok, u, 0), 0) * 0
-        _, v_hi = _kth_largest(u, ok, tl.maximum(r_hi, 0), zero, zero + 4294967295, tol)
-        v_lo, _ = _kth_largest(u, ok, tl.minimum(r_lo, ns - 1), zero, zero + 4294967295, tol)
-        u_hi = tl.where(r_hi < 0, u_hi, v_hi)
-        u_lo = tl.where(r_lo >= ns, u_lo * 0, v_lo)
-    tl.store(state_ptr + bh * 2, u_hi)
-    tl.store(state_ptr + bh * 2 + 1, u_lo)
+        rank = tl.where(which == 0, tl.maximum(r_hi, 0), tl.minimum(r_lo, ns - 1))
+        v_lo, v_hi = _kth_largest(u, ok, rank, zero, zero + 4294967295, tol)
+        val_hi = tl.where(r_hi < 0, val, v_hi)
+        val_lo = tl.where(r_lo >= ns, zero, v_lo)
+        val = tl.where(which == 0, val_hi, val_lo)
+    tl.store(state_ptr + bh * 2 + which, val)
 
 
 @triton.jit
@@ -209,7 +209,8 @@ def _emit_kernel(
         packed = keep.to(tl.int32) + (bnd.to(tl.int32) << 16)
         incl = tl.cumsum(packed, 0)
         total = tl.sum(packed, 0)
-        base = tl.atomic_add(count64_ptr + bh, (total & 65535).to(tl.int64) + ((total >> 16).to(tl.int64) << 32))
+        base = tl.atomic_add(count64_ptr + bh, (total & 65535).to(tl.int64) + ((total >> 16).to(tl.int64) << 32),
+                             sem="relaxed")  # a slot reservation: no ordering needed
         excl = incl - packed
         pos_k = (base & 4294967295).to(tl.int32) + (excl & 65535)
         pos_c = (base >> 32).to(tl.int32) + (excl >> 16)
