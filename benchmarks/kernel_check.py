@@ -143,10 +143,12 @@ def main():
     if args.sweep:
         variants = [
             ("base", {}),
-            ("sw16", dict(select_warps=16)),
-            ("ns4k", dict(samples=4096)),
+            ("ebps8", dict(emit_blocks_per_sm=8)),
+            ("ebps16", dict(emit_blocks_per_sm=16)),
+            ("ebps16e1k", dict(emit_blocks_per_sm=16, emit_block=1024)),
+            ("sw8", dict(select_warps=8)),
         ]
-        sweep([DEFAULT_SHAPES[i] for i in (2, 7, 9)], variants)
+        sweep([DEFAULT_SHAPES[i] for i in (2, 4, 7, 9)], variants)
     if not args.no_bench:
         bench_kernels(shapes, out_dir=out)
 

@@ -81,7 +81,7 @@ _WORKSPACES: dict = {}
 # Launch geometry knobs (None = the default below); benchmarks/kernel_check.py sweeps them.
 TUNING = dict(blocks_per_sm=4, score_block=None, score_warps=4, score_stages=None,
               gather_block=None, gather_warps=4, gather_blocks_per_sm=None, emit_block=2048,
-              emit_warps=4, score_dot=True, select_warps=8, samples=None)
+              emit_warps=4, score_dot=True, select_warps=None, samples=None, emit_blocks_per_sm=None)
 
 
 def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: int,
@@ -102,7 +102,11 @@ def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: 
     n_split1 = triton.cdiv(s_cap, chunk1)
     # emit geometry: as many splits as step 1, bigger tiles (one atomic per tile and list)
     emit_block = 64 if interp else TUNING["emit_block"]
-    chunk_e = triton.cdiv(triton.cdiv(s_cap, n_split1), emit_block) * emit_block
+    want_e = n_split1
+    if TUNING["emit_blocks_per_sm"]:
+        want_e = max(1, min(triton.cdiv(s_cap, emit_block),
+                            triton.cdiv(TUNING["emit_blocks_per_sm"] * _sm_count(device), bh)))
+    chunk_e = triton.cdiv(triton.cdiv(s_cap, want_e), emit_block) * emit_block
     n_split_e = triton.cdiv(s_cap, chunk_e)
     # step 2 geometry over the kept-index list
     k_max = max(1, config.k_for(s_cap))
@@ -201,11 +205,13 @@ def sparq_decode(
 
     # step 2a
     g_pad = triton.next_power_of_2(g)
+    # measured on H100: 16 warps help the g > 1 selection (key gathers), 8 suit g = 1
+    sel_warps = 4 if interpreting() else (TUNING["select_warps"] or (16 if g > 1 else 8))
     _sample_kernel[(bh, 2)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.split_m, ws.split_l, ws.n_split1,
         num_kv_heads, s_cap,
         G=g, G_PAD=g_pad, NS=ws.samples, NS1_PAD=triton.next_power_of_2(ws.n_split1),
-        num_warps=4 if interpreting() else TUNING["select_warps"],
+        num_warps=sel_warps,
     )
     _emit_kernel[(bh, ws.n_split_e)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.counts.view(torch.int64), ws.idx, ws.cand,
@@ -215,7 +221,7 @@ def sparq_decode(
     _resolve_kernel[(bh,)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.counts, ws.idx, ws.cand,
         num_kv_heads, s_cap, ws.k_max, G=g, G_PAD=g_pad, CAP=_select.CAP,
-        BLOCK=64 if interpreting() else 1024, num_warps=4 if interpreting() else TUNING["select_warps"],
+        BLOCK=64 if interpreting() else 1024, num_warps=sel_warps,
     )
 
     # step 2b + 3
