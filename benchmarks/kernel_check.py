@@ -143,12 +143,14 @@ def main():
     if args.sweep:
         variants = [
             ("base", {}),
-            ("ebps8", dict(emit_blocks_per_sm=8)),
-            ("ebps16", dict(emit_blocks_per_sm=16)),
-            ("ebps16e1k", dict(emit_blocks_per_sm=16, emit_block=1024)),
-            ("sw8", dict(select_warps=8)),
+            ("s8", dict(score_blocks_per_sm=8)),
+            ("s16", dict(score_blocks_per_sm=16)),
+            ("g8", dict(gather_blocks_per_sm=8)),
+            ("g16", dict(gather_blocks_per_sm=16)),
+            ("s8g8", dict(score_blocks_per_sm=8, gather_blocks_per_sm=8)),
+            ("s16g16", dict(score_blocks_per_sm=16, gather_blocks_per_sm=16)),
         ]
-        sweep([DEFAULT_SHAPES[i] for i in (2, 4, 7, 9)], variants)
+        sweep([DEFAULT_SHAPES[i] for i in (0, 2, 4, 5, 7, 9)], variants)
     if not args.no_bench:
         bench_kernels(shapes, out_dir=out)
 

@@ -80,8 +80,9 @@ _WORKSPACES: dict = {}
 
 # Launch geometry knobs (None = the default below); benchmarks/kernel_check.py sweeps them.
 TUNING = dict(blocks_per_sm=4, score_block=None, score_warps=4, score_stages=None,
-              gather_block=None, gather_warps=4, gather_blocks_per_sm=None, emit_block=2048,
-              emit_warps=4, score_dot=True, select_warps=None, samples=None, emit_blocks_per_sm=None)
+              gather_block=None, gather_warps=4, gather_blocks_per_sm=None, emit_block=1024,
+              emit_warps=4, score_dot=True, select_warps=None, samples=None, emit_blocks_per_sm=16,
+              score_blocks_per_sm=None)
 
 
 def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: int,
@@ -97,7 +98,8 @@ def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: 
     # step 1 / selection geometry: split the sequence so that ~target blocks exist
     block_s = 64 if interp else (TUNING["score_block"] or 512)
     n_blocks = triton.cdiv(s_cap, block_s)
-    want = max(1, min(n_blocks, triton.cdiv(target, bh)))
+    target1 = (TUNING["score_blocks_per_sm"] or TUNING["blocks_per_sm"]) * _sm_count(device)
+    want = max(1, min(n_blocks, triton.cdiv(target1, bh)))
     chunk1 = triton.cdiv(n_blocks, want) * block_s
     n_split1 = triton.cdiv(s_cap, chunk1)
     # emit geometry: as many splits as step 1, bigger tiles (one atomic per tile and list)
