@@ -143,14 +143,12 @@ def main():
     if args.sweep:
         variants = [
             ("base", {}),
-            ("s8", dict(score_blocks_per_sm=8)),
-            ("s16", dict(score_blocks_per_sm=16)),
-            ("g8", dict(gather_blocks_per_sm=8)),
-            ("g16", dict(gather_blocks_per_sm=16)),
-            ("s8g8", dict(score_blocks_per_sm=8, gather_blocks_per_sm=8)),
-            ("s16g16", dict(score_blocks_per_sm=16, gather_blocks_per_sm=16)),
+            ("s32g32", dict(score_blocks_per_sm=32, gather_blocks_per_sm=32)),
+            ("bs256", dict(score_block=256)),
+            ("gblk32", dict(gather_block=32)),
+            ("sw16", dict(select_warps=16)),
         ]
-        sweep([DEFAULT_SHAPES[i] for i in (0, 2, 4, 5, 7, 9)], variants)
+        sweep([DEFAULT_SHAPES[i] for i in (2, 4, 5, 9)], variants)
     if not args.no_bench:
         bench_kernels(shapes, out_dir=out)
 
