@@ -80,9 +80,9 @@ _WORKSPACES: dict = {}
 
 # Launch geometry knobs (None = the default below); benchmarks/kernel_check.py sweeps them.
 TUNING = dict(blocks_per_sm=4, score_block=None, score_warps=4, score_stages=None,
-              gather_block=None, gather_warps=4, gather_blocks_per_sm=16, emit_block=1024,
+              gather_block=None, gather_warps=4, gather_blocks_per_sm=32, emit_block=1024,
               emit_warps=4, score_dot=True, select_warps=None, samples=None, emit_blocks_per_sm=16,
-              score_blocks_per_sm=16)
+              score_blocks_per_sm=32)
 
 
 def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: int,
