@@ -85,7 +85,7 @@ def _dense_candidates(q, k, v, enable_gqa):
 
 
 def sparq_bytes(batch, num_kv_heads, seq, head_dim, elt, cfg: SparQConfig) -> int:
-    """Bytes SparQ must read per step: r columns of K^T, k rows of K and V, the fp32 V sum, q."""
+    """Bytes SparQ must read per step: r columns of K^T, k rows of K and V, the fp32 V sum."""
     r = min(cfg.r, head_dim)
     k = cfg.k_for(seq)
     per_head = seq * r * elt + 2 * k * head_dim * elt + 4 * head_dim
