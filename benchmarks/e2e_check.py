@@ -57,8 +57,7 @@ def correctness():
         print(f"correctness {name}: token agreement {agree:.3f}, first mismatch per row {first_diff}", flush=True)
 
 
-def dense_options():
-    B, Hq, Hkv, S, d = 8, 32, 8, 32768, 128
+def dense_options(B=8, Hq=32, Hkv=8, S=32768, d=128):
     k = torch.randn(B, Hkv, S, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     q = torch.randn(B, Hq, 1, d, device="cuda", dtype=torch.bfloat16)
@@ -66,31 +65,54 @@ def dense_options():
     valid = torch.arange(S, device="cuda")[None] < lengths[:, None]
     from triton.testing import do_bench
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sparq.kernels.dense import dense_decode
+
+    ks, vs = k[:, :, :S - 5].contiguous(), v[:, :, :S - 5].contiguous()
+
+    def sdpa(backend):
+        def fn():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, ks, vs, enable_gqa=True)
+        return fn
+
     opts = {
-        "sdpa mask (loop's dense)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :],
-                                                                          enable_gqa=True),
-        "sdpa flash slice (no mask)": lambda: F.scaled_dot_product_attention(q, k[:, :, :S - 5], v[:, :, :S - 5],
-                                                                            enable_gqa=True),
+        "triton split-K (loop's dense)": lambda: dense_decode(q[:, :, 0], k, v, lengths, d**-0.5),
+        "sdpa mask, whole buffer": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :],
+                                                                         enable_gqa=True),
+        "sdpa flash, exact length": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa cudnn, exact length": sdpa(SDPBackend.CUDNN_ATTENTION),
     }
     floor = 2 * B * Hkv * S * d * 2 / 3.0e12 * 1e6
     for name, fn in opts.items():
         try:
             us = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-            print(f"dense option {name:32s} {us:8.1f} us  (floor ~{floor:.0f} us)", flush=True)
+            print(f"dense option B={B} S={S} Hq/Hkv={Hq}/{Hkv} d={d} {name:30s} {us:8.1f} us (floor ~{floor:.0f} us)",
+                  flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"dense option {name}: failed {type(e).__name__}: {e}", flush=True)
 
 
-if which in ("all", "check"):
+if which == "check":
     correctness()
-    dense_options()
-if which in ("all", "bench"):
+    for shape in ((1, 32, 8, 4096, 128), (1, 32, 8, 32768, 128), (8, 32, 8, 32768, 128), (1, 32, 8, 131072, 128),
+                  (8, 9, 3, 32768, 64)):
+        dense_options(*shape)
+GRIDS = {
+    "smollm2": ("smollm2-135m", (1, 8), (4096, 32768)),
+    "llama-short": ("llama3-8b", (1, 8, 16), (4096,)),
+    "llama-32k": ("llama3-8b", (1, 8), (32768,)),
+    "llama-long": ("llama3-8b", (1,), (65536, 131072)),
+}
+for name in sys.argv[2:] if which == "bench" else []:
+    model, batches, contexts = GRIDS[name]
     t = time.time()
-    r = bench_generate("smollm2-135m", batches=(1, 8), contexts=(4096, 32768), new_tokens=64, out_dir=out_dir)
-    print(f"smollm2 grid {time.time() - t:.0f} s -> {r['path']}", flush=True)
-    t = time.time()
-    r = bench_generate("llama3-8b", batches=(1, 8, 16), contexts=(4096, 32768, 65536, 131072), new_tokens=48,
-                       out_dir=out_dir)
-    print(f"llama3-8b grid {time.time() - t:.0f} s -> {r['path']}", flush=True)
+    r = bench_generate(model, batches=batches, contexts=contexts, new_tokens=48, out_dir=out_dir)
+    print(f"{name}: {time.time() - t:.0f} s -> {r['path']}", flush=True)
     for row in r["rows"]:
         print(format_row(row))
+    for sk in r["skipped"]:
+        print("skipped", sk)
+    del r
+    torch.cuda.empty_cache()
