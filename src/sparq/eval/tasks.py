@@ -206,10 +206,16 @@ def read_qa_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+# One worked example (invented, so licence-free) teaches the answer format: a few words, one line.
+QA_SHOT = ("Answer each question with a few words copied from its context.\n\n"
+           "Context: The lighthouse keeper, Ada Lund, moved to Harlow in the spring and painted her door blue.\n"
+           "Question: Which town did Ada Lund move to?\nAnswer: Harlow\n\n")
+
+
 def qa_items(tokenizer: PreTrainedTokenizerBase, sizes: TaskSizes, path: str | Path) -> list[Item]:
     items = []
     for r in read_qa_jsonl(path)[: sizes.qa_items]:
-        prompt = f"{r['context']}\n\nAnswer the question with a few words from the text.\nQuestion: {r['question']}\nAnswer:"
+        prompt = QA_SHOT + f"Context: {r['context']}\nQuestion: {r['question']}\nAnswer:"
         ids = _bos(tokenizer) + text_tokens(tokenizer, prompt)
         items.append(Item("qa", f"qa-{r['id']}", ids, "generate", 12, json.dumps(r["answers"]),
                           meta={"length": len(ids)}))
@@ -224,7 +230,8 @@ THINGS = ["violin", "telescope", "sailboat", "typewriter", "bicycle", "chessboar
 COLOURS = ["green", "purple", "orange", "silver", "crimson", "yellow", "turquoise", "brown"]
 
 
-def make_qa_sample(path: str | Path, text: str, n: int = 16, seed: int = 0, context_words: int = 1200) -> Path:
+def make_qa_sample(path: str | Path, text: str, n: int = 16, seed: int = 0, context_words: int = 1200,
+                   n_people: int = 2) -> Path:
     """Write a small SQuAD-like JSONL for trying the QA task: real text with a few invented
     biographical facts spread through it, and a question about one of them. Generated from the
     seed, so it carries no third-party licence."""
@@ -234,7 +241,7 @@ def make_qa_sample(path: str | Path, text: str, n: int = 16, seed: int = 0, cont
     for i in range(n):
         start = rng.randrange(0, max(1, len(words) - context_words))
         chunk = words[start: start + context_words]
-        people = rng.sample([f"{a} {b}" for a in FIRST for b in LAST], 4)
+        people = rng.sample([f"{a} {b}" for a in FIRST for b in LAST], n_people)
         facts = []
         for p in people:
             town, thing, colour = rng.choice(TOWNS), rng.choice(THINGS), rng.choice(COLOURS)
