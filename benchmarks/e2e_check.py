@@ -67,8 +67,6 @@ def dense_options(B=8, Hq=32, Hkv=8, S=32768, d=128):
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from sparq.kernels.dense import dense_decode
-
     ks, vs = k[:, :, :S - 5].contiguous(), v[:, :, :S - 5].contiguous()
 
     def sdpa(backend):
@@ -78,8 +76,7 @@ def dense_options(B=8, Hq=32, Hkv=8, S=32768, d=128):
         return fn
 
     opts = {
-        "triton split-K (loop's dense)": lambda: dense_decode(q[:, :, 0], k, v, lengths, d**-0.5),
-        "sdpa mask, whole buffer": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :],
+        "sdpa mask, whole buffer (loop's dense)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :],
                                                                          enable_gqa=True),
         "sdpa flash, exact length": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa cudnn, exact length": sdpa(SDPBackend.CUDNN_ATTENTION),

@@ -23,12 +23,9 @@ def _gather_attention_kernel(
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     num_kv_heads, s_cap, k_max, n_split, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, REALLOC: tl.constexpr, DENSE: tl.constexpr = False,
+    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, REALLOC: tl.constexpr,
 ):
     """Partial attention of one KV head's query group over one slice of its kept positions.
-
-    DENSE: the kept list is implicitly 0..kcount[b]-1 (no index reads): plain split-K
-    flash-decoding over each sequence's valid prefix, used as the dense baseline.
 
     Reads  (4 + 2 * d * elt) bytes per kept position of the slice (index, K row, V row) and,
            with reallocation, 4 * g more (the step-1 logits of those positions); g * d * elt (q).
@@ -59,10 +56,7 @@ def _gather_attention_kernel(
     for n0 in range(start, end, BLOCK_N):
         n = n0 + offs_n
         n_ok = n < end
-        if DENSE:
-            pos = n.to(tl.int64)
-        else:
-            pos = tl.load(idx_ptr + bh.to(tl.int64) * k_max + n, mask=n_ok, other=0).to(tl.int64)
+        pos = tl.load(idx_ptr + bh.to(tl.int64) * k_max + n, mask=n_ok, other=0).to(tl.int64)
         k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         v = tl.load(v_base + pos[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         if k.dtype == tl.float32:
