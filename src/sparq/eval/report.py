@@ -1,6 +1,6 @@
 """Turn records into results: summary JSON and CSV, Markdown tables, PNG plots.
 
-Scores are means over items. "% of dense" is score / dense score for tasks where higher is
+Scores are means over items. "% of dense" is score / dense score on the same items for tasks where higher is
 better, and dense / score for perplexity (bits per token, lower is better), so 100% always
 means "as good as dense". The fraction is the mean, over decode steps and items, of the data
 each step read relative to dense attention (layers left dense, e.g. Gemma 3's sliding-window
@@ -32,11 +32,14 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[(r["model"], r["task"], r["method"], r["budget"])].append(r)
-    dense = {(m, t): _mean([r["score"] for r in rs]) for (m, t, meth, _), rs in groups.items() if meth == "dense"}
+    # dense per item, so every method is compared with dense on exactly its own items
+    dense = {(m, t): {r["item"]: r["score"] for r in rs} for (m, t, meth, _), rs in groups.items() if meth == "dense"}
     rows = []
     for (model, task, method, budget), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], _task_order(kv[0][1]), kv[0][2], -budget_value(kv[0][3]))):
         score = _mean([r["score"] for r in rs])
-        ref = dense.get((model, task))
+        per_item = dense.get((model, task), {})
+        paired = [per_item[r["item"]] for r in rs if r["item"] in per_item]
+        ref = _mean(paired) if paired else None
         if ref is None or ref <= 0 or math.isnan(score) or (not HIGHER_IS_BETTER[task] and score <= 0):
             rel = float("nan")  # no dense score to compare with (or dense scored 0)
         else:
