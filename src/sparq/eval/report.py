@@ -99,6 +99,16 @@ def markdown(rows: list[dict[str, Any]], main_methods: tuple[str, ...] | None = 
     return "\n".join(out) + "\n"
 
 
+STYLE = {  # method: (colour, marker, line style)
+    "sparq-sketch": ("tab:red", "o", "-"),
+    "sparq": ("tab:blue", "s", "-"),
+    "topk": ("tab:gray", "^", "-."),
+    "quest": ("tab:orange", "D", "-"),
+    "h2o": ("tab:purple", "v", "-"),
+    "streaming": ("tab:green", "x", "-"),
+}
+
+
 def plot(rows: list[dict[str, Any]], records: list[dict[str, Any]], out_dir: Path, heat_budget: str = "1/8") -> list[Path]:
     """score vs fraction of data read (a line per method, per task); needle depth x length heatmaps."""
     import matplotlib
@@ -112,13 +122,15 @@ def plot(rows: list[dict[str, Any]], records: list[dict[str, Any]], out_dir: Pat
     for task in tasks:
         rs = [r for r in rows if r["task"] == task]
         fig, ax = plt.subplots(figsize=(6, 4))
-        for m in sorted({r["method"] for r in rs}):
+        # one line per method at its default settings (ablation variants, "name:opt=..", are in the tables)
+        for m in sorted({r["method"] for r in rs if ":" not in r["method"]}, key=lambda m: (m not in STYLE, m)):
             pts = sorted([r for r in rs if r["method"] == m], key=lambda r: r["fraction"])
             if m == "dense":
                 ax.axhline(pts[0]["score"], color="black", ls="--", lw=1, label="dense")
                 continue
-            ax.plot([p["fraction"] for p in pts], [p["score"] for p in pts],
-                    marker="o", ms=4, lw=1.5 if ":" not in m else 0.8, ls="-" if ":" not in m else ":", label=m)
+            color, marker, ls = STYLE.get(m, (None, "o", "-"))
+            ax.plot([p["fraction"] for p in pts], [p["score"] for p in pts], color=color, marker=marker,
+                    ms=5, lw=1.6, ls=ls, label=m)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("fraction of dense attention data read")
         ax.set_ylabel(rs[0]["metric"])
