@@ -154,3 +154,18 @@ def format_row(row: dict) -> str:
     return (f"{row['model']:>12s} B={row['batch']:<3d} S={row['context']:<7d} {row['method']:<11s} "
             f"{row['ms_per_step']:8.2f} ms/step {row['tokens_per_s']:9.1f} tok/s  floor {row['floor_ms']:7.2f} ms "
             f"({100 * row['fraction_of_floor']:5.1f}%)  x{row['speedup_vs_dense']:.2f} vs dense")
+
+
+def format_table(result: dict) -> str:
+    """Markdown table of a bench_generate result (one row per batch, context, method)."""
+    lines = [f"{result['model']} on {result['device']}, torch {result['versions']['torch']}, "
+             f"read bandwidth {result['read_bandwidth_TBps']:.2f} TB/s, {result['new_tokens']} decode steps timed",
+             "| batch | context | method | ms/step | tokens/s | floor ms | of floor | vs dense | prefill s | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['batch']} | {r['context']} | {r['method']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['floor_ms']:.2f} | {100 * r['fraction_of_floor']:.0f}% | {r['speedup_vs_dense']:.2f}x | "
+                     f"{r['prefill_s']:.1f} | {r.get('peak_memory_GiB', float('nan')):.1f} |")
+    for s in result.get("skipped", []):
+        lines.append(f"| {s['batch']} | {s['context']} | skipped | {s['reason']} | | | | | | |")
+    return "\n".join(lines)

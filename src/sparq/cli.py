@@ -157,7 +157,10 @@ def bench_generate(
         raise typer.BadParameter("bench generate needs a CUDA device")
     from .bench_e2e import bench_generate as run
 
+    from .bench_e2e import format_table
+
     result = run(model, batches, contexts, new_tokens, comps, ragged=ragged, out_dir=out_dir)
+    console.print(format_table(result), soft_wrap=True)
     console.print(f"wrote {result.get('path')}")
 
 

@@ -49,11 +49,44 @@ class DecodeTimings:
         return 1e3 * self.decode_s / self.steps if self.steps else float("nan")
 
 
+def _eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Llama's RMSNorm, in fp32 then back to the input dtype, as transformers computes it."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def pre_attention(x: Tensor, cos: Tensor, sin: Tensor, *, norm_w: Tensor, eps: float, wq: Tensor, bq, wk: Tensor,
+                  bk, wv: Tensor, bv, qn_w, kn_w, qk_eps: float, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """x [B, L, hidden] -> q [B, Hq, L, d], k, v [B, Hkv, L, d]: norm, projections, (QK-norm), rotary."""
+    B, L, _ = x.shape
+    h = rms_norm(x, norm_w, eps)
+    q = F.linear(h, wq, bq).view(B, L, -1, head_dim)
+    k = F.linear(h, wk, bk).view(B, L, -1, head_dim)
+    v = F.linear(h, wv, bv).view(B, L, -1, head_dim).transpose(1, 2)
+    if qn_w is not None:  # Qwen3
+        q, k = rms_norm(q, qn_w, qk_eps), rms_norm(k, kn_w, qk_eps)
+    return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v
+
+
+def post_attention(x: Tensor, attn: Tensor, *, wo: Tensor, bo, norm_w: Tensor, eps: float, wg: Tensor,
+                   wu: Tensor, wd: Tensor, act) -> Tensor:
+    """Residual + output projection, then residual + gated MLP: down(act(gate(h)) * up(h))."""
+    x = x + F.linear(attn, wo, bo)
+    h = rms_norm(x, norm_w, eps)
+    return x + F.linear(act(F.linear(h, wg)) * F.linear(h, wu), wd)
+
+
 class FastDecoder:
     """Greedy batched decoding of a Llama-family model with `method` = "dense" or a SparQConfig."""
 
     def __init__(self, model: nn.Module, method: str | SparQConfig, *, batch: int, max_len: int,
-                 prefill_chunk: int = 4096, keep_key_t: bool | None = None) -> None:
+                 prefill_chunk: int = 4096, keep_key_t: bool | None = None, compile: bool | None = None) -> None:
         _check_method(method)
         if batch < 1 or max_len < 2:
             raise ValueError(f"batch must be >= 1 and max_len >= 2, got {batch}, {max_len}")
@@ -83,6 +116,11 @@ class FastDecoder:
         self.positions = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
         self._graph: torch.cuda.CUDAGraph | None = None
+        self.weights = [self._weights(layer) for layer in layers]
+        if compile is None:
+            compile = self.device.type == "cuda"
+        self._pre = torch.compile(pre_attention, fullgraph=True, dynamic=False) if compile else pre_attention
+        self._post = torch.compile(post_attention, fullgraph=True, dynamic=False) if compile else post_attention
 
     def use(self, method: str | SparQConfig) -> None:
         """Switch the decode method (same cache; the CUDA graph is captured again on next step)."""
@@ -106,23 +144,22 @@ class FastDecoder:
         self.tokens.copy_(next(it))
 
     # ---- the model, layer by layer -------------------------------------------------------------
+    # The math lives in pure functions of tensors (`pre_attention`, `post_attention`) so that on
+    # CUDA one torch.compile of each serves every layer (fusing norms, rotary and the MLP's
+    # elementwise work: a decode step is otherwise ~60 small kernels per layer).
 
-    def _qkv(self, layer: nn.Module, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """h [B, L, hidden] -> q [B, Hq, L, d], k, v [B, Hkv, L, d], rotary applied."""
-        attn = layer.self_attn
-        B, L, _ = h.shape
-        q = attn.q_proj(h).view(B, L, -1, self.head_dim)
-        k = attn.k_proj(h).view(B, L, -1, self.head_dim)
-        v = attn.v_proj(h).view(B, L, -1, self.head_dim).transpose(1, 2)
-        if hasattr(attn, "q_norm"):  # Qwen3
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        cos, sin = self.inner.rotary_emb(h, positions)
-        return _rope(q, cos, sin), _rope(k, cos, sin), v
-
-    def _mlp_block(self, layer: nn.Module, x: Tensor, attn_out: Tensor) -> Tensor:
-        x = x + layer.self_attn.o_proj(attn_out)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+    def _weights(self, layer: nn.Module) -> tuple[dict, dict]:
+        attn, mlp = layer.self_attn, layer.mlp
+        pre = dict(norm_w=layer.input_layernorm.weight, eps=_eps(layer.input_layernorm),
+                   wq=attn.q_proj.weight, bq=attn.q_proj.bias, wk=attn.k_proj.weight, bk=attn.k_proj.bias,
+                   wv=attn.v_proj.weight, bv=attn.v_proj.bias,
+                   qn_w=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
+                   kn_w=attn.k_norm.weight if hasattr(attn, "k_norm") else None,
+                   qk_eps=_eps(attn.q_norm) if hasattr(attn, "q_norm") else 0.0, head_dim=self.head_dim)
+        post = dict(wo=attn.o_proj.weight, bo=attn.o_proj.bias, norm_w=layer.post_attention_layernorm.weight,
+                    eps=_eps(layer.post_attention_layernorm), wg=mlp.gate_proj.weight, wu=mlp.up_proj.weight,
+                    wd=mlp.down_proj.weight, act=mlp.act_fn)
+        return pre, post
 
     def _logits(self, x: Tensor) -> Tensor:
         return self.model.lm_head(self.inner.norm(x))
@@ -144,17 +181,18 @@ class FastDecoder:
             ids = input_ids[:, start:end].to(self.device)
             pos = torch.arange(start, end, device=self.device).expand(B, -1)
             x = self.inner.embed_tokens(ids)
+            cos, sin = self.inner.rotary_emb(x, pos)
             # causal over the whole prefix: query i (absolute start+i) sees keys j <= start+i
             mask = torch.arange(end, device=self.device)[None, :] <= pos[0][:, None]
-            for layer, c in zip(self.layers, self.cache):
-                q, k, v = self._qkv(layer, layer.input_layernorm(x), pos)
+            for (pre, post), c in zip(self.weights, self.cache):
+                q, k, v = pre_attention(x, cos, sin, **pre)
                 c.key[:, :, start:end] = k
                 c.value[:, :, start:end] = v
                 if c.key_t is not None:
                     c.key_t[:, :, :, start:end] = k.transpose(-1, -2)
                 out = F.scaled_dot_product_attention(q, c.key[:, :, :end], c.value[:, :, :end], attn_mask=mask,
                                                      scale=self.scale, enable_gqa=True)
-                x = self._mlp_block(layer, x, out.transpose(1, 2).reshape(B, end - start, -1))
+                x = post_attention(x, out.transpose(1, 2).reshape(B, end - start, -1), **post)
             # keep the hidden state of each row's last real token
             inside = (lengths - 1 >= start) & (lengths - 1 < end)
             idx = (lengths - 1 - start).clamp(0, end - start - 1)
@@ -191,12 +229,12 @@ class FastDecoder:
     def _step(self) -> None:
         """Feed self.tokens at self.positions; leave the next greedy tokens in self.tokens."""
         x = self.inner.embed_tokens(self.tokens[:, None])  # [B, 1, hidden]
-        pos = self.positions[:, None]
-        for layer, c in zip(self.layers, self.cache):
-            q, k, v = self._qkv(layer, layer.input_layernorm(x), pos)
+        cos, sin = self.inner.rotary_emb(x, self.positions[:, None])  # once for all layers
+        for (pre, post), c in zip(self.weights, self.cache):
+            q, k, v = self._pre(x, cos, sin, **pre)
             c.append(k, v)
             out = self._attend(c, q[:, :, 0])
-            x = self._mlp_block(layer, x, out.reshape(self.batch, 1, -1))
+            x = self._post(x, out.reshape(self.batch, 1, -1), **post)
         self.tokens.copy_(self._logits(x)[:, 0].argmax(-1))
         self.positions.add_(1)
 
@@ -262,6 +300,11 @@ def _check_method(method) -> None:
 
 def _is_llama_like(layer: nn.Module) -> bool:
     attn = getattr(layer, "self_attn", None)
+    mlp = getattr(layer, "mlp", None)
+    if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return False
+    if mlp.gate_proj.bias is not None:
+        return False
     return (attn is not None and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
             and hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")
             and hasattr(layer, "mlp") and not hasattr(layer, "pre_feedforward_layernorm"))
