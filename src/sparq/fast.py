@@ -119,6 +119,12 @@ class FastDecoder:
         self.weights = [self._weights(layer) for layer in layers]
         if compile is None:
             compile = self.device.type == "cuda"
+        if compile:
+            # one compiled graph per (batch, model shape): allow more than dynamo's default 8
+            cfg_ = torch._dynamo.config
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(cfg_, name):
+                    setattr(cfg_, name, max(getattr(cfg_, name), 64))
         self._pre = torch.compile(pre_attention, fullgraph=True, dynamic=False) if compile else pre_attention
         self._post = torch.compile(post_attention, fullgraph=True, dynamic=False) if compile else post_attention
 
