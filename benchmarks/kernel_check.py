@@ -25,8 +25,10 @@ def profile(shapes):
     from sparq.kernel_cache import KernelCacheLayer
     from sparq.kernels.dispatch import _WORKSPACES, sparq_decode
 
-    for label, batch, hq, hkv, seq, d, dtype in shapes:
-        cfg = SparQConfig(r=d // 8, k=seq // 16, k_fraction=1 / 16, local_fraction=0.25)
+    for shape in shapes:
+        label, batch, hq, hkv, seq, d, dtype = shape[:7]
+        kd = shape[7] if len(shape) > 7 else 16
+        cfg = SparQConfig(r=d // 8, k=seq // kd, k_fraction=1 / kd, local_fraction=0.25)
         cache = KernelCacheLayer(batch, hkv, d, seq, dtype, "cuda")
         cache.key.normal_()
         cache.value.normal_()
@@ -44,7 +46,7 @@ def profile(shapes):
                 sparq_decode(q, cache.key, cache.value, cfg, cache.lengths, key_t=cache.key_t, value_sum=cache.value_sum)
             torch.cuda.synchronize()
         elt = torch.finfo(dtype).bits // 8
-        print(f"--- {label} B={batch} S={seq} {dtype}: floor bytes {sparq_bytes(batch, hkv, seq, d, elt, cfg) / 1e6:.1f} MB")
+        print(f"--- {label} B={batch} S={seq} k=S/{kd} {dtype}: floor bytes {sparq_bytes(batch, hkv, seq, d, elt, cfg) / 1e6:.1f} MB")
         evs = sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)))
         for e in evs[:14]:
             t = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
@@ -122,6 +124,9 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--shapes", default="all")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-long", action="store_true", help="skip the 131072-position shapes")
+    ap.add_argument("--legacy", action="store_true",
+                    help="also bench the long shapes with the old selection sizes (2048/4096 samples, CAP 4096)")
     args = ap.parse_args()
     out = os.environ.get("OUT", "benchmarks/results")
     os.makedirs(out, exist_ok=True)
@@ -131,7 +136,7 @@ def main():
         rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_kernels.py", "-p", "no:cacheprovider"],
                              env=dict(os.environ, PYTHONPATH="src"))
         print(f"tests rc={rc} in {time.time() - t:.0f}s", flush=True)
-    from sparq.bench import DEFAULT_SHAPES, bench_kernels
+    from sparq.bench import DEFAULT_SHAPES, LONG_SHAPES, bench_kernels
 
     shapes = DEFAULT_SHAPES
     if args.shapes == "quick":
@@ -139,7 +144,7 @@ def main():
     if args.profile:
         for i in (2, 4, 9):
             diag(DEFAULT_SHAPES[i])
-        profile([DEFAULT_SHAPES[i] for i in (2, 4, 9)])
+        profile([DEFAULT_SHAPES[i] for i in (2, 4, 9)] + ([] if args.no_long else LONG_SHAPES[1:]))
     if args.sweep:
         variants = [
             ("base", {}),
@@ -151,6 +156,16 @@ def main():
         sweep([DEFAULT_SHAPES[i] for i in (2, 4, 5, 9)], variants)
     if not args.no_bench:
         bench_kernels(shapes, out_dir=out)
+        if not args.no_long:
+            bench_kernels(LONG_SHAPES, out_dir=out, tag="-long")
+            if args.legacy:  # the selection sizes before the long-context fix, same code otherwise
+                from sparq.kernels import dispatch
+
+                base = dict(dispatch.TUNING)
+                dispatch.TUNING.update(samples=4096, select_cap=4096, select_tol=65535)
+                bench_kernels(LONG_SHAPES, out_dir=out, tag="-long-legacy")
+                dispatch.TUNING.clear()
+                dispatch.TUNING.update(base)
 
 
 if __name__ == "__main__":

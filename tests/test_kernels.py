@@ -147,6 +147,43 @@ def test_bracket_paths(monkeypatch, adversarial):
     compare(q, k, v, lengths, cfg, out, (ws.idx.cpu(), ws.counts[:, 0].cpu()))
 
 
+def test_selection_sizes_fit_the_bracket():
+    """Host-side sizing: the predicted bracket fits the resolve kernel's registers for long contexts
+    and large budgets (the in-memory path is for adversarial orders only); short contexts keep the
+    small, fast sample."""
+    from sparq.kernels import select
+
+    for seq, kf in ((4096, 1 / 16), (65536, 1 / 16), (131072, 1 / 16), (131072, 1 / 8), (131072, 1 / 4),
+                    (262144, 1 / 4), (1 << 20, 1 / 2)):
+        cfg = SparQConfig(r=16, k=64, k_fraction=kf, local_fraction=0.25)
+        ns, cap, tol = select.selection_sizes(seq, cfg)
+        worst = max(select.predicted_bracket(n, cfg, ns, tol) for n in range(1, seq + 1, max(1, seq // 97)))
+        assert worst <= 0.85 * cap or cap == 16384, (seq, kf, ns, cap, worst)
+    assert select.selection_sizes(65536, SparQConfig(r=16, k=64, k_fraction=1 / 16, local_fraction=0.25))[:2] == (2048, 4096)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("k_div", [8, 4])
+def test_long_context_large_budget_stays_in_registers(k_div):
+    """GQA 32/8 d=128 bf16 at 131072 positions with k = S/8 and S/4: matches the reference, and the
+    bracket held every candidate in the resolve kernel's registers (no in-memory fallback)."""
+    from sparq.kernels.dispatch import plan, sparq_decode
+
+    batch, hq, hkv, seq, d = 2, 32, 8, 131072, 128
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q = torch.randn(batch, hq, d, device="cuda", generator=gen).bfloat16()
+    k = torch.randn(batch, hkv, seq, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(batch, hkv, seq, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    lengths = torch.tensor([seq, 97001], device="cuda")
+    cfg = SparQConfig(r=d // 8, k=64, k_fraction=1 / k_div, local_fraction=0.25)
+    out = torch.full_like(q, float("nan"))
+    sparq_decode(q, k, v, cfg, lengths, out=out)
+    ws = plan(batch, hq, hkv, d, seq, cfg, q.device)
+    n_bracket = ws.counts[:, 1].cpu()
+    assert int(n_bracket.max()) <= ws.cap, (n_bracket.tolist(), ws.cap, ws.samples)
+    compare(q, k, v, lengths, cfg, out, (ws.idx.cpu(), ws.counts[:, 0].cpu()))
+
+
 def test_many_ties_keep_exactly_k():
     """Equal keys everywhere: every score ties, the kernels must still keep exactly k_b positions."""
     from sparq.kernels.dispatch import plan, sparq_decode

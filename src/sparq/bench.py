@@ -36,6 +36,15 @@ DEFAULT_SHAPES = [
     ("GQA", 16, 32, 8, 65536, 128, torch.bfloat16),
 ]
 
+# Long contexts with large budgets (Llama-3-8B attention shape at batch 1): the 8th entry is the
+# k divisor of that shape (k = S / k_div), overriding bench_kernels' k_div.
+LONG_SHAPES = [
+    ("GQA", 1, 32, 8, 131072, 128, torch.bfloat16, 16),
+    ("GQA", 1, 32, 8, 131072, 128, torch.bfloat16, 8),
+    ("GQA", 1, 32, 8, 131072, 128, torch.bfloat16, 4),
+    ("MHA", 1, 32, 32, 131072, 128, torch.float16, 4),
+]
+
 
 def _graphed(fn):
     """Capture fn() in a CUDA graph (after warm-up on a side stream); return replay."""
@@ -94,11 +103,11 @@ def sparq_bytes(batch, num_kv_heads, seq, head_dim, elt, cfg: SparQConfig) -> in
 
 def bench_kernels(shapes=None, *, r_div: int = 8, k_div: int = 16, local_fraction: float = 0.25,
                   reallocate: bool = True, out_dir: str | os.PathLike | None = "benchmarks/results",
-                  warmup_ms: int = 25, rep_ms: int = 200, print_table: bool = True) -> dict:
+                  warmup_ms: int = 25, rep_ms: int = 200, print_table: bool = True, tag: str = "") -> dict:
     """Benchmark the SparQ kernels against dense SDPA on the current CUDA device.
 
-    shapes: list of (label, B, Hq, Hkv, S, d, dtype) (default: DEFAULT_SHAPES); config per shape
-    r = d / r_div, k = S / k_div (k_fraction = 1/k_div), local window local_fraction * k.
+    shapes: list of (label, B, Hq, Hkv, S, d, dtype[, k_div]) (default: DEFAULT_SHAPES); config per
+    shape r = d / r_div, k = S / k_div (a shape's own k_div wins) (k_fraction = 1/k_div), local window local_fraction * k.
     Returns {"device", "versions", "read_bandwidth_TBps", "rows": [...], "path"}; writes the same
     dict as JSON to out_dir/kernels-<device>-<UTC time>.json unless out_dir is None.
     """
@@ -113,9 +122,11 @@ def bench_kernels(shapes=None, *, r_div: int = 8, k_div: int = 16, local_fractio
     shapes = DEFAULT_SHAPES if shapes is None else shapes
     bw = measure_read_bandwidth()
     rows = []
-    for label, batch, hq, hkv, seq, d, dtype in shapes:
-        cfg = SparQConfig(r=max(1, d // r_div), k=max(1, seq // k_div), local_window=0,
-                          reallocate=reallocate, k_fraction=1.0 / k_div, local_fraction=local_fraction)
+    for shape in shapes:
+        label, batch, hq, hkv, seq, d, dtype = shape[:7]
+        kd = shape[7] if len(shape) > 7 else k_div
+        cfg = SparQConfig(r=max(1, d // r_div), k=max(1, seq // kd), local_window=0,
+                          reallocate=reallocate, k_fraction=1.0 / kd, local_fraction=local_fraction)
         torch.manual_seed(0)
         cache = KernelCacheLayer(batch, hkv, d, seq, dtype, "cuda")
         # random contents written straight into the buffers (no second copy of K/V in memory)
@@ -145,7 +156,7 @@ def bench_kernels(shapes=None, *, r_div: int = 8, k_div: int = 16, local_fractio
         sparq_floor_us = need / bw * 1e6
         row = {
             "label": label, "B": batch, "Hq": hq, "Hkv": hkv, "S": seq, "d": d, "dtype": str(dtype).split(".")[-1],
-            "r": cfg.r, "k": cfg.k_for(seq), "local": cfg.local_for(seq), "reallocate": reallocate,
+            "r": cfg.r, "k_div": kd, "k": cfg.k_for(seq), "local": cfg.local_for(seq), "reallocate": reallocate,
             "sparq_us": sparq_ms * 1e3,
             "dense_us": {k_: v_ * 1e3 for k_, v_ in dense.items()},
             "best_dense": best_name,
@@ -173,13 +184,14 @@ def bench_kernels(shapes=None, *, r_div: int = 8, k_div: int = 16, local_fractio
         "timing": "triton.testing.do_bench median, L2 flushed before each run, CUDA-graph replays",
         "config": {"r": f"d/{r_div}", "k": f"S/{k_div}", "local_fraction": local_fraction, "reallocate": reallocate},
         "rows": rows,
+        "tag": tag,
     }
     if out_dir is not None:
         path = Path(out_dir)
         path.mkdir(parents=True, exist_ok=True)
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         dev = props.name.replace(" ", "_").replace("/", "_")
-        file = path / f"kernels-{dev}-{stamp}.json"
+        file = path / f"kernels-{dev}{tag}-{stamp}.json"
         file.write_text(json.dumps(result, indent=1))
         result["path"] = str(file)
     if print_table:
@@ -189,7 +201,7 @@ def bench_kernels(shapes=None, *, r_div: int = 8, k_div: int = 16, local_fractio
 
 def format_row(row) -> str:
     sp = f"{row['speedup']:.2f}x" if row["speedup"] else "n/a"
-    return (f"{row['label']:3s} B={row['B']:<3d} S={row['S']:<6d} {row['dtype']:8s} "
+    return (f"{row['label']:3s} B={row['B']:<3d} S={row['S']:<6d} k=S/{row.get('k_div', 16):<2d} {row['dtype']:8s} "
             f"sparq {row['sparq_us']:8.1f} us  dense({row['best_dense']}) {row['best_dense_us'] or float('nan'):8.1f} us  "
             f"speedup {sp:>6s}  floor {row['sparq_floor_us']:7.1f} us ({100 * row['fraction_of_floor']:.0f}%)")
 
@@ -197,11 +209,11 @@ def format_row(row) -> str:
 def format_table(result) -> str:
     lines = [f"device {result['device']}  torch {result['versions']['torch']}  triton {result['versions']['triton']}  "
              f"read bandwidth {result['read_bandwidth_TBps']:.2f} TB/s",
-             "| shape | B | S | dtype | SparQ us | best dense us (backend) | speed-up | SparQ floor us | of floor | SparQ TB/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | B | S | k | dtype | SparQ us | best dense us (backend) | speed-up | SparQ floor us | of floor | SparQ TB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(
-            f"| {r['label']} {r['Hq']}/{r['Hkv']} d={r['d']} | {r['B']} | {r['S']} | {r['dtype']} | {r['sparq_us']:.1f} | "
+            f"| {r['label']} {r['Hq']}/{r['Hkv']} d={r['d']} | {r['B']} | {r['S']} | S/{r.get('k_div', 16)} | {r['dtype']} | {r['sparq_us']:.1f} | "
             f"{r['best_dense_us']:.1f} ({r['best_dense']}) | {r['speedup']:.2f}x | {r['sparq_floor_us']:.1f} | "
             f"{100 * r['fraction_of_floor']:.0f}% | {r['sparq_read_TBps']:.2f} |")
     return "\n".join(lines)

@@ -67,6 +67,8 @@ class Workspace:
     fac: torch.Tensor      # [BH, g] fp32
     prep_in_torch: bool
     samples: int
+    cap: int               # resolve kernel's register capacity (bracket candidates)
+    sample_tol: int        # order-key tolerance of the sample bisection
     state: torch.Tensor    # [BH, 2] int64: (U_hi, U_lo)
     cand: torch.Tensor     # [BH, S] int32
     idx: torch.Tensor      # [BH, k_max] int32
@@ -82,12 +84,13 @@ _WORKSPACES: dict = {}
 TUNING = dict(blocks_per_sm=4, score_block=None, score_warps=4, score_stages=None,
               gather_block=None, gather_warps=4, gather_blocks_per_sm=32, emit_block=1024,
               emit_warps=4, score_dot=True, select_warps=None, samples=None, emit_blocks_per_sm=16,
-              score_blocks_per_sm=32)
+              score_blocks_per_sm=32, select_cap=None, select_tol=None)
 
 
 def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: int,
          config, device: torch.device) -> Workspace:
-    key = (device, batch, num_q_heads, num_kv_heads, head_dim, s_cap, config, tuple(sorted(TUNING.items())))
+    key = (device, batch, num_q_heads, num_kv_heads, head_dim, s_cap, config, tuple(sorted(TUNING.items())),
+           _select.SAMPLES, _select.CAP)
     ws = _WORKSPACES.get(key)
     if ws is not None:
         return ws
@@ -119,6 +122,12 @@ def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: 
     chunk2 = triton.cdiv(n_blocks2, want2) * block_n
     n_split2 = triton.cdiv(k_max, chunk2)
 
+    # selection sizes from the budgets: the sample bracket must fit the resolve kernel's registers
+    samples, cap, sample_tol = _select.selection_sizes(s_cap, config)
+    samples = TUNING["samples"] or samples
+    cap = TUNING["select_cap"] or cap
+    sample_tol = TUNING["select_tol"] if TUNING["select_tol"] is not None else sample_tol
+
     f32 = dict(dtype=torch.float32, device=device)
     i32 = dict(dtype=torch.int32, device=device)
     logits = torch.empty(bh, g, s_cap, **f32)
@@ -134,9 +143,7 @@ def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: 
         fracs=torch.tensor([config.k_fraction, config.local_fraction], dtype=torch.float64, device=device),
         dims=torch.empty(bh, head_dim, **i32), q_sel=torch.empty(bh, g, head_dim, **f32),
         fac=torch.empty(bh, g, **f32), prep_in_torch=bool(TUNING.get("prep_in_torch", False)),
-        # sample size: 2048 keeps the bracket (~4.6% of the candidates) within the resolve
-        # kernel's registers (CAP) up to ~88k positions; longer sequences sample 4096
-        samples=TUNING["samples"] or (2048 if s_cap <= 65536 else _select.SAMPLES),
+        samples=samples, cap=cap, sample_tol=sample_tol,
         state=torch.empty(bh, 2, dtype=torch.int64, device=device), cand=torch.empty(bh, s_cap, **i32),
         idx=torch.empty(bh, k_max, **i32),
         part_m=torch.empty(rows, n_split2, **f32), part_l=torch.empty(rows, n_split2, **f32),
@@ -209,11 +216,13 @@ def sparq_decode(
     g_pad = triton.next_power_of_2(g)
     # measured on H100: 16 warps help the g > 1 selection (key gathers), 8 suit g = 1
     sel_warps = 4 if interpreting() else (TUNING["select_warps"] or (16 if g > 1 else 8))
+    # the sample's keys live in registers: keep <= 32 of them per thread
+    sample_warps = sel_warps if interpreting() else max(sel_warps, min(32, ws.samples // 512))
     _sample_kernel[(bh, 2)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.split_m, ws.split_l, ws.n_split1,
         num_kv_heads, s_cap,
-        G=g, G_PAD=g_pad, NS=ws.samples, NS1_PAD=triton.next_power_of_2(ws.n_split1),
-        num_warps=sel_warps,
+        G=g, G_PAD=g_pad, NS=ws.samples, NS1_PAD=triton.next_power_of_2(ws.n_split1), TOL=ws.sample_tol,
+        num_warps=sample_warps,
     )
     _emit_kernel[(bh, ws.n_split_e)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.counts.view(torch.int64), ws.idx, ws.cand,
@@ -222,8 +231,9 @@ def sparq_decode(
     )
     _resolve_kernel[(bh,)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.counts, ws.idx, ws.cand,
-        num_kv_heads, s_cap, ws.k_max, G=g, G_PAD=g_pad, CAP=_select.CAP,
-        BLOCK=64 if interpreting() else 1024, num_warps=sel_warps,
+        num_kv_heads, s_cap, ws.k_max, G=g, G_PAD=g_pad, CAP=ws.cap,
+        BLOCK=64 if interpreting() else 1024,
+        num_warps=sel_warps if interpreting() else max(sel_warps, min(32, ws.cap // 512)),
     )
 
     # step 2b + 3

@@ -26,13 +26,62 @@ Only positions < length are read; the kept positions are appended in no particul
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-SAMPLES = 4096   # sample size per KV head
-CAP = 4096       # candidates held in registers by the resolve kernel
+SAMPLES = None   # test override of the sample size per KV head (None: selection_sizes decides)
+CAP = None       # test override of the resolve kernel's register capacity (candidates)
 KEY_SPAN = tl.constexpr(4294967296)  # 2^32: above every key
+
+# (samples, order-key tolerance of the sample bisection) tried in turn; the first whose predicted
+# bracket fits the resolve kernel's registers wins. A tolerance of 65535 order-key steps (~2^-7
+# relative) saves 8 bisection rounds but widens the bracket by ~0.6% of the candidates.
+_SAMPLE_PLANS = ((2048, 65535), (4096, 255), (8192, 255), (16384, 255))
+_BASE_CAP = 4096
+_MAX_CAP = 16384
+
+
+def predicted_bracket(length: int, config, samples: int, tol: int) -> float:
+    """Expected number of bracket candidates for a sequence of `length` valid positions: the
+    sample ranks between U_hi and U_lo (2 * margin + 3, see _sample_kernel) scaled to the
+    candidate count, plus the widening from the bisection tolerance."""
+    k = config.k_for(length)
+    lb = config.local_for(length)
+    n_cand, need = length - lb, k - lb
+    if k >= length or need <= 0:
+        return 0.0
+    ns = min(n_cand, samples)
+    if ns == n_cand:
+        return 1.0  # exact bracket: only ties at the threshold
+    t = need * ns / n_cand
+    margin = 4.0 * math.sqrt(max(t * (1.0 - t / ns), 0.0)) + 2.0
+    return n_cand * ((2.0 * margin + 3.0) / ns + (0.006 if tol > 4095 else 0.0))
+
+
+def selection_sizes(s_cap: int, config) -> tuple[int, int, int]:
+    """(samples, resolve capacity CAP, sample bisection tolerance) for caches of s_cap positions.
+
+    The bracket must fit the resolve kernel's registers (CAP candidates) for every length up to
+    s_cap, else the resolve kernel falls back to 33 passes over the candidates in memory (one block
+    per KV head: ~1 ms at 131072 positions). The bracket shrinks as 1/sqrt(samples), so the sample
+    grows first (cheap: one strided read); CAP grows only past 16384 samples.
+    """
+    lengths = sorted({max(1, s_cap >> i) for i in range(8)})
+    def worst(ns, tol):
+        return max(predicted_bracket(n, config, ns, tol) for n in lengths)
+    if SAMPLES is not None or CAP is not None:  # tests: force small sizes
+        return SAMPLES or 2048, CAP or _BASE_CAP, 65535
+    for ns, tol in _SAMPLE_PLANS:
+        if worst(ns, tol) <= 0.8 * _BASE_CAP:
+            return ns, _BASE_CAP, tol
+    ns, tol = _SAMPLE_PLANS[-1]
+    cap = _BASE_CAP
+    while cap < _MAX_CAP and worst(ns, tol) > 0.8 * cap:
+        cap *= 2
+    return ns, cap, tol
 
 
 def budgets(config, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +162,7 @@ def _kth_largest(u, ok, j, lo, hi, tol):
 def _sample_kernel(
     logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, split_m_ptr, split_l_ptr, n_split,
     num_kv_heads, s_cap,
-    G: tl.constexpr, G_PAD: tl.constexpr, NS: tl.constexpr, NS1_PAD: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, NS: tl.constexpr, NS1_PAD: tl.constexpr, TOL: tl.constexpr,
 ):
     """log-normalisers of s_hat from step 1's split statistics, then the bracket [U_lo, U_hi] of
     the need-th largest key from a stratified sample.
@@ -155,7 +204,7 @@ def _sample_kernel(
         r_lo = tl.ceil(t + margin).to(tl.int32) - 1
         # Inexact order statistics are enough: v_hi is rounded up and v_lo down, which can only
         # widen the bracket. The exact case (whole candidate set sampled) bisects to the end.
-        tol = tl.where(ns == n_cand, 0, 65535).to(tl.int64)
+        tol = tl.where(ns == n_cand, 0, TOL).to(tl.int64)
         zero = tl.min(tl.where(ok, u, 0), 0) * 0
         rank = tl.where(which == 0, tl.maximum(r_hi, 0), tl.minimum(r_lo, ns - 1))
         v_lo, v_hi = _kth_largest(u, ok, rank, zero, zero + 4294967295, tol)
