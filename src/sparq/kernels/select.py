@@ -66,8 +66,10 @@ def selection_sizes(s_cap: int, config) -> tuple[int, int, int]:
 
     The bracket must fit the resolve kernel's registers (CAP candidates) for every length up to
     s_cap, else the resolve kernel falls back to 33 passes over the candidates in memory (one block
-    per KV head: ~1 ms at 131072 positions). The bracket shrinks as 1/sqrt(samples), so the sample
-    grows first (cheap: one strided read); CAP grows only past 16384 samples.
+    per KV head; H100, GQA B=1 S=131072: 551 / 702 us per step at k = S/8 / S/4 with the old fixed
+    4096 samples, 291 / 362 us with these sizes). The bracket shrinks as 1/sqrt(samples), so the
+    sample grows first; CAP grows only past 16384 samples. A larger sample is not free: at k = S/16
+    this picks 8192 samples where 4096 happened to fit (179 vs 146 us): see KERNEL_NOTES.md v8.
     """
     lengths = sorted({max(1, s_cap >> i) for i in range(8)})
     def worst(ns, tol):
