@@ -101,7 +101,7 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
             snap = dec.snapshot()
             kv_read_dense = kv_dense * int(lengths.sum())
             methods = [("dense", "dense", 1.0)] + [
-                (f"sparq 1/{c}", SparQConfig.from_compression(c, head_dim=head_dim), None) for c in compressions]
+                (f"sparq 1/{c}", SparQConfig.from_compression(c, head_dim=head_dim, reallocate=True), None) for c in compressions]
             dense_ms = None
             for label, method, frac in methods:
                 dec.restore(snap)

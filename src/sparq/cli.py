@@ -31,7 +31,8 @@ def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt text.")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from this file.")] = None,
     model: ModelOpt = "smollm2",
-    method: Annotated[str, typer.Option(help="dense or sparq.")] = "sparq",
+    method: Annotated[str, typer.Option(help="dense, sparq (the paper's), or any method spec of `sparq eval`, "
+                                               "e.g. sparq-sketch:local=0, h2o, quest.")] = "sparq",
     compression: Annotated[float, typer.Option(help="Target fraction 1/N of dense attention data.")] = 8.0,
     r: Annotated[Optional[int], typer.Option(help="Key dimensions read in step 1 (overrides --compression).")] = None,
     k: Annotated[Optional[int], typer.Option(help="Positions kept in step 2 (overrides --compression).")] = None,
@@ -205,6 +206,15 @@ def _kernel_status() -> str:
     if kernels.interpreting():
         return "Triton interpreter on the CPU (TRITON_INTERPRET=1; for tests, slow)"
     return "unavailable: no CUDA device (PyTorch reference in use)"
+
+
+def _register_eval() -> None:
+    from .eval.command import eval_command
+
+    app.command("eval", help="Accuracy vs data read: dense, SparQ and rival methods on offline tasks.")(eval_command)
+
+
+_register_eval()
 
 
 def main() -> None:

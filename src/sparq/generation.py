@@ -54,11 +54,16 @@ def make_method(
     local_window: int | None = None,
     reallocate: bool = True,
 ) -> DecodeMethod:
-    """'dense' or 'sparq' (from a compression target, with explicit r/k/local_window overriding it)."""
+    """'dense', 'sparq' (from a compression target, explicit r/k/local_window overriding it), or
+    any spec of the method registry (e.g. 'sparq-sketch:local=0') at 1/compression of dense data."""
     if method == "dense":
         return Dense()
     if method != "sparq":
-        raise ValueError(f"method must be 'dense' or 'sparq', got {method!r}")
+        from .methods.registry import build_method
+
+        if not compression >= 1:
+            raise ValueError(f"compression must be >= 1, got {compression}")
+        return build_method(method, 1.0 / compression, head_dim)
     base = SparQConfig.from_compression(compression, head_dim=head_dim, reallocate=reallocate)
     if r is None and k is None and local_window is None:
         return SparQ(base)
