@@ -62,18 +62,16 @@ class SparQCache(DynamicCache):
         self.keep_key_t = keep_key_t
         self.sparq_layers: dict[int, SparQLayerState] = {}
 
-    def sparq_state(self, layer_idx: int, key: Tensor, value: Tensor, valid: Tensor) -> SparQLayerState:
+    def sparq_state(self, layer_idx: int, key: Tensor, value: Tensor, valid: Tensor,
+                    rebuild: bool = False) -> SparQLayerState:
         """The layer's state, lined up with `key`/`value` (the whole cache after this step's update)."""
         s = self.sparq_layers.get(layer_idx)
-        seq_len = key.shape[2]
-        if (
-            s is not None
-            and s.length == seq_len - 1
-            and s.valid.shape[0] == key.shape[0]
-            and torch.equal(s.valid, valid[:, :-1])
-        ):
+        # Every operation that rewrites K/V (crop, reorder, reset, batch edits) drops the state
+        # and a prefill rebuilds it, so lining up by length and batch is enough: no per-step
+        # comparison of masks (that would be a host sync per layer and step on CUDA).
+        if not rebuild and s is not None and s.length == key.shape[2] - 1 and s.valid.shape[0] == key.shape[0]:
             extend_state(s, key, value, valid[:, -1])
-        elif s is None or s.length != seq_len or not torch.equal(s.valid, valid):
+        else:
             s = build_state(key, value, valid, self.keep_key_t)
             self.sparq_layers[layer_idx] = s
         return s

@@ -81,7 +81,7 @@ def sparq_attention_forward(
         if isinstance(cache, SparQCache):
             # Valid positions for the prefill's last token = the real (non-padding) tokens.
             valid = _valid_positions(attention_mask, batch, seq_len, key.device)
-            s = cache.sparq_state(module.layer_idx, key, value, valid)
+            s = cache.sparq_state(module.layer_idx, key, value, valid, rebuild=True)
             method.observe_prefill(query, key, value, valid, scale, s.state)
         return out
 
