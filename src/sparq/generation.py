@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import hf
 from .config import SparQConfig
@@ -110,28 +110,39 @@ def generate(
     streamer: Any = None,
     do_sample: bool = False,
 ) -> GenerationResult:
-    """Greedy (or sampled) generation with `method` on decode steps; prefill timed separately."""
+    """Greedy (or sampled) generation with `method` on decode steps; prefill and decode timed apart."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     metered = Metered(method)
-    common = dict(attention_mask=enc.attention_mask, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id)
+    clock = _StepClock()  # called after each forward: the first call ends the prefill
     with hf.enabled(model, metered), torch.inference_mode():
-        t0 = time.perf_counter()
-        model.generate(enc.input_ids, max_new_tokens=1, **common)  # prefill (+1 token) alone, for timing
-        t1 = time.perf_counter()
-        out = model.generate(enc.input_ids, max_new_tokens=max_new_tokens, streamer=streamer, **common)
-        t2 = time.perf_counter()
-    prefill = t1 - t0
+        clock.start = time.perf_counter()
+        out = model.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=max_new_tokens,
+                             do_sample=do_sample, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+                             logits_processor=LogitsProcessorList([clock]))
     new = out.shape[1] - enc.input_ids.shape[1]
     texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     return GenerationResult(
         texts=texts,
         new_tokens=new,
         prompt_tokens=enc.attention_mask.sum(-1).tolist(),
-        prefill_s=prefill,
-        decode_s=max(t2 - t1 - prefill, 1e-9),
+        prefill_s=clock.times[0] - clock.start,
+        decode_s=max(clock.times[-1] - clock.times[0], 1e-9),
         fraction_read=metered.fraction_read,
     )
 
+
+class _StepClock(LogitsProcessor):
+    """Records when each step's logits are ready (prefill, then one decode step per token)."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if scores.is_cuda:
+            torch.cuda.synchronize(scores.device)
+        self.times.append(time.perf_counter())
+        return scores
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
