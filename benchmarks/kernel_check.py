@@ -20,21 +20,15 @@ def profile(shapes):
     """Device time per kernel of one eager SparQ step (torch.profiler), for the given shapes."""
     from torch.profiler import ProfilerActivity, profile as tprofile
 
-    from sparq.bench import sparq_bytes
+    from sparq.bench import random_cache, sparq_bytes
     from sparq.config import SparQConfig
-    from sparq.kernel_cache import KernelCacheLayer
     from sparq.kernels.dispatch import _WORKSPACES, sparq_decode
 
     for shape in shapes:
         label, batch, hq, hkv, seq, d, dtype = shape[:7]
         kd = shape[7] if len(shape) > 7 else 16
         cfg = SparQConfig(r=d // 8, k=seq // kd, k_fraction=1 / kd, local_fraction=0.25)
-        cache = KernelCacheLayer(batch, hkv, d, seq, dtype, "cuda")
-        cache.key.normal_()
-        cache.value.normal_()
-        cache.key_t.copy_(cache.key.transpose(-1, -2))
-        cache.lengths.fill_(seq)
-        q = torch.randn(batch, hq, d, device="cuda", dtype=dtype)
+        cache, q = random_cache(batch, hq, hkv, seq, d, dtype)
         flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
         for _ in range(3):
             sparq_decode(q, cache.key, cache.value, cfg, cache.lengths, key_t=cache.key_t, value_sum=cache.value_sum)
@@ -59,17 +53,11 @@ def profile(shapes):
 
 
 def _setup(label, batch, hq, hkv, seq, d, dtype):
+    from sparq.bench import random_cache
     from sparq.config import SparQConfig
-    from sparq.kernel_cache import KernelCacheLayer
 
     cfg = SparQConfig(r=d // 8, k=seq // 16, k_fraction=1 / 16, local_fraction=0.25)
-    cache = KernelCacheLayer(batch, hkv, d, seq, dtype, "cuda")
-    cache.key.normal_()
-    cache.value.normal_()
-    cache.key_t.copy_(cache.key.transpose(-1, -2))
-    cache.value_sum.copy_(cache.value.float().sum(2))
-    cache.lengths.fill_(seq)
-    q = torch.randn(batch, hq, d, device="cuda", dtype=dtype)
+    cache, q = random_cache(batch, hq, hkv, seq, d, dtype)
     return cfg, cache, q
 
 

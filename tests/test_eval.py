@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from sparq.eval import report, tasks
 from sparq.eval.runner import _left_pad, decode, evaluate, load_records, prefill
 from sparq.eval.tasks import Item, TaskSizes
-from sparq.methods import Dense, build_method
+from sparq.methods import Dense
 
 TEXT = " ".join(
     f"Sentence number {i} talks about the {w} and the {v} in plain words." for i, (w, v) in

@@ -10,7 +10,7 @@ import torch
 
 from sparq import reference
 from sparq.methods import (
-    H2O, METHODS, DecodeInputs, Quest, SparQSketch, Streaming, TopK, build_method, parse_spec,
+    H2O, METHODS, DecodeInputs, SparQSketch, Streaming, TopK, build_method, parse_spec,
 )
 from sparq.methods.h2o import PREFILL_KEY, prefill_scores
 from sparq.methods.quest import page_bounds

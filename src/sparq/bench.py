@@ -101,6 +101,20 @@ def sparq_bytes(batch, num_kv_heads, seq, head_dim, elt, cfg: SparQConfig) -> in
     return batch * num_kv_heads * per_head
 
 
+def random_cache(batch: int, hq: int, hkv: int, seq: int, d: int, dtype: torch.dtype):
+    """A full `KernelCacheLayer` of random K/V (written straight into the buffers, no second copy
+    in memory) and a random query [B, Hq, d], on the current CUDA device."""
+    from .kernel_cache import KernelCacheLayer
+
+    cache = KernelCacheLayer(batch, hkv, d, seq, dtype, "cuda")
+    cache.key.normal_()
+    cache.value.normal_()
+    cache.key_t.copy_(cache.key.transpose(-1, -2))
+    cache.value_sum.copy_(cache.value.float().sum(2))
+    cache.lengths.fill_(seq)
+    return cache, torch.randn(batch, hq, d, device="cuda", dtype=dtype)
+
+
 def bench_kernels(shapes=None, *, r_div: int = 8, k_div: int = 16, local_fraction: float = 0.25,
                   reallocate: bool = True, out_dir: str | os.PathLike | None = "benchmarks/results",
                   warmup_ms: int = 25, rep_ms: int = 200, print_table: bool = True, tag: str = "") -> dict:
@@ -114,7 +128,6 @@ def bench_kernels(shapes=None, *, r_div: int = 8, k_div: int = 16, local_fractio
     import triton
     from triton.testing import do_bench
 
-    from .kernel_cache import KernelCacheLayer
     from .kernels.dispatch import _WORKSPACES, sparq_decode
 
     if not torch.cuda.is_available():
@@ -128,14 +141,7 @@ def bench_kernels(shapes=None, *, r_div: int = 8, k_div: int = 16, local_fractio
         cfg = SparQConfig(r=max(1, d // r_div), k=max(1, seq // kd), local_window=0,
                           reallocate=reallocate, k_fraction=1.0 / kd, local_fraction=local_fraction)
         torch.manual_seed(0)
-        cache = KernelCacheLayer(batch, hkv, d, seq, dtype, "cuda")
-        # random contents written straight into the buffers (no second copy of K/V in memory)
-        cache.key.normal_()
-        cache.value.normal_()
-        cache.key_t.copy_(cache.key.transpose(-1, -2))
-        cache.value_sum.copy_(cache.value.float().sum(2))
-        cache.lengths.fill_(seq)
-        q = torch.randn(batch, hq, d, device="cuda", dtype=dtype)
+        cache, q = random_cache(batch, hq, hkv, seq, d, dtype)
         out = torch.empty_like(q)
 
         def sparq_step():

@@ -16,7 +16,6 @@ Supported: Llama, Mistral (full attention), Qwen2, Qwen3 (QK-norm) and SmolLM2 s
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 

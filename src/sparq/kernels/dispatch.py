@@ -97,7 +97,6 @@ def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: 
     bh = batch * num_kv_heads
     g = num_q_heads // num_kv_heads
     interp = interpreting()
-    target = TUNING["blocks_per_sm"] * _sm_count(device)  # keep every SM busy, several blocks in flight
     # step 1 / selection geometry: split the sequence so that ~target blocks exist
     block_s = 64 if interp else (TUNING["score_block"] or 512)
     n_blocks = triton.cdiv(s_cap, block_s)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import NEG_INF, attend_kept, grouped, lengths_of, ranks, rows_for, topk_mask
+from ._common import NEG_INF, grouped, lengths_of, ranks, rows_for
 from .base import DecodeInputs, DecodeMethod
 
 PREFILL_KEY = "h2o_prefill_scores"  # [B, Hkv, S] accumulated over the prefill, shared by budgets
