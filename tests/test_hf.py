@@ -183,3 +183,17 @@ def test_enable_rejects_bad_arguments():
     with pytest.raises(TypeError, match="PreTrainedModel"):
         sparq.enable(torch.nn.Linear(2, 2), SparQConfig(r=1, k=1))
     assert isinstance(SparQ(SparQConfig(r=1, k=1)), DecodeMethod)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_batch_equals_alone_fresh_seed(arch):
+    """Fresh prompts and odd budgets (tiny models often generate the zero-embedding pad token,
+    whose zero query ties every score: the selection must not depend on where padding sits)."""
+    seed = torch.seed() % 2**31
+    model = tiny(arch)
+    ids, mask, lengths = prompts(batch=4, longest=37, seed=seed)
+    with sparq.enabled(model, SparQConfig(r=3, k=7, local_window=2)):
+        batched = greedy(model, ids, mask, n=6)
+        for i, n in enumerate(lengths):
+            alone = greedy(model, ids[i:i + 1, -n:], mask[i:i + 1, -n:], n=6)
+            assert torch.equal(batched[i], alone[0]), (arch, i, f"seed {seed}")

@@ -146,3 +146,18 @@ def test_zero_query_is_handled():
     q[0, 0] = 0
     out = sparq_attention(q, K, V, SparQConfig(r=2, k=3), lengths)
     assert torch.isfinite(out).all()
+
+
+def test_ties_do_not_depend_on_padding():
+    """A zero query makes every score equal: left padding must not change what is selected."""
+    q, K, V, _ = _inputs(torch.seed() % 2**31, 1, 2, 2, 20, 8, torch.float32)
+    q[:, :2] = 0  # the first KV head's group: all scores tie
+    config = SparQConfig(r=3, k=7, local_window=2)
+    alone = sparq_attention(q, K, V, config)
+    pad = torch.randn(1, 2, 9, 8)
+    Kp, Vp = torch.cat([pad, K], 2), torch.cat([pad, V], 2)
+    from sparq.reference import sparq_reference
+
+    valid = torch.arange(29)[None] >= 9
+    torch.testing.assert_close(sparq_reference(q, Kp, Vp, config, valid, 8**-0.5), alone)
+    torch.testing.assert_close(alone.double(), sparq_loop(q, K, V, config, torch.tensor([20])), atol=1e-5, rtol=1e-5)

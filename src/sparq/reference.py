@@ -37,7 +37,8 @@ def select_dims(query_groups: Tensor, r: int) -> Tensor:
     weight = query_groups.abs().sum(dim=2)  # [B, Hkv, d]
     if r >= head_dim:
         return torch.arange(head_dim, device=weight.device).expand(weight.shape)
-    return weight.topk(r, dim=-1).indices
+    # a stable sort: ties go to the lower dimension, so the choice is fully defined
+    return weight.sort(dim=-1, descending=True, stable=True).indices[..., :r]
 
 
 def approx_scores(
@@ -84,7 +85,8 @@ def select_topk(scores: Tensor, valid: Tensor, k: Tensor, local: Tensor) -> Tens
 
     scores [B, Hkv, S] (s_hat summed over each KV head's query heads); valid [B, S];
     k, local [B]. Keeps the last `local` valid positions plus the `k - local` other valid
-    positions with the highest scores; every valid position when k >= the valid count.
+    positions with the highest scores (ties to the earlier position); every valid position
+    when k >= the valid count.
     """
     lengths = valid.sum(-1)
     # Valid positions at or after each position: 1 for the newest token, `length` for the oldest.
@@ -97,7 +99,10 @@ def select_topk(scores: Tensor, valid: Tensor, k: Tensor, local: Tensor) -> Tens
     max_top = int(n_top.max()) if n_top.numel() else 0
     top = torch.zeros_like(candidates, dtype=torch.bool)
     if max_top > 0:
-        idx = candidates.topk(max_top, dim=-1).indices  # [B, Hkv, max_top]
+        # A stable sort, so that ties (a zero query makes every score equal) go to the earlier
+        # position: the choice then depends only on the order of the valid positions, not on
+        # where padding put them, and a left-padded row selects what it would alone.
+        idx = candidates.sort(dim=-1, descending=True, stable=True).indices[..., :max_top]  # [B, Hkv, max_top]
         rank_ok = torch.arange(max_top, device=scores.device) < n_top[:, None, None]
         top.scatter_(-1, idx, rank_ok.expand_as(idx))
     keep = is_local[:, None, :] | top
