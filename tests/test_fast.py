@@ -101,3 +101,40 @@ def test_fast_decoder_fresh_random_prompts(arch):
     aligned, lengths = left_aligned(ids, mask)
     got, _ = FastDecoder(model, cfg, batch=4, max_len=53, prefill_chunk=11).generate(aligned, lengths, 6)
     assert torch.equal(got, expected), f"seed {seed}"
+
+
+def test_autotune_keeps_the_state_and_picks_a_candidate():
+    model = tiny("llama")
+    ids, mask, _ = prompts()
+    aligned, lengths = left_aligned(ids, mask)
+    cfg = SparQConfig(r=4, k=6, local_window=2)
+    expected = {}
+    for method in ("dense", cfg):
+        expected[method], _ = FastDecoder(model, method, batch=3, max_len=64).generate(aligned, lengths, 6)
+    dec = FastDecoder(model, cfg, batch=3, max_len=64)
+    first = dec.prefill(aligned, lengths).clone()
+    before = dec.snapshot()
+    times = dec.autotune(steps=2)
+    assert set(times) == {"dense", cfg} and all(t > 0 for t in times.values())
+    assert dec.method == min(times, key=times.get)
+    assert all(torch.equal(a, b) for a, b in zip(before, dec.snapshot()))  # timing steps undone
+    rest, _ = dec.decode(5)
+    assert torch.equal(torch.cat([first[:, None], rest], 1), expected[dec.method])
+
+
+def test_fused_projection_weights_leave_the_model_unchanged():
+    model = tiny("qwen2")  # q/k/v biases
+    ids, mask, _ = prompts()
+    before = greedy(model, ids, mask, n=6)
+    n_params = sum(p.numel() for p in model.parameters())
+    dec = FastDecoder(model, "dense", batch=3, max_len=64)
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert torch.equal(greedy(model, ids, mask, n=6), before)
+    FastDecoder(model, "dense", batch=3, max_len=64)  # a second decoder reuses the adjacent weights
+    unfused = FastDecoder(model, "dense", batch=3, max_len=64, fuse_weights=False)
+    aligned, lengths = left_aligned(ids, mask)
+    a, _ = dec.generate(aligned, lengths, 6)
+    b, _ = unfused.generate(aligned, lengths, 6)
+    assert torch.equal(a, b)

@@ -53,7 +53,7 @@ def weight_bytes_per_step(model) -> int:
 
 
 def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 32768), new_tokens: int = 64,
-                   compressions=(4, 8, 16), *, ragged: bool = False, out_dir: str | os.PathLike | None =
+                   compressions=(4, 8, 16), *, auto: int | None = 8, ragged: bool = False, out_dir: str | os.PathLike | None =
                    "benchmarks/results", print_rows: bool = True) -> dict:
     """Run the grid; returns {"device", "versions", "rows", ...} and writes it as JSON under out_dir."""
     import triton
@@ -102,11 +102,19 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
             kv_read_dense = kv_dense * int(lengths.sum())
             methods = [("dense", "dense", 1.0)] + [
                 (f"sparq 1/{c}", SparQConfig.from_compression(c, head_dim=head_dim, reallocate=True), None) for c in compressions]
+            if auto:  # the policy: dense or SparQ at 1/auto, whichever autotune measures faster
+                methods.append((f"auto 1/{auto}", SparQConfig.from_compression(auto, head_dim=head_dim,
+                                                                               reallocate=True), "auto"))
             dense_ms = None
             for label, method, frac in methods:
                 dec.restore(snap)
-                dec.use(method)
-                dec.decode(2)  # capture the graph, warm up
+                if frac == "auto":
+                    dec.autotune(["dense", method])
+                    method, frac = dec.method, (1.0 if dec.method == "dense" else None)
+                    label += " -> " + ("dense" if method == "dense" else "sparq")
+                else:
+                    dec.use(method)
+                    dec.decode(2)  # capture the graph, warm up
                 dec.restore(snap)
                 _, secs = dec.decode(new_tokens)
                 ms = secs / new_tokens * 1e3

@@ -147,6 +147,8 @@ def bench_generate(
     new_tokens: Annotated[int, typer.Option(min=2, help="Decode steps timed per method.")] = 64,
     compressions: Annotated[str, typer.Option(help="SparQ budgets 1/N, comma-separated N.")] = "4,8,16",
     ragged: Annotated[bool, typer.Option(help="Spread prompt lengths from context/2 to context.")] = False,
+    auto: Annotated[int, typer.Option(min=0, help="Also run the autotune policy (dense or SparQ 1/N, whichever "
+                                                  "is measured faster); 0 = off.")] = 8,
     out_dir: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("benchmarks/results"),
 ) -> None:
     """Decode tokens/s of dense vs SparQ in one static-cache CUDA-graph loop, with floors and memory (CUDA)."""
@@ -160,7 +162,7 @@ def bench_generate(
 
     from .bench_e2e import format_table
 
-    result = run(model, batches, contexts, new_tokens, comps, ragged=ragged, out_dir=out_dir)
+    result = run(model, batches, contexts, new_tokens, comps, auto=auto or None, ragged=ragged, out_dir=out_dir)
     console.print(format_table(result), soft_wrap=True)
     console.print(f"wrote {result.get('path')}")
 

@@ -60,32 +60,45 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * x.to(dtype)
 
 
-def pre_attention(x: Tensor, cos: Tensor, sin: Tensor, *, norm_w: Tensor, eps: float, wq: Tensor, bq, wk: Tensor,
-                  bk, wv: Tensor, bv, qn_w, kn_w, qk_eps: float, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """x [B, L, hidden] -> q [B, Hq, L, d], k, v [B, Hkv, L, d]: norm, projections, (QK-norm), rotary."""
+def _linear(x: Tensor, w, b) -> Tensor:
+    """One projection, or several (a tuple of weights/biases) concatenated along the output."""
+    if isinstance(w, tuple):
+        return torch.cat([F.linear(x, wi, bi) for wi, bi in zip(w, b)], dim=-1)
+    return F.linear(x, w, b)
+
+
+def pre_attention(x: Tensor, cos: Tensor, sin: Tensor, *, norm_w: Tensor, eps: float, wqkv, bqkv,
+                  n_q: int, n_kv: int, qn_w, kn_w, qk_eps: float, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """x [B, L, hidden] -> q [B, Hq, L, d], k, v [B, Hkv, L, d]: norm, one QKV projection, (QK-norm), rotary."""
     B, L, _ = x.shape
     h = rms_norm(x, norm_w, eps)
-    q = F.linear(h, wq, bq).view(B, L, -1, head_dim)
-    k = F.linear(h, wk, bk).view(B, L, -1, head_dim)
-    v = F.linear(h, wv, bv).view(B, L, -1, head_dim).transpose(1, 2)
+    q, k, v = _linear(h, wqkv, bqkv).split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q = q.view(B, L, n_q, head_dim)
+    k = k.view(B, L, n_kv, head_dim)
+    v = v.view(B, L, n_kv, head_dim).transpose(1, 2)
     if qn_w is not None:  # Qwen3
         q, k = rms_norm(q, qn_w, qk_eps), rms_norm(k, kn_w, qk_eps)
     return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v
 
 
-def post_attention(x: Tensor, attn: Tensor, *, wo: Tensor, bo, norm_w: Tensor, eps: float, wg: Tensor,
-                   wu: Tensor, wd: Tensor, act) -> Tensor:
-    """Residual + output projection, then residual + gated MLP: down(act(gate(h)) * up(h))."""
-    x = x + F.linear(attn, wo, bo)
+def post_attention(x: Tensor, attn: Tensor, *, wo: Tensor, bo, norm_w: Tensor, eps: float, wgu, inter: int,
+                   wd: Tensor, act, reduce=None) -> Tensor:
+    """Residual + output projection, then residual + gated MLP: down(act(gate(h)) * up(h)).
+    `reduce` (tensor parallelism) sums the row-parallel projections' partial outputs over ranks."""
+    o = F.linear(attn, wo, bo)
+    x = x + (reduce(o) if reduce is not None else o)
     h = rms_norm(x, norm_w, eps)
-    return x + F.linear(act(F.linear(h, wg)) * F.linear(h, wu), wd)
+    gate, up = _linear(h, wgu, (None, None) if isinstance(wgu, tuple) else None).split([inter, inter], dim=-1)
+    d = F.linear(act(gate) * up, wd)
+    return x + (reduce(d) if reduce is not None else d)
 
 
 class FastDecoder:
     """Greedy batched decoding of a Llama-family model with `method` = "dense" or a SparQConfig."""
 
     def __init__(self, model: nn.Module, method: str | SparQConfig, *, batch: int, max_len: int,
-                 prefill_chunk: int = 4096, keep_key_t: bool | None = None, compile: bool | None = None) -> None:
+                 prefill_chunk: int = 4096, keep_key_t: bool | None = None, compile: bool | None = None,
+                 fuse_weights: bool = True) -> None:
         _check_method(method)
         if batch < 1 or max_len < 2:
             raise ValueError(f"batch must be >= 1 and max_len >= 2, got {batch}, {max_len}")
@@ -99,7 +112,7 @@ class FastDecoder:
                 cfg.sliding_window < max_len:
             raise ValueError(f"sliding-window attention ({cfg.sliding_window}) shorter than max_len is not supported")
         self.model, self.inner, self.layers = model, inner, layers
-        self.method = method
+        self.method = self._requested = method
         self.batch, self.max_len, self.prefill_chunk = batch, max_len, prefill_chunk
         attn = layers[0].self_attn
         self.head_dim = attn.head_dim
@@ -112,9 +125,19 @@ class FastDecoder:
         keep_key_t = method != "dense" if keep_key_t is None else keep_key_t
         self.cache = [KernelCacheLayer(batch, self.num_kv_heads, self.head_dim, max_len, self.dtype, self.device,
                                        keep_key_t=keep_key_t) for _ in layers]
+        # one lengths tensor for all layers (they advance together): advanced once per step, before
+        # the layers; each layer appends at the previous lengths (_write_pos)
+        self.lengths = self.cache[0].lengths
+        for c in self.cache[1:]:
+            c.lengths = self.lengths
+        self._write_pos = torch.zeros_like(self.lengths)
+        self._valid: Tensor | None = None
         self.positions = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._graphs: dict = {}  # method -> captured step, so switching back costs no capture
+        self.fuse_weights = fuse_weights
+        self._reduce = None
         self.weights = [self._weights(layer) for layer in layers]
         if compile is None:
             compile = self.device.type == "cuda"
@@ -133,20 +156,38 @@ class FastDecoder:
         if method != "dense" and self.cache[0].key_t is None:
             raise ValueError("this cache has no transposed key copy: build it with keep_key_t=True for SparQ")
         self.method = method
-        self._graph = None
+        self._graph = self._graphs.get(method)
+
+    def autotune(self, methods=None, steps: int = 4) -> dict:
+        """Time `steps` decode steps of each method from the current state (after a prefill),
+        restore the state and keep the fastest; returns {method: seconds per step}.
+
+        SparQ's kernels have a fixed cost per layer that dense attention does not, so below some
+        batch x context (about 64k tokens for the Llama-3-8B shape on an H100) dense is faster;
+        measuring on the actual device and shape is the simplest policy that never loses to dense
+        by more than the timing noise. Default candidates: dense and the current method."""
+        methods = list(methods) if methods is not None else ["dense", self.method]
+        for m in methods:
+            _check_method(m)
+        snap = self.snapshot()
+        times = {}
+        for m in dict.fromkeys(methods):
+            self.use(m)
+            self.decode(1)  # capture + warm-up
+            self.restore(snap)
+            _, secs = self.decode(steps)
+            self.restore(snap)
+            times[m] = secs / steps
+        self.use(min(times, key=times.get))
+        return times
 
     def snapshot(self) -> list[Tensor]:
         """The decode state (lengths, V sums, positions, next tokens); K/V past lengths is scratch."""
-        return [t.clone() for c in self.cache for t in (c.lengths, c.value_sum)] + \
-            [self.positions.clone(), self.tokens.clone()]
+        return [t.clone() for t in [self.lengths, self.positions, self.tokens] + [c.value_sum for c in self.cache]]
 
     def restore(self, snap: list[Tensor]) -> None:
-        it = iter(snap)
-        for c in self.cache:
-            c.lengths.copy_(next(it))
-            c.value_sum.copy_(next(it))
-        self.positions.copy_(next(it))
-        self.tokens.copy_(next(it))
+        for dst, src in zip([self.lengths, self.positions, self.tokens] + [c.value_sum for c in self.cache], snap):
+            dst.copy_(src)
 
     # ---- the model, layer by layer -------------------------------------------------------------
     # The math lives in pure functions of tensors (`pre_attention`, `post_attention`) so that on
@@ -155,16 +196,42 @@ class FastDecoder:
 
     def _weights(self, layer: nn.Module) -> tuple[dict, dict]:
         attn, mlp = layer.self_attn, layer.mlp
-        pre = dict(norm_w=layer.input_layernorm.weight, eps=_eps(layer.input_layernorm),
-                   wq=attn.q_proj.weight, bq=attn.q_proj.bias, wk=attn.k_proj.weight, bk=attn.k_proj.bias,
-                   wv=attn.v_proj.weight, bv=attn.v_proj.bias,
+        wqkv, bqkv = self._fused((attn.q_proj, attn.k_proj, attn.v_proj))
+        wgu, _ = self._fused((mlp.gate_proj, mlp.up_proj))
+        pre = dict(norm_w=layer.input_layernorm.weight, eps=_eps(layer.input_layernorm), wqkv=wqkv, bqkv=bqkv,
+                   n_q=attn.q_proj.weight.shape[0] // self.head_dim, n_kv=attn.k_proj.weight.shape[0] // self.head_dim,
                    qn_w=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
                    kn_w=attn.k_norm.weight if hasattr(attn, "k_norm") else None,
                    qk_eps=_eps(attn.q_norm) if hasattr(attn, "q_norm") else 0.0, head_dim=self.head_dim)
         post = dict(wo=attn.o_proj.weight, bo=attn.o_proj.bias, norm_w=layer.post_attention_layernorm.weight,
-                    eps=_eps(layer.post_attention_layernorm), wg=mlp.gate_proj.weight, wu=mlp.up_proj.weight,
-                    wd=mlp.down_proj.weight, act=mlp.act_fn)
+                    eps=_eps(layer.post_attention_layernorm), wgu=wgu, inter=mlp.gate_proj.weight.shape[0],
+                    wd=mlp.down_proj.weight, act=mlp.act_fn, reduce=self._reduce)
         return pre, post
+
+    @torch.no_grad()
+    def _fused(self, linears: tuple[nn.Linear, ...]):
+        """(weight, bias) of the linears concatenated along the output dim.
+
+        With fuse_weights, the modules' weights become views of one tensor (same values, no extra
+        memory; a second decoder on the same model finds them already adjacent), so a decode step
+        reads them in one matrix-vector product instead of several small ones. Otherwise (or for
+        tensor-parallel DTensor weights) the tuple of weights, applied one by one."""
+        ws = [m.weight for m in linears]
+        bs = [m.bias for m in linears]
+        bias = None if all(b is None for b in bs) else \
+            torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(ws, bs)])
+        if not self.fuse_weights or not all(type(w.data) is torch.Tensor for w in ws):
+            return tuple(w.data for w in ws), tuple(bs) if bias is not None else (None,) * len(ws)
+        rows = sum(w.shape[0] for w in ws)
+        adjacent = all(w.is_contiguous() and w.untyped_storage().data_ptr() == ws[0].untyped_storage().data_ptr()
+                       for w in ws) and all(b.storage_offset() == a.storage_offset() + a.numel()
+                                            for a, b in zip(ws, ws[1:]))
+        if adjacent:
+            return ws[0].data.as_strided((rows, ws[0].shape[1]), (ws[0].shape[1], 1)), bias
+        fused = torch.cat([w.data for w in ws])
+        for m, piece in zip(linears, fused.split([w.shape[0] for w in ws])):
+            m.weight = nn.Parameter(piece, requires_grad=m.weight.requires_grad)
+        return fused, bias
 
     def _logits(self, x: Tensor) -> Tensor:
         return self.model.lm_head(self.inner.norm(x))
@@ -226,8 +293,7 @@ class FastDecoder:
             # of SDPA flash and 1.03-1.15x that of cuDNN on an exact-length cache (which would need
             # a shape per length, no single CUDA graph); max_len is the context plus the new tokens,
             # so it reads ~only the valid rows. benchmarks/results/e2e-check-H100.log
-            valid = torch.arange(self.max_len, device=self.device)[None, :] < c.lengths[:, None]
-            out = F.scaled_dot_product_attention(q[:, :, None], c.key, c.value, attn_mask=valid[:, None, None, :],
+            out = F.scaled_dot_product_attention(q[:, :, None], c.key, c.value, attn_mask=self._valid,
                                                  scale=self.scale, enable_gqa=True)
             return out[:, :, 0]
         return c.attend(q, self.method, scale=self.scale)
@@ -236,9 +302,13 @@ class FastDecoder:
         """Feed self.tokens at self.positions; leave the next greedy tokens in self.tokens."""
         x = self.inner.embed_tokens(self.tokens[:, None])  # [B, 1, hidden]
         cos, sin = self.inner.rotary_emb(x, self.positions[:, None])  # once for all layers
+        self._write_pos.copy_(self.lengths)
+        self.lengths.add_((self.lengths < self.max_len).to(self.lengths.dtype))
+        if self.method == "dense":
+            self._valid = (torch.arange(self.max_len, device=self.device)[None, :] < self.lengths[:, None])[:, None, None]
         for (pre, post), c in zip(self.weights, self.cache):
             q, k, v = self._pre(x, cos, sin, **pre)
-            c.append(k, v)
+            c.append(k, v, positions=self._write_pos, advance=False)
             out = self._attend(c, q[:, :, 0])
             x = self._post(x, out.reshape(self.batch, 1, -1), **post)
         self.tokens.copy_(self._logits(x)[:, 0].argmax(-1))
@@ -272,6 +342,7 @@ class FastDecoder:
             self._step()
         self.restore(snap)
         self._graph = graph
+        self._graphs[self.method] = graph
 
     def decode(self, steps: int, use_graph: bool = True) -> tuple[Tensor, float]:
         """`steps` decode steps from the current state: (tokens [B, steps], seconds, capture excluded)."""
@@ -285,8 +356,10 @@ class FastDecoder:
         return torch.stack(out, 1), time.perf_counter() - t0
 
     def generate(self, input_ids: Tensor, lengths: Tensor, max_new_tokens: int,
-                 use_graph: bool = True) -> tuple[Tensor, DecodeTimings]:
-        """Greedy tokens [B, max_new_tokens] and timings (prefill; decode steps after the first token)."""
+                 use_graph: bool = True, autotune: bool = False) -> tuple[Tensor, DecodeTimings]:
+        """Greedy tokens [B, max_new_tokens] and timings (prefill; decode steps after the first token).
+        autotune: after the prefill, decode with the faster of dense and the decoder's method
+        (`autotune()`; its timing steps are not counted, the state is restored after them)."""
         if int(lengths.max()) + max_new_tokens > self.max_len:
             raise ValueError(f"prompt + {max_new_tokens} new tokens exceed max_len={self.max_len}")
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -295,6 +368,8 @@ class FastDecoder:
         first = self.prefill(input_ids, lengths).clone()
         sync()
         prefill_s = time.perf_counter() - t0
+        if autotune and self.device.type == "cuda" and use_graph:
+            self.autotune(["dense", self._requested])
         rest, decode_s = self.decode(max_new_tokens - 1, use_graph)
         return torch.cat([first[:, None], rest], 1), DecodeTimings(prefill_s, decode_s, max_new_tokens - 1)
 

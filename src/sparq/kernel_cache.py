@@ -55,16 +55,35 @@ class KernelCacheLayer:
         self.value_sum.copy_(v.float().sum(2))
         self.lengths.copy_(lengths)
 
-    def append(self, key: Tensor, value: Tensor) -> None:
-        """Write one token per row, key/value [B, Hkv, d] or [B, Hkv, 1, d], at position lengths[b],
-        then advance lengths. No host sync. A full row (lengths[b] == Smax) overwrites its last
-        position instead of running past the buffer: keep track of the capacity on the host."""
+    def append(self, key: Tensor, value: Tensor, positions: Tensor | None = None, advance: bool = True) -> None:
+        """Write one token per row, key/value [B, Hkv, d] or [B, Hkv, 1, d], at position lengths[b]
+        (or positions[b]), then advance lengths (unless advance=False). No host sync. A full row
+        (position == Smax) overwrites its last position instead of running past the buffer: keep
+        track of the capacity on the host. On CUDA (or under the Triton interpreter) the writes are
+        one kernel launch (`kernels.append`)."""
         if key.dim() == 4:
             key = key[:, :, 0]
         if value.dim() == 4:
             value = value[:, :, 0]
+        pos_src = self.lengths if positions is None else positions
+        if self._fused_append(key):
+            from .kernels.append import append_token
+
+            append_token(key, value, self.key, self.key_t, self.value, self.value_sum, pos_src)
+        else:
+            self._append_torch(key, value, pos_src)
+        if advance:
+            self.lengths.add_((self.lengths < self.max_len).to(torch.int32))
+
+    def _fused_append(self, key: Tensor) -> bool:
+        from . import kernels
+
+        return (key.shape[-1] in (16, 32, 64, 128, 256) and kernels.available(key.device)
+                and self.lengths.dtype == torch.int32)
+
+    def _append_torch(self, key: Tensor, value: Tensor, pos_src: Tensor) -> None:
         batch, heads, d = key.shape
-        pos = self.lengths.clamp(max=self.max_len - 1).long()
+        pos = pos_src.clamp(max=self.max_len - 1).long()
         k = key.to(self.key.dtype).unsqueeze(2)  # [B, H, 1, d]
         v = value.to(self.value.dtype).unsqueeze(2)
         idx_rows = pos.view(batch, 1, 1, 1).expand(batch, heads, 1, d)
@@ -73,9 +92,8 @@ class KernelCacheLayer:
         self.value.scatter_(2, idx_rows, v)
         if self.key_t is not None:
             self.key_t.scatter_(3, pos.view(batch, 1, 1, 1).expand(batch, heads, d, 1), k.transpose(-1, -2))
-        full = (self.lengths >= self.max_len).view(batch, 1, 1).float()
+        full = (pos_src >= self.max_len).view(batch, 1, 1).float()
         self.value_sum.add_(v[:, :, 0].float() - full * old_v[:, :, 0].float())
-        self.lengths.add_((self.lengths < self.max_len).to(torch.int32))
 
     def attend(self, query: Tensor, config: SparQConfig, *, scale: float | None = None) -> Tensor:
         """SparQ attention of query [B, Hq, d] over this layer's cache (kernels on CUDA, reference else)."""
