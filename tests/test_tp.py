@@ -1,5 +1,6 @@
 """Tensor parallelism (transformers tp_plan="auto", gloo on the CPU, 2 processes):
-each rank runs SparQ over its own heads; generation equals the single-process one."""
+each rank runs SparQ over its own heads; generation equals the single-process one, through
+Hugging Face generate and through the fast decode loop (FastDecoder)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def test_tensor_parallel_generation_equals_single_process(tmp_path):
                          initializer_range=0.2, pad_token_id=0, tie_word_embeddings=False)
     tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
     single = tp_worker.run(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval())
+    fast = tp_worker.run_fast(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval())
+    assert fast["dense"] == single["dense"] and fast["sparq"] == single["sparq"]
     assert single["heads"] == [(4, 2)]
     assert single["sparq"] != single["dense"], "budget too loose: SparQ should change some tokens here"
 
@@ -34,3 +37,7 @@ def test_tensor_parallel_generation_equals_single_process(tmp_path):
         assert got["heads"] == [[2, 1]], got["heads"]  # half the query and KV heads per rank
         assert got["dense"] == single["dense"]
         assert got["sparq"] == single["sparq"]
+        for key in ("fast", "fast_local"):  # the fast loop: transformers' DTensor shards, and plain slices
+            assert got[key]["heads"] == [2, 1], (key, got[key]["heads"])
+            assert got[key]["dense"] == single["dense"], key
+            assert got[key]["sparq"] == single["sparq"], key

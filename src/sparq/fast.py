@@ -16,12 +16,14 @@ Supported: Llama, Mistral (full attention), Qwen2, Qwen3 (QK-norm) and SmolLM2 s
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from .config import SparQConfig
 from .kernel_cache import KernelCacheLayer
@@ -85,8 +87,9 @@ def post_attention(x: Tensor, attn: Tensor, *, wo: Tensor, bo, norm_w: Tensor, e
                    wd: Tensor, act, reduce=None) -> Tensor:
     """Residual + output projection, then residual + gated MLP: down(act(gate(h)) * up(h)).
     `reduce` (tensor parallelism) sums the row-parallel projections' partial outputs over ranks."""
-    o = F.linear(attn, wo, bo)
-    x = x + (reduce(o) if reduce is not None else o)
+    o = F.linear(attn, wo)
+    o = reduce(o) if reduce is not None else o
+    x = x + (o + bo if bo is not None else o)  # the bias once, after the sum over ranks
     h = rms_norm(x, norm_w, eps)
     gate, up = _linear(h, wgu, (None, None) if isinstance(wgu, tuple) else None).split([inter, inter], dim=-1)
     d = F.linear(act(gate) * up, wd)
@@ -98,7 +101,7 @@ class FastDecoder:
 
     def __init__(self, model: nn.Module, method: str | SparQConfig, *, batch: int, max_len: int,
                  prefill_chunk: int = 4096, keep_key_t: bool | None = None, compile: bool | None = None,
-                 fuse_weights: bool = True) -> None:
+                 fuse_weights: bool = True, tp_group=None) -> None:
         _check_method(method)
         if batch < 1 or max_len < 2:
             raise ValueError(f"batch must be >= 1 and max_len >= 2, got {batch}, {max_len}")
@@ -116,8 +119,17 @@ class FastDecoder:
         self.batch, self.max_len, self.prefill_chunk = batch, max_len, prefill_chunk
         attn = layers[0].self_attn
         self.head_dim = attn.head_dim
-        self.num_q_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        # tensor parallelism: transformers' tp_plan (DTensor weights: each rank holds its heads and
+        # MLP columns) or an explicit tp_group for a model that holds one rank's slices already.
+        # Either way this rank runs attention over its own heads and cache; the row-parallel
+        # projections (o_proj, down_proj) are summed over the ranks.
+        w = attn.q_proj.weight
+        if isinstance(w, DTensor):
+            if tp_group is None:
+                tp_group = w.device_mesh.get_group()
+        self.tp_group = tp_group
+        self.num_q_heads = _local(attn.q_proj.weight).shape[0] // self.head_dim
+        self.num_kv_heads = _local(attn.k_proj.weight).shape[0] // self.head_dim
         self.scale = attn.scaling
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -137,7 +149,7 @@ class FastDecoder:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graphs: dict = {}  # method -> captured step, so switching back costs no capture
         self.fuse_weights = fuse_weights
-        self._reduce = None
+        self._reduce = None if self.tp_group is None else functools.partial(_all_reduce, group=self.tp_group)
         self.weights = [self._weights(layer) for layer in layers]
         if compile is None:
             compile = self.device.type == "cuda"
@@ -199,13 +211,14 @@ class FastDecoder:
         wqkv, bqkv = self._fused((attn.q_proj, attn.k_proj, attn.v_proj))
         wgu, _ = self._fused((mlp.gate_proj, mlp.up_proj))
         pre = dict(norm_w=layer.input_layernorm.weight, eps=_eps(layer.input_layernorm), wqkv=wqkv, bqkv=bqkv,
-                   n_q=attn.q_proj.weight.shape[0] // self.head_dim, n_kv=attn.k_proj.weight.shape[0] // self.head_dim,
+                   n_q=self.num_q_heads, n_kv=self.num_kv_heads,
                    qn_w=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
                    kn_w=attn.k_norm.weight if hasattr(attn, "k_norm") else None,
                    qk_eps=_eps(attn.q_norm) if hasattr(attn, "q_norm") else 0.0, head_dim=self.head_dim)
-        post = dict(wo=attn.o_proj.weight, bo=attn.o_proj.bias, norm_w=layer.post_attention_layernorm.weight,
-                    eps=_eps(layer.post_attention_layernorm), wgu=wgu, inter=mlp.gate_proj.weight.shape[0],
-                    wd=mlp.down_proj.weight, act=mlp.act_fn, reduce=self._reduce)
+        post = dict(wo=_local(attn.o_proj.weight), bo=None if attn.o_proj.bias is None else _local(attn.o_proj.bias),
+                    norm_w=layer.post_attention_layernorm.weight, eps=_eps(layer.post_attention_layernorm), wgu=wgu,
+                    inter=_local(mlp.gate_proj.weight).shape[0], wd=_local(mlp.down_proj.weight), act=mlp.act_fn,
+                    reduce=self._reduce)
         return pre, post
 
     @torch.no_grad()
@@ -216,21 +229,25 @@ class FastDecoder:
         memory; a second decoder on the same model finds them already adjacent), so a decode step
         reads them in one matrix-vector product instead of several small ones. Otherwise (or for
         tensor-parallel DTensor weights) the tuple of weights, applied one by one."""
-        ws = [m.weight for m in linears]
-        bs = [m.bias for m in linears]
+        ws = [_local(m.weight) for m in linears]
+        bs = [None if m.bias is None else _local(m.bias) for m in linears]
         bias = None if all(b is None for b in bs) else \
             torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(ws, bs)])
-        if not self.fuse_weights or not all(type(w.data) is torch.Tensor for w in ws):
-            return tuple(w.data for w in ws), tuple(bs) if bias is not None else (None,) * len(ws)
+        if not self.fuse_weights:
+            return tuple(ws), tuple(bs)
         rows = sum(w.shape[0] for w in ws)
         adjacent = all(w.is_contiguous() and w.untyped_storage().data_ptr() == ws[0].untyped_storage().data_ptr()
                        for w in ws) and all(b.storage_offset() == a.storage_offset() + a.numel()
                                             for a, b in zip(ws, ws[1:]))
         if adjacent:
-            return ws[0].data.as_strided((rows, ws[0].shape[1]), (ws[0].shape[1], 1)), bias
-        fused = torch.cat([w.data for w in ws])
+            return ws[0].as_strided((rows, ws[0].shape[1]), (ws[0].shape[1], 1)), bias
+        fused = torch.cat(ws)
         for m, piece in zip(linears, fused.split([w.shape[0] for w in ws])):
-            m.weight = nn.Parameter(piece, requires_grad=m.weight.requires_grad)
+            old = m.weight
+            if isinstance(old, DTensor):  # keep the module a working tensor-parallel layer
+                piece = DTensor.from_local(piece, old.device_mesh, old.placements, run_check=False,
+                                           shape=old.shape, stride=old.stride())
+            m.weight = nn.Parameter(piece, requires_grad=old.requires_grad)
         return fused, bias
 
     def _logits(self, x: Tensor) -> Tensor:
@@ -372,6 +389,19 @@ class FastDecoder:
             self.autotune(["dense", self._requested])
         rest, decode_s = self.decode(max_new_tokens - 1, use_graph)
         return torch.cat([first[:, None], rest], 1), DecodeTimings(prefill_s, decode_s, max_new_tokens - 1)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a tensor-parallel (DTensor) parameter; the plain tensor otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t.data
+
+
+def _all_reduce(t: Tensor, group) -> Tensor:
+    """Sum over the tensor-parallel ranks (a functional collective: traceable by torch.compile and
+    capturable in a CUDA graph with NCCL)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    return funcol.all_reduce(t, "sum", group)
 
 
 def _check_method(method) -> None:
