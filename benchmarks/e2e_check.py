@@ -101,11 +101,17 @@ GRIDS = {
     "llama-short": ("llama3-8b", (1, 8, 16), (4096,)),
     "llama-32k": ("llama3-8b", (1, 8), (32768,)),
     "llama-long": ("llama3-8b", (1,), (65536, 131072)),
+    "llama-tp": ("llama3-8b", (1, 8), (32768,)),      # under torchrun: tensor parallel over its GPUs
+    "llama70b-tp": ("llama3-70b", (1, 8), (32768,)),
 }
+tensor_parallel = "WORLD_SIZE" in os.environ
 for name in sys.argv[2:] if which == "bench" else []:
     model, batches, contexts = GRIDS[name]
     t = time.time()
-    r = bench_generate(model, batches=batches, contexts=contexts, new_tokens=48, out_dir=out_dir)
+    r = bench_generate(model, batches=batches, contexts=contexts, new_tokens=48, out_dir=out_dir,
+                       tensor_parallel=tensor_parallel)
+    if "path" not in r:  # not rank 0
+        continue
     print(f"{name}: {time.time() - t:.0f} s -> {r['path']}", flush=True)
     for row in r["rows"]:
         print(format_row(row))

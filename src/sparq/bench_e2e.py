@@ -6,6 +6,12 @@ model, cache and loop and differs only in its attention. Reported per method: ms
 tokens/s (batch x steps / time), the bandwidth floor of the step (weights read once + the method's
 fraction of the K/V cache, over the measured read bandwidth) and the fraction of it reached, the
 prefill time and the peak GPU memory, plus what each variant's cache costs per token.
+
+Tensor parallelism (`tensor_parallel=True`, under torchrun, one process per GPU): every rank holds
+1/tp of each layer's heads and MLP columns (random weights built in place, so a 70B shape needs no
+full copy anywhere) and the row-parallel outputs are summed with NCCL inside the captured step.
+Floors are then per GPU (its weight slice plus its KV heads) and leave the all-reduces out; rank 0
+reports.
 """
 
 from __future__ import annotations
@@ -25,23 +31,48 @@ from .fast import FastDecoder, kv_bytes_per_token
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
 }
 
 
-def build_model(name: str, max_positions: int, dtype: torch.dtype = torch.bfloat16):
-    """A random-weight Llama of a named shape, or a real model from an HF id / local path."""
+def build_model(name: str, max_positions: int, dtype: torch.dtype = torch.bfloat16, tp: int = 1):
+    """A random-weight Llama of a named shape, or a real model from an HF id / local path.
+
+    tp > 1 (named shapes only): one rank's slice of the model, i.e. 1/tp of the query and KV heads
+    and of the MLP columns (embedding and LM head whole), for `FastDecoder(..., tp_group=...)`."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if name in SHAPES:
-        cfg = LlamaConfig(max_position_embeddings=max_positions, **SHAPES[name])
+        shape = dict(SHAPES[name])
+        if tp > 1:
+            heads, kv, inter = shape["num_attention_heads"], shape["num_key_value_heads"], shape["intermediate_size"]
+            if heads % tp or kv % tp or inter % tp:
+                raise ValueError(f"tp={tp} must divide the heads ({heads}, {kv} KV) and the MLP width ({inter})")
+            shape.update(num_attention_heads=heads // tp, num_key_value_heads=kv // tp, intermediate_size=inter // tp,
+                         head_dim=shape["hidden_size"] // heads)
+        cfg = LlamaConfig(max_position_embeddings=max_positions, **shape)
+        n_params = _param_count(cfg)
+        free = torch.cuda.mem_get_info()[0]
+        if n_params * torch.finfo(dtype).bits // 8 > free:
+            raise ValueError(f"{name} (tp={tp}) needs {n_params * 2 / 2**30:.0f} GiB of weights per GPU, "
+                             f"{free / 2**30:.0f} GiB free: use more GPUs (--tp under torchrun)")
         with torch.device("cuda"):
             model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
         return model.eval()
     from .models import resolve
 
     return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype).cuda().eval()
+
+
+def _param_count(cfg) -> int:
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attn = cfg.hidden_size * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    mlp = 3 * cfg.hidden_size * cfg.intermediate_size
+    emb = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    return cfg.num_hidden_layers * (attn + mlp + 2 * cfg.hidden_size) + emb + cfg.hidden_size
 
 
 def weight_bytes_per_step(model) -> int:
@@ -53,7 +84,7 @@ def weight_bytes_per_step(model) -> int:
 
 
 def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 32768), new_tokens: int = 64,
-                   compressions=(4, 8, 16), *, auto: int | None = 8, ragged: bool = False, out_dir: str | os.PathLike | None =
+                   compressions=(4, 8, 16), *, auto: int | None = 8, ragged: bool = False, tensor_parallel: bool = False, out_dir: str | os.PathLike | None =
                    "benchmarks/results", print_rows: bool = True) -> dict:
     """Run the grid; returns {"device", "versions", "rows", ...} and writes it as JSON under out_dir."""
     import triton
@@ -62,9 +93,19 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
 
     if not torch.cuda.is_available():
         raise RuntimeError("bench generate needs a CUDA device")
+    tp_group, tp, rank = None, 1, 0
+    if tensor_parallel:  # under torchrun: one process per GPU, each holding 1/tp of every layer
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl")
+        tp_group, tp, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
+        print_rows = print_rows and rank == 0
+        out_dir = out_dir if rank == 0 else None
     bw = measure_read_bandwidth()
     max_ctx = max(contexts) + new_tokens + 1
-    lm = build_model(model, max_ctx)
+    lm = build_model(model, max_ctx, tp=tp)
     cfg = lm.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w_bytes = weight_bytes_per_step(lm)
@@ -89,7 +130,7 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
             torch.cuda.reset_peak_memory_stats()
             # prefill chunks of ~16k tokens in all keep activations small next to the cache
             dec = FastDecoder(lm, "dense", batch=batch, max_len=max_len, keep_key_t=True,
-                              prefill_chunk=max(256, 16384 // batch))
+                              prefill_chunk=max(256, 16384 // batch), tp_group=tp_group)
             torch.cuda.synchronize()
             t0 = torch.cuda.Event(enable_timing=True)
             t1 = torch.cuda.Event(enable_timing=True)
@@ -122,7 +163,7 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
                     frac = sum(method.data_fraction(int(n), head_dim) * int(n) for n in lengths) / int(lengths.sum())
                 floor_ms = (w_bytes + frac * kv_read_dense) / bw * 1e3
                 dense_ms = ms if method == "dense" else dense_ms
-                row = {"model": model, "batch": batch, "context": context, "ragged": ragged, "method": label,
+                row = {"model": model, "tp": tp, "batch": batch, "context": context, "ragged": ragged, "method": label,
                        "ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "kv_fraction_read": frac,
                        "floor_ms": floor_ms, "fraction_of_floor": floor_ms / ms,
                        "speedup_vs_dense": dense_ms / ms, "prefill_s": prefill_s,
@@ -141,7 +182,7 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
         "device": props.name,
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
                      "python": platform.python_version()},
-        "model": model, "new_tokens": new_tokens, "read_bandwidth_TBps": bw / 1e12,
+        "model": model, "tensor_parallel": tp, "new_tokens": new_tokens, "read_bandwidth_TBps": bw / 1e12,
         "weight_bytes_per_step": w_bytes,
         "cache_bytes_per_token": {"dense": kv_dense, "sparq_fp16_key_t": kv_sparq},
         "max_tokens_in_cache": {"dense": free_for_cache // kv_dense, "sparq": free_for_cache // kv_sparq},
@@ -152,7 +193,8 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
         path = Path(out_dir)
         path.mkdir(parents=True, exist_ok=True)
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        file = path / f"generate-{model}-{props.name.replace(' ', '_')}-{stamp}.json"
+        tag = f"-tp{tp}" if tp > 1 else ""
+        file = path / f"generate-{model}{tag}-{props.name.replace(' ', '_')}-{stamp}.json"
         file.write_text(json.dumps(result, indent=1))
         result["path"] = str(file)
     return result

@@ -140,7 +140,7 @@ def bench_kernels(
 
 @bench_app.command("generate")
 def bench_generate(
-    model: Annotated[str, typer.Option(help="Random-weight shape (llama3-8b, smollm2-135m) or an HF id / path.")]
+    model: Annotated[str, typer.Option(help="Random-weight shape (llama3-8b, llama3-70b, smollm2-135m) or an HF id / path.")]
     = "llama3-8b",
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
     context: Annotated[str, typer.Option(help="Comma-separated context lengths.")] = "4096,32768",
@@ -149,6 +149,8 @@ def bench_generate(
     ragged: Annotated[bool, typer.Option(help="Spread prompt lengths from context/2 to context.")] = False,
     auto: Annotated[int, typer.Option(min=0, help="Also run the autotune policy (dense or SparQ 1/N, whichever "
                                                   "is measured faster); 0 = off.")] = 8,
+    tp: Annotated[bool, typer.Option("--tp", help="Tensor parallelism over the GPUs of a torchrun launch "
+                                               "(torchrun --nproc-per-node N -m sparq.cli bench generate --tp).")] = False,
     out_dir: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("benchmarks/results"),
 ) -> None:
     """Decode tokens/s of dense vs SparQ in one static-cache CUDA-graph loop, with floors and memory (CUDA)."""
@@ -162,9 +164,11 @@ def bench_generate(
 
     from .bench_e2e import format_table
 
-    result = run(model, batches, contexts, new_tokens, comps, auto=auto or None, ragged=ragged, out_dir=out_dir)
-    console.print(format_table(result), soft_wrap=True)
-    console.print(f"wrote {result.get('path')}")
+    result = run(model, batches, contexts, new_tokens, comps, auto=auto or None, ragged=ragged, tensor_parallel=tp,
+                 out_dir=out_dir)
+    if result.get("path") or not tp:  # rank 0 reports
+        console.print(format_table(result), soft_wrap=True)
+        console.print(f"wrote {result.get('path')}")
 
 
 @app.command()
