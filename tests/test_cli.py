@@ -40,6 +40,9 @@ def test_generate_and_demo_on_bundled_model(tmp_path):
     assert result.exit_code == 0, result.output
     m = re.search(r"attention\s+data\s+read\s+([0-9.]+)\s+of\s+dense", result.output)
     assert m and 0 < float(m.group(1)) < 1, result.output
+    result = runner.invoke(app, ["generate", "--prompt-file", str(prompt), "--max-new-tokens", "6", "--fast"])
+    assert result.exit_code == 0 and "fast loop" in result.output, result.output
+    assert runner.invoke(app, ["generate", "hi", "--fast", "--method", "h2o"]).exit_code != 0
     result = runner.invoke(app, ["demo", "--context", "400", "--keys", "1"])
     assert result.exit_code == 0, result.output
     assert "correct" in result.output and "of dense" in result.output

@@ -138,3 +138,22 @@ def test_fused_projection_weights_leave_the_model_unchanged():
     a, _ = dec.generate(aligned, lengths, 6)
     b, _ = unfused.generate(aligned, lengths, 6)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["dense", "sparq"])
+def test_fast_generate_from_a_padded_batch_equals_hf(method):
+    model = tiny("llama")
+    ids, mask, _ = prompts()  # left-padded, as a tokenizer pads for generation
+    cfg = SparQConfig(r=4, k=6, local_window=2)
+    if method == "dense":
+        expected = greedy(model, ids, mask, n=6)
+    else:
+        with sparq.enabled(model, cfg):
+            expected = greedy(model, ids, mask, n=6)
+    got, _ = sparq.fast_generate(model, ids, mask, "dense" if method == "dense" else cfg, 6)
+    assert torch.equal(got, expected)
+    eos = int(expected[0, 2])
+    cut, _ = sparq.fast_generate(model, ids, mask, "dense" if method == "dense" else cfg, 6, eos_token_id=eos)
+    assert (cut[0, 2:] == eos).all() and torch.equal(cut[0, :2], expected[0, :2])
+    with pytest.raises(ValueError, match="attention_mask"):
+        sparq.fast_generate(model, ids, mask[:, 1:], "dense", 2)

@@ -40,6 +40,8 @@ def generate(
     reallocate: Annotated[bool, typer.Option(help="Step 3: mean-value reallocation.")] = True,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
+    fast: Annotated[bool, typer.Option(help="Greedy decoding in the static-cache fast loop (Llama-family models; "
+                                            "CUDA graphs and the SparQ kernels on a GPU); dense or sparq only.")] = False,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Generate from a prompt with dense or SparQ decode attention; streams the text."""
@@ -59,6 +61,22 @@ def generate(
                                    local_window=local_window, reallocate=reallocate)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    if fast:
+        from .fast import fast_generate
+        from .methods import Dense, SparQ
+
+        if not isinstance(m, (Dense, SparQ)):
+            raise typer.BadParameter("--fast runs dense or sparq only")
+        enc = tok([text], return_tensors="pt")
+        try:
+            out, t = fast_generate(lm, enc.input_ids, enc.attention_mask, "dense" if isinstance(m, Dense) else m.config,
+                                   max_new_tokens, eos_token_id=tok.eos_token_id)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        console.print(tok.decode(out[0], skip_special_tokens=True), markup=False, highlight=False)
+        console.print(f"\n[dim]{m.label} (fast loop): prompt {enc.input_ids.shape[1]} tokens, prefill {t.prefill_s:.2f} s, "
+                      f"decode {1e3 / t.ms_per_token:.1f} tokens/s[/dim]", soft_wrap=True)
+        return
     res = generation.generate(lm, tok, [text], m, max_new_tokens=max_new_tokens,
                               streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
     console.print(f"\n[dim]{m.label}: prompt {res.prompt_tokens[0]} tokens, prefill {res.prefill_s:.2f} s, "

@@ -436,3 +436,31 @@ def decode_floor_bytes(model_config, n_params: int, batch: int, context: int, fr
     """Bytes one decode step must read: all weights once plus `fraction` of the dense K/V cache."""
     kv = kv_bytes_per_token(model_config, sparq=False, dtype_bytes=dtype_bytes) * batch * context
     return n_params * dtype_bytes + fraction * kv
+
+
+@torch.inference_mode()
+def fast_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, method: str | SparQConfig,
+                  max_new_tokens: int, *, autotune: bool = False, eos_token_id: int | None = None,
+                  **decoder_kwargs) -> tuple[Tensor, DecodeTimings]:
+    """Greedy generation through `FastDecoder` from a tokenizer's batch (left- or right-padded
+    input_ids with their attention_mask); returns new tokens [B, max_new_tokens] (after a row's
+    eos_token_id, its tokens are eos) and the timings. autotune: see `FastDecoder.generate`."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    lengths = attention_mask.sum(-1).cpu()
+    if int(lengths.min()) < 1:
+        raise ValueError("every row needs at least one prompt token")
+    aligned = torch.zeros_like(input_ids).cpu()
+    for b in range(input_ids.shape[0]):
+        aligned[b, :lengths[b]] = input_ids[b][attention_mask[b].bool()].cpu()
+    aligned = aligned[:, :int(lengths.max())]
+    max_len = int(lengths.max()) + max_new_tokens
+    dec = FastDecoder(model, method, batch=input_ids.shape[0], max_len=max_len, **decoder_kwargs)
+    tokens, timings = dec.generate(aligned, lengths, max_new_tokens, autotune=autotune)
+    if eos_token_id is not None:
+        done = (tokens == eos_token_id).int().cumsum(1) > 0
+        done = torch.cat([torch.zeros_like(done[:, :1]), done[:, :-1]], 1)
+        tokens = tokens.masked_fill(done, eos_token_id)
+    return tokens, timings
