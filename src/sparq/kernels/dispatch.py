@@ -84,7 +84,10 @@ _WORKSPACES: dict = {}
 TUNING = dict(blocks_per_sm=4, score_block=None, score_warps=4, score_stages=None,
               gather_block=None, gather_warps=4, gather_blocks_per_sm=32, emit_block=1024,
               emit_warps=4, score_dot=True, select_warps=None, samples=None, emit_blocks_per_sm=16,
-              score_blocks_per_sm=32, select_cap=None, select_tol=None)
+              score_blocks_per_sm=32, select_cap=None, select_tol=None,
+              # threshold searches of the selection: pivots per round (1 = bisection) and the cap on
+              # the keys per thread of their [n, P] comparison tile (select.search_pivots)
+              search_pivots=8, search_budget=64)
 
 
 def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: int,
@@ -217,11 +220,14 @@ def sparq_decode(
     sel_warps = 4 if interpreting() else (TUNING["select_warps"] or (16 if g > 1 else 8))
     # the sample's keys live in registers: keep <= 32 of them per thread
     sample_warps = sel_warps if interpreting() else max(sel_warps, min(32, ws.samples // 512))
+    resolve_warps = sel_warps if interpreting() else max(sel_warps, min(32, ws.cap // 512))
+    resolve_block = 64 if interpreting() else 1024
+    pivots = (TUNING["search_pivots"], TUNING["search_budget"])
     _sample_kernel[(bh, 2)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.split_m, ws.split_l, ws.n_split1,
         num_kv_heads, s_cap,
         G=g, G_PAD=g_pad, NS=ws.samples, NS1_PAD=triton.next_power_of_2(ws.n_split1), TOL=ws.sample_tol,
-        num_warps=sample_warps,
+        PIVOTS=_select.search_pivots(ws.samples, sample_warps, *pivots), num_warps=sample_warps,
     )
     _emit_kernel[(bh, ws.n_split_e)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.counts.view(torch.int64), ws.idx, ws.cand,
@@ -230,9 +236,9 @@ def sparq_decode(
     )
     _resolve_kernel[(bh,)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.counts, ws.idx, ws.cand,
-        num_kv_heads, s_cap, ws.k_max, G=g, G_PAD=g_pad, CAP=ws.cap,
-        BLOCK=64 if interpreting() else 1024,
-        num_warps=sel_warps if interpreting() else max(sel_warps, min(32, ws.cap // 512)),
+        num_kv_heads, s_cap, ws.k_max, G=g, G_PAD=g_pad, CAP=ws.cap, BLOCK=resolve_block,
+        PIVOTS=_select.search_pivots(ws.cap, resolve_warps, *pivots),
+        PIVOTS_MEM=_select.search_pivots(resolve_block, resolve_warps, *pivots), num_warps=resolve_warps,
     )
 
     # step 2b + 3

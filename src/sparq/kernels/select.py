@@ -9,19 +9,27 @@ group's query heads:
 Each fp32 key maps to an order-preserving unsigned 32-bit integer u (held in int64).
 
 Threshold selection in three kernels (no sort, one full pass over the keys):
-1. `_sample_kernel` (one block per KV head): a stratified sample of NS candidate keys; exact sample
-   order statistics (32-step bisection over u, counts by comparison) bracket the need-th largest
+1. `_sample_kernel` (one block per KV head): a stratified sample of NS candidate keys; sample
+   order statistics (a search over u, counts by comparison, to tolerance TOL) bracket the need-th largest
    key: U_hi (surely above: ~4 sigma of the sample quantile) and U_lo. When the sample is the whole
    candidate set the bracket is exact (U_hi = U_lo = the need-th largest key).
 2. `_emit_kernel` (split over the sequence): one pass over the keys; appends the local window and
    every candidate with u > U_hi to the index list, the candidates with U_lo <= u <= U_hi to a
    small candidate list (one atomic add per block and list).
 3. `_resolve_kernel` (one block per KV head): the exact remaining winners among the bracket's
-   candidates (bisection over u on the candidate keys held in registers; ties at the threshold
+   candidates (a search over u on the candidate keys held in registers; ties at the threshold
    are broken by candidate order, as any top-k may). If the bracket missed (too many above U_hi,
    or too few up to U_lo: possible only for adversarial key orders), it recomputes the selection
    exactly over all candidates from memory: slower, never wrong.
 Only positions < length are read; the kept positions are appended in no particular order.
+
+The searches over u (the m-th largest key) are multi-pivot (`_kth_largest_mp`): each round counts
+the keys above P evenly spaced pivots with ONE block reduction of the [n, P] comparison tile and
+keeps the sub-interval holding the answer, so [lo, hi] shrinks (P + 1)-fold per round: an exact
+search over 2^32 takes 11 rounds with P = 8 instead of 32, a bracket of 2^22 takes 7 instead of
+22. Each round is one block-wide reduction (its latency dominates). Separate per-pivot reductions
+(KERNEL_NOTES.md v5) were slower: they do not overlap. P = 1 is the plain bisection
+(`_kth_largest`); P is chosen per kernel on the host (`search_pivots`, dispatch.TUNING).
 """
 
 from __future__ import annotations
@@ -36,54 +44,71 @@ SAMPLES = None   # test override of the sample size per KV head (None: selection
 CAP = None       # test override of the resolve kernel's register capacity (candidates)
 KEY_SPAN = tl.constexpr(4294967296)  # 2^32: above every key
 
-# (samples, order-key tolerance of the sample bisection) tried in turn; the first whose predicted
-# bracket fits the resolve kernel's registers wins. A tolerance of 65535 order-key steps (~2^-7
-# relative) saves 8 bisection rounds but widens the bracket by ~0.6% of the candidates.
-_SAMPLE_PLANS = ((2048, 65535), (4096, 255), (8192, 255), (16384, 255))
+# (samples, order-key tolerance of the sample bisection, resolve capacity CAP) tried in turn; the
+# first whose predicted bracket (+3 sigma) fits CAP wins. A tolerance of 65535 order-key steps saves
+# 8 bisection rounds (2 rounds of the 8-pivot search) and widens the bracket only a little (not in
+# predicted_bracket). Larger samples cost time (16384 samples:
+# +34 us at GQA B=1 S=131072 k=S/16 on H100), so a larger CAP comes before a larger sample.
+_SAMPLE_PLANS = ((2048, 65535, 4096), (4096, 65535, 4096), (4096, 65535, 8192), (8192, 255, 8192),
+                 (16384, 255, 8192), (16384, 255, 16384))
 _BASE_CAP = 4096
-_MAX_CAP = 16384
 
 
-def predicted_bracket(length: int, config, samples: int, tol: int) -> float:
-    """Expected number of bracket candidates for a sequence of `length` valid positions: the
-    sample ranks between U_hi and U_lo (2 * margin + 3, see _sample_kernel) scaled to the
-    candidate count, plus the widening from the bisection tolerance."""
+def predicted_bracket(length: int, config, samples: int) -> tuple[float, float]:
+    """(mean, standard deviation) of the number of bracket candidates for a sequence of `length`
+    valid positions: the sample ranks between U_hi and U_lo (~2 * margin + 1, see _sample_kernel;
+    counted as 2 * margin + 3) scaled to the candidate count; the population between two sample order statistics has a
+    relative spread of ~1/sqrt(ranks)."""
     k = config.k_for(length)
     lb = config.local_for(length)
     n_cand, need = length - lb, k - lb
     if k >= length or need <= 0:
-        return 0.0
+        return 0.0, 0.0
     ns = min(n_cand, samples)
     if ns == n_cand:
-        return 1.0  # exact bracket: only ties at the threshold
+        return 1.0, 0.0  # exact bracket: only ties at the threshold
     t = need * ns / n_cand
     margin = 4.0 * math.sqrt(max(t * (1.0 - t / ns), 0.0)) + 2.0
-    return n_cand * ((2.0 * margin + 3.0) / ns + (0.006 if tol > 4095 else 0.0))
+    ranks = 2.0 * margin + 3.0
+    return n_cand * ranks / ns, n_cand * math.sqrt(ranks) / ns
 
 
 def selection_sizes(s_cap: int, config) -> tuple[int, int, int]:
     """(samples, resolve capacity CAP, sample bisection tolerance) for caches of s_cap positions.
 
     The bracket must fit the resolve kernel's registers (CAP candidates) for every length up to
-    s_cap, else the resolve kernel falls back to 33 passes over the candidates in memory (one block
+    s_cap, else the resolve kernel falls back to passes over the candidates in memory (one block
     per KV head; H100, GQA B=1 S=131072: 551 / 702 us per step at k = S/8 / S/4 with the old fixed
-    4096 samples, 291 / 362 us with these sizes). The bracket shrinks as 1/sqrt(samples), so the
-    sample grows first; CAP grows only past 16384 samples. A larger sample is not free: at k = S/16
-    this picks 8192 samples where 4096 happened to fit (179 vs 146 us): see KERNEL_NOTES.md v8.
+    4096 samples, 291 / 362 us with 16384 samples in registers). A larger sample is not free
+    (16384 samples: +34 us at k = S/16, see KERNEL_NOTES.md v8), so _SAMPLE_PLANS tries a larger
+    CAP (8192) before a larger sample. The plan needs each length's predicted bracket + 3 sigma
+    to fit CAP.
     """
-    lengths = sorted({max(1, s_cap >> i) for i in range(8)})
-    def worst(ns, tol):
-        return max(predicted_bracket(n, config, ns, tol) for n in lengths)
     if SAMPLES is not None or CAP is not None:  # tests: force small sizes
         return SAMPLES or 2048, CAP or _BASE_CAP, 65535
-    for ns, tol in _SAMPLE_PLANS:
-        if worst(ns, tol) <= 0.8 * _BASE_CAP:
-            return ns, _BASE_CAP, tol
-    ns, tol = _SAMPLE_PLANS[-1]
-    cap = _BASE_CAP
-    while cap < _MAX_CAP and worst(ns, tol) > 0.8 * cap:
-        cap *= 2
-    return ns, cap, tol
+    lengths = sorted({max(1, s_cap >> i) for i in range(8)})
+    for ns, tol, cap in _SAMPLE_PLANS:
+        if all(m + 3.0 * sd <= cap for m, sd in (predicted_bracket(n, config, ns) for n in lengths)):
+            return ns, cap, tol
+    return _SAMPLE_PLANS[-1][0], _SAMPLE_PLANS[-1][2], _SAMPLE_PLANS[-1][1]
+
+
+def search_pivots(n_keys: int, num_warps: int, pivots: int | None, budget: int | None) -> int:
+    """Pivots per round (a power of 2; 1 = plain bisection) of the threshold search over n_keys
+    keys held by one block of num_warps warps (see _kth_largest_mp).
+
+    The [n_keys, P] comparison tile is spread over the block with each key repeated on the P
+    lanes that hold different pivots, i.e. n_keys * P / (32 * num_warps) int32 keys per thread,
+    held across the rounds. `budget` caps that (None: no cap): the pivots halve until it fits.
+    Example (budget 64): the resolve at CAP 4096 and the sample at 4096 keys with 16 warps keep
+    8 pivots, 8192 keys with 16 warps get 4, 16384 keys with 32 warps get 4.
+    """
+    if not pivots or pivots <= 1:
+        return 1
+    p = 1 << (int(pivots).bit_length() - 1)
+    while budget and p > 1 and n_keys * p > budget * 32 * num_warps:
+        p //= 2
+    return p
 
 
 def budgets(config, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,10 +186,56 @@ def _kth_largest(u, ok, j, lo, hi, tol):
 
 
 @triton.jit
+def _signed_key(u):
+    """Order key (int64 in [0, 2^32)) -> int32, order preserving (u - 2^31): half the registers
+    of the int64 key in the [n, P] comparison tile of the multi-pivot search."""
+    return (u - 2147483648).to(tl.int32)
+
+
+@triton.jit
+def _pivots(lo, hi, P: tl.constexpr):
+    """P pivots splitting [lo, hi] (hi > lo) into P + 1 parts of width < step: pivot i is
+    lo + (i + 1) * step clamped to hi (never past 2^32 - 1), as int32 (see _signed_key); every
+    pivot is >= lo + 1 >= 1."""
+    step = (hi - lo) // (P + 1) + 1
+    piv = tl.minimum(lo + (tl.arange(0, P) + 1).to(tl.int64) * step, hi)
+    return _signed_key(piv), step
+
+
+@triton.jit
+def _narrow(lo, hi, step, cnt, j):
+    """[lo, hi] after one multi-pivot round, cnt[i] = count(u >= pivot i) (one 2D reduction).
+    Counts fall with the pivot, so the pivots with cnt >= j + 1 are the first n: v >= pivot n-1
+    (lo + n * step, or hi when clamped) and v < pivot n (<= lo + (n + 1) * step)."""
+    n = tl.sum((cnt >= j + 1).to(tl.int64), 0)
+    new_lo = tl.minimum(lo + n * step, hi)
+    return new_lo, tl.minimum(hi, lo + (n + 1) * step - 1)
+
+
+@triton.jit
+def _kth_largest_mp(u, ok, j, lo, hi, tol, P: tl.constexpr):
+    """_kth_largest with P pivots per round (same contract: returns (lo, hi) with lo <= v <= hi,
+    exact with tol = 0): the counts of all P pivots come from ONE reduction of the [n, P]
+    comparison tile, and [lo, hi] shrinks (P + 1)-fold per round instead of 2-fold.
+    P = 1 is the plain bisection."""
+    if P == 1:
+        lo, hi = _kth_largest(u, ok, j, lo, hi, tol)
+    else:
+        # masked keys become u = 0, below every pivot (>= 1): never counted
+        k2 = _signed_key(tl.where(ok, u, 0))[:, None]
+        while hi - lo > tol:
+            piv, step = _pivots(lo, hi, P)
+            cnt = tl.sum((k2 >= piv[None, :]).to(tl.int32), axis=0)
+            lo, hi = _narrow(lo, hi, step, cnt, j)
+    return lo, hi
+
+
+@triton.jit
 def _sample_kernel(
     logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, split_m_ptr, split_l_ptr, n_split,
     num_kv_heads, s_cap,
     G: tl.constexpr, G_PAD: tl.constexpr, NS: tl.constexpr, NS1_PAD: tl.constexpr, TOL: tl.constexpr,
+    PIVOTS: tl.constexpr,
 ):
     """log-normalisers of s_hat from step 1's split statistics, then the bracket [U_lo, U_hi] of
     the need-th largest key from a stratified sample.
@@ -209,7 +280,7 @@ def _sample_kernel(
         tol = tl.where(ns == n_cand, 0, TOL).to(tl.int64)
         zero = tl.min(tl.where(ok, u, 0), 0) * 0
         rank = tl.where(which == 0, tl.maximum(r_hi, 0), tl.minimum(r_lo, ns - 1))
-        v_lo, v_hi = _kth_largest(u, ok, rank, zero, zero + 4294967295, tol)
+        v_lo, v_hi = _kth_largest_mp(u, ok, rank, zero, zero + 4294967295, tol, PIVOTS)
         val_hi = tl.where(r_hi < 0, val, v_hi)
         val_lo = tl.where(r_lo >= ns, zero, v_lo)
         val = tl.where(which == 0, val_hi, val_lo)
@@ -274,11 +345,13 @@ def _resolve_kernel(
     logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count_ptr, idx_ptr, cand_ptr,
     num_kv_heads, s_cap, k_max,
     G: tl.constexpr, G_PAD: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+    PIVOTS: tl.constexpr, PIVOTS_MEM: tl.constexpr,
 ):
     """Exact winners inside the bracket (or, if the bracket missed, over all candidates).
 
     Usual case: reads 4 + 4 * g bytes per bracket candidate once (held in registers), writes 4
-    bytes per winner. Fallback: 33 passes over the candidate keys of the KV head.
+    bytes per winner. Fallback: 2 + (search rounds) passes over the candidate keys of the KV head
+    (32 rounds with PIVOTS_MEM = 1, 11 with 8).
     """
     bh = tl.program_id(0)
     b = bh // num_kv_heads
@@ -311,7 +384,7 @@ def _resolve_kernel(
                 # every candidate lies in [U_lo, U_hi]: bisect inside the bracket only
                 b_lo = tl.load(state_ptr + bh * 2 + 1)
                 b_hi = tl.minimum(tl.load(state_ptr + bh * 2), 4294967295)
-                thr_r, _ = _kth_largest(u_r, ok_r, m - 1, b_lo, b_hi, b_lo * 0)
+                thr_r, _ = _kth_largest_mp(u_r, ok_r, m - 1, b_lo, b_hi, b_lo * 0, PIVOTS)
                 tie_i_r = (ok_r & (u_r == thr_r)).to(tl.int32)
                 n_ties_r = m - tl.sum((ok_r & (u_r > thr_r)).to(tl.int32), 0)
                 keep_r = ok_r & ((u_r > thr_r) | ((tie_i_r > 0) & (tl.cumsum(tie_i_r, 0) - tie_i_r < n_ties_r)))
@@ -322,18 +395,31 @@ def _resolve_kernel(
                 offs = tl.arange(0, BLOCK)
                 lo = (base * 0).to(tl.int64)
                 hi = lo + 4294967295
-                while hi > lo:
-                    mid = (lo + hi + 1) // 2
-                    c = base * 0
-                    for c0 in range(0, n_list, BLOCK):
-                        ok = c0 + offs < n_list
-                        pos = tl.load(cand_row + c0 + offs, mask=ok & (offs < list_lim), other=0)
-                        pos = tl.where(fallback, c0 + offs, pos)
-                        u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
-                        c += tl.sum((ok & (u >= mid)).to(tl.int32), 0)
-                    take = c >= m
-                    lo = tl.where(take, mid, lo)
-                    hi = tl.where(take, hi, mid - 1)
+                if PIVOTS_MEM == 1:  # bisection: 32 passes over the candidates
+                    while hi > lo:
+                        mid = (lo + hi + 1) // 2
+                        c = base * 0
+                        for c0 in range(0, n_list, BLOCK):
+                            ok = c0 + offs < n_list
+                            pos = tl.load(cand_row + c0 + offs, mask=ok & (offs < list_lim), other=0)
+                            pos = tl.where(fallback, c0 + offs, pos)
+                            u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
+                            c += tl.sum((ok & (u >= mid)).to(tl.int32), 0)
+                        take = c >= m
+                        lo = tl.where(take, mid, lo)
+                        hi = tl.where(take, hi, mid - 1)
+                else:  # multi-pivot: ceil(32 / log2(PIVOTS_MEM + 1)) passes
+                    while hi > lo:
+                        piv, step = _pivots(lo, hi, PIVOTS_MEM)
+                        c = tl.zeros([PIVOTS_MEM], tl.int32)
+                        for c0 in range(0, n_list, BLOCK):
+                            ok = c0 + offs < n_list
+                            pos = tl.load(cand_row + c0 + offs, mask=ok & (offs < list_lim), other=0)
+                            pos = tl.where(fallback, c0 + offs, pos)
+                            u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
+                            k2 = _signed_key(tl.where(ok, u, 0))[:, None]
+                            c += tl.sum((k2 >= piv[None, :]).to(tl.int32), axis=0)
+                        lo, hi = _narrow(lo, hi, step, c, m - 1)
                 thr = lo
                 n_above = base * 0
                 for c0 in range(0, n_list, BLOCK):
