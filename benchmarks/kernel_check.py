@@ -52,11 +52,11 @@ def profile(shapes):
         torch.cuda.empty_cache()
 
 
-def _setup(label, batch, hq, hkv, seq, d, dtype):
+def _setup(label, batch, hq, hkv, seq, d, dtype, k_div=16):
     from sparq.bench import random_cache
     from sparq.config import SparQConfig
 
-    cfg = SparQConfig(r=d // 8, k=seq // 16, k_fraction=1 / 16, local_fraction=0.25)
+    cfg = SparQConfig(r=d // 8, k=seq // k_div, k_fraction=1 / k_div, local_fraction=0.25)
     cache, q = random_cache(batch, hq, hkv, seq, d, dtype)
     return cfg, cache, q
 
@@ -112,6 +112,7 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--shapes", default="all")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--pivot-sweep", action="store_true", help="selection search: bisection vs multi-pivot")
     ap.add_argument("--no-long", action="store_true", help="skip the 131072-position shapes")
     ap.add_argument("--legacy", action="store_true",
                     help="also bench the long shapes with the old selection sizes (2048/4096 samples, CAP 4096)")
@@ -142,6 +143,11 @@ def main():
             ("sw16", dict(select_warps=16)),
         ]
         sweep([DEFAULT_SHAPES[i] for i in (2, 4, 5, 9)], variants)
+    if args.pivot_sweep:
+        variants = [("p8", {}), ("p1", dict(search_pivots=1)), ("p4", dict(search_pivots=4)),
+                    ("p8nb", dict(search_budget=None)), ("p16nb", dict(search_pivots=16, search_budget=None))]
+        sweep([("GQA", 1, 32, 8, 4096, 128, torch.bfloat16)] + [DEFAULT_SHAPES[i] for i in (0, 4, 7, 8)]
+              + ([] if args.no_long else [LONG_SHAPES[0], LONG_SHAPES[1]]), variants)
     if not args.no_bench:
         bench_kernels(shapes, out_dir=out)
         if not args.no_long:

@@ -134,7 +134,7 @@ def _bracket_case(monkeypatch, adversarial, cap=16, tied=False, samples=16, seed
     cfg = SparQConfig(r=d, k=120, local_window=20)
     if tied:  # every key row one of 3 vectors: every score ties with ~1/3 of the others
         rows = torch.randn(3, d, generator=gen)
-        k = rows[torch.randint(0, 3, (batch, hkv, seq), generator=gen)]
+        k = rows[torch.randint(0, 3, (batch, hkv, seq), generator=gen)].to(DEVICE, k.dtype)
     if adversarial:
         for b in range(batch):
             n_cand = int(lengths[b]) - 20

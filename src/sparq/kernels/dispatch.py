@@ -86,8 +86,11 @@ TUNING = dict(blocks_per_sm=4, score_block=None, score_warps=4, score_stages=Non
               emit_warps=4, score_dot=True, select_warps=None, samples=None, emit_blocks_per_sm=16,
               score_blocks_per_sm=32, select_cap=None, select_tol=None,
               # threshold searches of the selection: pivots per round (1 = bisection) and the cap on
-              # the keys per thread of their [n, P] comparison tile (select.search_pivots)
-              search_pivots=8, search_budget=64)
+              # the keys per thread of their [n, P] comparison tile (select.search_pivots). H100,
+              # whole step (benchmarks/results/pivots-H100.log): 4 pivots beat bisection by 8-22% on
+              # GQA shapes (B=1 S=4k 82.6 -> 64.9 us, B=8 S=32k 183.7 -> 168.6, B=1 S=131072 197 -> 172)
+              # and tie it on MHA; 8 pivots are 0-4% slower than 4, 16 slower still
+              search_pivots=4, search_budget=64)
 
 
 def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: int,
