@@ -48,8 +48,11 @@ KEY_SPAN = tl.constexpr(4294967296)  # 2^32: above every key
 # first whose predicted bracket (+3 sigma) fits CAP wins. A tolerance of 65535 order-key steps saves
 # 8 bisection rounds (2 rounds of the 8-pivot search) and widens the bracket only a little (not in
 # predicted_bracket). Larger samples cost time (16384 samples:
-# +34 us at GQA B=1 S=131072 k=S/16 on H100), so a larger CAP comes before a larger sample.
-_SAMPLE_PLANS = ((2048, 65535, 4096), (4096, 65535, 4096), (4096, 65535, 8192), (8192, 255, 8192),
+# +34 us at GQA B=1 S=131072 k=S/16 on H100), so a larger CAP comes before a larger sample, except
+# 8192 samples with CAP 4096 before 4096 with CAP 8192: the 8192-wide resolve is slow (whole step,
+# GQA B=1 S=131072 k=S/16, H100: 135 vs 166 us; benchmarks/results/plan-sweep-H100.log).
+_SAMPLE_PLANS = ((2048, 65535, 4096), (4096, 65535, 4096), (8192, 65535, 4096), (4096, 65535, 8192),
+                 (8192, 255, 8192),
                  (16384, 255, 8192), (16384, 255, 16384))
 _BASE_CAP = 4096
 
