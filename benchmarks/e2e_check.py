@@ -133,6 +133,7 @@ GRIDS = {
     "llama-short": ("llama3-8b", (1, 8, 16), (4096,)),
     "llama-32k": ("llama3-8b", (1, 8), (32768,)),
     "llama-long": ("llama3-8b", (1,), (65536, 131072)),
+    "llama-32k-h200": ("llama3-8b", (8, 16), (32768,)),  # batch 16 needs more than 80 GB
     "llama-tp": ("llama3-8b", (1, 8), (32768,)),      # under torchrun: tensor parallel over its GPUs
     "llama70b-tp": ("llama3-70b", (1, 8), (32768,)),
 }
