@@ -34,6 +34,22 @@ pytestmark = pytest.mark.skipif(not kernels.available(DEVICE), reason="Triton ke
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 
 
+@pytest.fixture(params=[True, False], ids=["det", "atomic"])
+def det(request, monkeypatch):
+    """Both selection paths: deterministic (bitmap + ordered compaction, the default) and the
+    older atomic-order lists (dispatch.TUNING["deterministic"])."""
+    from sparq.kernels import dispatch
+
+    monkeypatch.setitem(dispatch.TUNING, "deterministic", request.param)
+    return request.param
+
+
+def _deterministic() -> bool:
+    from sparq.kernels import dispatch
+
+    return bool(dispatch.TUNING.get("deterministic", False))
+
+
 def _case(batch, hq, hkv, seq, d, dtype, gen):
     q = torch.randn(batch, hq, d, generator=gen).to(DEVICE, dtype)
     k = torch.randn(batch, hkv, seq, d, generator=gen).to(DEVICE, dtype)
@@ -62,6 +78,8 @@ def compare(q, k, v, lengths, cfg, out, ws_kept):
         for h in range(hkv):
             sel = idx[b * hkv + h, : int(k_b[b])].long()
             assert int(counts[b * hkv + h]) == int(k_b[b]), "kept count differs from k_b"
+            if _deterministic():  # the kept-index list is in ascending position order
+                assert bool((sel[1:] > sel[:-1]).all()), "kept positions not strictly ascending"
             assert sel.unique().numel() == sel.numel(), "a position was kept twice"
             assert bool((sel < lengths[b]).all()) and bool((sel >= 0).all()), "kept a padding position"
             ours[b, h, sel] = True
@@ -116,14 +134,14 @@ GPU_CASES = [
 
 
 @pytest.mark.parametrize("case", CPU_CASES if not CUDA else CPU_CASES[:0] + GPU_CASES)
-def test_kernels_match_reference(case):
+def test_kernels_match_reference(case, det):
     batch, hq, hkv, seq, d, dtype, cfg = case
     for seed in (0, 1):
         rows, flipped, max_flip = run_case(batch, hq, hkv, seq, d, dtype, cfg, seed)
         assert flipped <= max(1, rows // 4), f"{flipped}/{rows} rows flipped"
 
 
-def _bracket_case(monkeypatch, adversarial, cap=16, tied=False, samples=16, seed=5):
+def _bracket_case(monkeypatch, adversarial, cap=16, tied=False, samples=16, seed=5, check=True):
     from sparq.kernels import select
 
     monkeypatch.setattr(select, "SAMPLES", samples)
@@ -146,15 +164,96 @@ def _bracket_case(monkeypatch, adversarial, cap=16, tied=False, samples=16, seed
     out = torch.full_like(q, float("nan"))
     sparq_decode(q, k, v, cfg, lengths, out=out)
     ws = plan(batch, hq, hkv, d, seq, cfg, q.device)
-    compare(q, k, v, lengths, cfg, out, (ws.idx.cpu(), ws.counts[:, 0].cpu()))
+    if check:
+        compare(q, k, v, lengths, cfg, out, (ws.idx.cpu(), ws.counts[:, 0].cpu()))
+    if check and tied and _deterministic():
+        _assert_reference_ties(q, k, lengths, cfg, ws)
+    ws.last_out = out
     return ws
 
 
+def _assert_reference_ties(q, k, lengths, cfg, ws):
+    """With exact ties at the threshold the kept set is the reference's: ties go to the earlier
+    position. Identical key rows get one score (that of their first valid occurrence): the
+    kernels score them identically, and so does exact arithmetic."""
+    batch, _, d = q.shape
+    hkv, seq = k.shape[1], k.shape[2]
+    valid = valid_mask(lengths, batch, seq, q.device)
+    scores = reference.approx_scores(q.float(), k.float(), valid, cfg.r, 1.0 / math.sqrt(d)).sum(2).cpu()
+    _, k_b, local_b = reference.budgets(cfg, valid)
+    canon = scores.clone()
+    kc = k.float().cpu()
+    for b in range(batch):
+        n = int(lengths[b])
+        for h in range(hkv):
+            _, inv = torch.unique(kc[b, h, :n], dim=0, return_inverse=True)
+            first = torch.full((int(inv.max()) + 1,), n, dtype=torch.long).scatter_reduce(
+                0, inv, torch.arange(n), "amin")
+            canon[b, h, :n] = scores[b, h, :n][first[inv]]
+    want = reference.select_topk(canon, valid.cpu(), k_b.cpu(), local_b.cpu())
+    for b in range(batch):
+        for h in range(hkv):
+            kept = ws.idx[b * hkv + h, : int(k_b[b])].long().cpu()
+            assert torch.equal(kept, want[b, h].nonzero().flatten()), (b, h)
+
+
 @pytest.mark.parametrize("adversarial", [False, True])
-def test_bracket_paths(monkeypatch, adversarial):
+def test_bracket_paths(monkeypatch, adversarial, det):
     """Small sample and register capacity: the bracket path with candidates resolved from memory,
     and (adversarial: the sampled positions score highest) the exact fallback when the bracket misses."""
     _bracket_case(monkeypatch, adversarial)
+
+
+@pytest.mark.parametrize("cap, samples", [(512, 128), (512, 16), (16, 16)], ids=["registers", "wide", "memory"])
+@pytest.mark.parametrize("adversarial", [False, True], ids=["bracket", "fallback"])
+def test_ties_go_to_earlier_positions(monkeypatch, cap, samples, adversarial):
+    """Deterministic path, keys from 3 repeated row vectors (exact ties at the threshold): the kept
+    set equals the reference's (earliest tied positions) in the register, in-memory and fallback
+    resolve paths, and the kept list is ascending (checked in compare)."""
+    from sparq.kernels import dispatch
+
+    monkeypatch.setitem(dispatch.TUNING, "deterministic", True)
+    for seed in (5, 6):
+        _bracket_case(monkeypatch, adversarial, cap=cap, tied=True, samples=samples, seed=seed)
+
+
+class _PermutedCandidates:
+    """Stands in for dispatch._resolve_kernel: permutes each KV head's bracket-candidate list (the
+    order in which the emit tiles' atomics happened to land) before the real launch."""
+
+    def __init__(self, kernel, seed):
+        self.kernel, self.gen = kernel, torch.Generator().manual_seed(seed)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            counts, cand = args[6], args[8]
+            for row, n in enumerate(counts[:, 1].tolist()):
+                if n > 1:
+                    perm = torch.randperm(n, generator=self.gen).to(cand.device)
+                    cand[row, :n] = cand[row, :n][perm]
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("cap, tied", [(512, False), (512, True), (16, True)], ids=["registers", "reg-tied", "memory"])
+def test_deterministic_order_and_reruns(monkeypatch, det, cap, tied):
+    """Two runs give bitwise-identical kept lists and outputs, and (deterministic path) so does a
+    run whose bracket-candidate list arrives in another order, as tile scheduling may give on a
+    GPU; the old atomic-order path is shown to depend on that order (a check of this test)."""
+    from sparq.kernels import dispatch
+
+    first = _bracket_case(monkeypatch, False, cap=cap, tied=tied, samples=128)
+    idx0, out0 = first.idx.clone(), first.last_out.clone()
+    again = _bracket_case(monkeypatch, False, cap=cap, tied=tied, samples=128)
+    assert torch.equal(again.idx, idx0) and torch.equal(again.last_out, out0)
+    assert int(again.counts[:, 1].max()) > 1  # there is a candidate list to permute
+    for seed in (0, 1):
+        monkeypatch.setattr(dispatch, "_resolve_kernel", _PermutedCandidates(dispatch._resolve_kernel, seed))
+        # the old path may now keep other tied positions than the reference: no comparison there
+        ws = _bracket_case(monkeypatch, False, cap=cap, tied=tied, samples=128, check=det)
+        monkeypatch.setattr(dispatch, "_resolve_kernel", dispatch._resolve_kernel.kernel)
+        same = torch.equal(ws.idx, idx0) and torch.equal(ws.last_out, out0)
+        assert same if det else not torch.equal(ws.idx, idx0)
 
 
 @triton.jit
@@ -210,7 +309,7 @@ def test_kth_largest_multi_pivot(pivots):
 
 
 @pytest.mark.parametrize("pivots", [1, 8])
-def test_search_pivots_bisection_and_multi_pivot(monkeypatch, pivots):
+def test_search_pivots_bisection_and_multi_pivot(monkeypatch, pivots, det):
     """The whole selection with the threshold searches forced to bisection (1) or 8 pivots per
     round (no register budget): random shapes (g = 1 and g > 1), the in-memory and the fallback
     bracket paths, ties in registers, ties in memory and ties in the fallback, all-equal keys."""
@@ -223,6 +322,7 @@ def test_search_pivots_bisection_and_multi_pivot(monkeypatch, pivots):
         rows, flipped, _ = run_case(batch, hq, hkv, seq, d, dtype, cfg, 7)
         assert flipped <= max(1, rows // 4), f"{flipped}/{rows} rows flipped"
     for adversarial in (False, True):  # adversarial: the bracket misses, exact fallback
+        # (tied, deterministic path: the kept set is also checked against the reference's ties)
         _bracket_case(monkeypatch, adversarial, cap=512)  # [U_lo, 2^32]: in registers
         _bracket_case(monkeypatch, adversarial, cap=16, tied=True)  # in memory
     for tied in (False, True):  # 128 samples: [U_lo, U_hi] both inside, in registers
@@ -231,7 +331,8 @@ def test_search_pivots_bisection_and_multi_pivot(monkeypatch, pivots):
     monkeypatch.undo()
     monkeypatch.setitem(dispatch.TUNING, "search_pivots", pivots)
     monkeypatch.setitem(dispatch.TUNING, "search_budget", None)
-    test_many_ties_keep_exactly_k()
+    monkeypatch.setitem(dispatch.TUNING, "deterministic", det)
+    test_many_ties_keep_exactly_k(det)
 
 
 def test_search_pivots_budget():
@@ -283,8 +384,9 @@ def test_long_context_large_budget_stays_in_registers(k_div):
     compare(q, k, v, lengths, cfg, out, (ws.idx.cpu(), ws.counts[:, 0].cpu()))
 
 
-def test_many_ties_keep_exactly_k():
-    """Equal keys everywhere: every score ties, the kernels must still keep exactly k_b positions."""
+def test_many_ties_keep_exactly_k(det):
+    """Equal keys everywhere: every score ties, the kernels must still keep exactly k_b positions
+    (deterministic path: the reference's, the first k_b - local_b and the local window)."""
     from sparq.kernels.dispatch import plan, sparq_decode
 
     cfg = SparQConfig(r=4, k=20, local_window=4)
@@ -299,6 +401,9 @@ def test_many_ties_keep_exactly_k():
     for row, b in ((0, 0), (1, 0), (2, 1), (3, 1)):
         kept = ws.idx[row, :20].long().cpu()
         assert kept.unique().numel() == 20 and int(kept.max()) < int(lengths[b])
+        if det:
+            n = int(lengths[b])
+            assert kept.tolist() == list(range(16)) + list(range(n - 4, n))
     # all logits are equal, so any kept set gives the mean of the kept V rows; alpha = 20/len
     assert torch.isfinite(out).all()
 

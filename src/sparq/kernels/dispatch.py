@@ -6,11 +6,21 @@
   _sample_kernel                        logZ per query head; bracket of the selection threshold
   _emit_kernel                          one pass: sure winners + local window, bracket candidates
   _resolve_kernel                       exact winners inside the bracket
+  _compact_kernel                       (deterministic only) the kept-index list in position order
   _gather_attention_kernel              split-K attention over kept rows + alpha (gather_attention)
   _combine_kernel                       merge splits, reallocation, output
 Everything has static shapes (sized from the cache capacity S = key.shape[2]); lengths stay a
 device tensor, so the step has no host synchronisation and can be captured in a CUDA graph.
 Workspaces are cached per (device, shapes, dtype, config) and reused across steps.
+
+TUNING["deterministic"] (default True): the step is bitwise reproducible. The emit kernel writes a
+keep bitmap and per-tile kept counts instead of appending kept positions at atomically reserved
+(scheduling-dependent) offsets, the resolve kernel marks its winners there (ties at the threshold
+go to the earliest positions, as in the reference) and `_compact_kernel` writes the kept-index list
+in ascending position order, so the gather accumulates rows in a fixed order. Extra cost per step:
+one launch, S / 8 bytes of bitmap written and read per KV head (plus 4 bytes per 1024-position
+tile of counts), two integer atomics per winner resolved inside the bracket. False: the previous
+order-dependent lists (the kept set among exact ties and fp32 rounding vary between runs).
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from . import interpreting
 from .approx_scores import TransposedKeyScorer
 from .gather_attention import _combine_kernel, _gather_attention_kernel
 from . import select as _select
-from .select import _budgets_kernel, _emit_kernel, _resolve_kernel, _sample_kernel
+from .select import _budgets_kernel, _compact_kernel, _emit_kernel, _resolve_kernel, _sample_kernel
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -72,6 +82,10 @@ class Workspace:
     state: torch.Tensor    # [BH, 2] int64: (U_hi, U_lo)
     cand: torch.Tensor     # [BH, S] int32
     idx: torch.Tensor      # [BH, k_max] int32
+    deterministic: bool    # TUNING["deterministic"]: bitmap + _compact_kernel (see the module docstring)
+    n_tiles: int           # emit tiles per KV head: cdiv(S, emit_block)
+    bits: torch.Tensor     # [BH, n_tiles * emit_block / 32] int32 keep bitmap (deterministic; else [1])
+    tile_counts: torch.Tensor  # [BH, n_tiles] int32 kept positions per tile (deterministic; else [1])
     part_m: torch.Tensor   # [B*Hq, n_split2]
     part_l: torch.Tensor
     part_a: torch.Tensor
@@ -90,7 +104,10 @@ TUNING = dict(blocks_per_sm=4, score_block=None, score_warps=4, score_stages=Non
               # whole step (benchmarks/results/pivots-H100.log): 4 pivots beat bisection by 8-22% on
               # GQA shapes (B=1 S=4k 82.6 -> 64.9 us, B=8 S=32k 183.7 -> 168.6, B=1 S=131072 197 -> 172)
               # and tie it on MHA; 8 pivots are 0-4% slower than 4, 16 slower still
-              search_pivots=4, search_budget=64)
+              search_pivots=4, search_budget=64,
+              # bitwise-reproducible step with the kept-index list in ascending position order
+              # (see the module docstring); False: the older atomic-order lists
+              deterministic=True)
 
 
 def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: int,
@@ -135,6 +152,10 @@ def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: 
 
     f32 = dict(dtype=torch.float32, device=device)
     i32 = dict(dtype=torch.int32, device=device)
+    det = bool(TUNING.get("deterministic", False))
+    if det and (emit_block < 32 or emit_block & (emit_block - 1)):
+        raise ValueError("deterministic selection needs a power-of-2 emit_block >= 32")
+    n_tiles = triton.cdiv(s_cap, emit_block)
     logits = torch.empty(bh, g, s_cap, **f32)
     rows = batch * num_q_heads
     ws = Workspace(
@@ -151,6 +172,9 @@ def plan(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, s_cap: 
         samples=samples, cap=cap, sample_tol=sample_tol,
         state=torch.empty(bh, 2, dtype=torch.int64, device=device), cand=torch.empty(bh, s_cap, **i32),
         idx=torch.empty(bh, k_max, **i32),
+        deterministic=det, n_tiles=n_tiles,
+        bits=torch.empty(bh, n_tiles * emit_block // 32 if det else 1, **i32),
+        tile_counts=torch.empty(bh, n_tiles if det else 1, **i32),
         part_m=torch.empty(rows, n_split2, **f32), part_l=torch.empty(rows, n_split2, **f32),
         part_a=torch.empty(rows, n_split2, **f32), part_acc=torch.empty(rows, n_split2, head_dim, **f32),
     )
@@ -225,6 +249,8 @@ def sparq_decode(
     sample_warps = sel_warps if interpreting() else max(sel_warps, min(32, ws.samples // 512))
     resolve_warps = sel_warps if interpreting() else max(sel_warps, min(32, ws.cap // 512))
     resolve_block = 64 if interpreting() else 1024
+    if ws.deterministic:  # the fallback rewrites the bitmap one resolve block per emit tile
+        resolve_block = ws.emit_block
     pivots = (TUNING["search_pivots"], TUNING["search_budget"])
     _sample_kernel[(bh, 2)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.split_m, ws.split_l, ws.n_split1,
@@ -234,15 +260,23 @@ def sparq_decode(
     )
     _emit_kernel[(bh, ws.n_split_e)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.counts.view(torch.int64), ws.idx, ws.cand,
-        num_kv_heads, s_cap, ws.k_max, G=g, G_PAD=g_pad, CHUNK=ws.chunk_e, BLOCK_S=ws.emit_block,
+        ws.bits, ws.tile_counts, num_kv_heads, s_cap, ws.k_max, ws.n_tiles,
+        G=g, G_PAD=g_pad, CHUNK=ws.chunk_e, BLOCK_S=ws.emit_block, DET=ws.deterministic,
         num_warps=4 if interpreting() else TUNING["emit_warps"],
     )
     _resolve_kernel[(bh,)](
         ws.logits, logz, lengths, k_b, local_b, ws.state, ws.counts, ws.idx, ws.cand,
-        num_kv_heads, s_cap, ws.k_max, G=g, G_PAD=g_pad, CAP=ws.cap, BLOCK=resolve_block,
+        ws.bits, ws.tile_counts, num_kv_heads, s_cap, ws.k_max, ws.n_tiles,
+        G=g, G_PAD=g_pad, CAP=ws.cap, BLOCK=resolve_block,
         PIVOTS=_select.search_pivots(ws.cap, resolve_warps, *pivots),
-        PIVOTS_MEM=_select.search_pivots(resolve_block, resolve_warps, *pivots), num_warps=resolve_warps,
+        PIVOTS_MEM=_select.search_pivots(resolve_block, resolve_warps, *pivots),
+        TILE=ws.emit_block, DET=ws.deterministic, num_warps=resolve_warps,
     )
+    if ws.deterministic:
+        _compact_kernel[(bh, ws.n_split_e)](
+            lengths, ws.bits, ws.tile_counts, ws.idx, num_kv_heads, ws.k_max, ws.n_tiles,
+            CHUNK=ws.chunk_e, TILE=ws.emit_block, NT_PAD=triton.next_power_of_2(ws.n_tiles), num_warps=4,
+        )
 
     # step 2b + 3
     g_dot = max(16, triton.next_power_of_2(g))

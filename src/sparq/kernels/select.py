@@ -8,7 +8,7 @@ group's query heads:
 - g > 1: c(s) = sum_j exp(logit_j(s) - logZ_j), computed on the fly from step 1's logits.
 Each fp32 key maps to an order-preserving unsigned 32-bit integer u (held in int64).
 
-Threshold selection in three kernels (no sort, one full pass over the keys):
+Threshold selection in three kernels (no sort, one full pass over the keys; DET adds a 4th, below):
 1. `_sample_kernel` (one block per KV head): a stratified sample of NS candidate keys; sample
    order statistics (a search over u, counts by comparison, to tolerance TOL) bracket the need-th largest
    key: U_hi (surely above: ~4 sigma of the sample quantile) and U_lo. When the sample is the whole
@@ -22,6 +22,16 @@ Threshold selection in three kernels (no sort, one full pass over the keys):
    or too few up to U_lo: possible only for adversarial key orders), it recomputes the selection
    exactly over all candidates from memory: slower, never wrong.
 Only positions < length are read; the kept positions are appended in no particular order.
+
+Deterministic variant (DET, dispatch.TUNING["deterministic"], the default): atomically reserved
+offsets make the list order depend on tile scheduling, hence which tied positions are kept and
+the gather's fp32 summation order. With DET, `_emit_kernel` writes each tile's keep bitmap and kept
+count instead of appending, `_resolve_kernel` marks its winners there (integer atomics: order
+independent) and breaks ties at the threshold toward the EARLIEST positions like the reference
+(a search over the tied candidates' positions, only when ties exceed the places left), and a 4th
+kernel, `_compact_kernel`, writes the index list in ascending position order from an exclusive
+scan of the tile counts. The candidate list keeps its atomic order: nothing derived from it
+depends on that order any more.
 
 The searches over u (the m-th largest key) are multi-pivot (`_kth_largest_mp`): each round counts
 the keys above P evenly spaced pivots with ONE block reduction of the [n, P] comparison tile and
@@ -291,10 +301,30 @@ def _sample_kernel(
 
 
 @triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _pack_bits(keep, N: tl.constexpr):
+    """[N] bool -> [N // 32] int32 words, bit i of word w = keep[32 * w + i]."""
+    lane = tl.arange(0, 32)
+    bits = tl.reshape(keep.to(tl.int32), [N // 32, 32]) << lane[None, :]
+    return tl.reduce(bits, 1, _bit_or)
+
+
+@triton.jit
+def _unpack_bits(words, N: tl.constexpr):
+    """_pack_bits inverted: [N // 32] int32 words -> [N] int32 (0 / 1)."""
+    lane = tl.arange(0, 32)
+    return tl.reshape((words[:, None] >> lane[None, :]) & 1, [N])
+
+
+@triton.jit
 def _emit_kernel(
     logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count64_ptr, idx_ptr, cand_ptr,
-    num_kv_heads, s_cap, k_max,
-    G: tl.constexpr, G_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
+    bits_ptr, tcount_ptr, num_kv_heads, s_cap, k_max, n_tiles,
+    G: tl.constexpr, G_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, DET: tl.constexpr,
 ):
     """Append one chunk's surely-kept positions to the index list and its bracket candidates to
     the candidate list.
@@ -302,6 +332,11 @@ def _emit_kernel(
     Reads 4 * g bytes per candidate position of the chunk (the logits); writes 4 bytes per
     appended position, plus one 64-bit atomic per block tile on count64[bh] (= the int32 pair
     (kept so far, candidates) of count[bh], little-endian).
+    DET (deterministic order): the kept positions are not appended; instead each tile (BLOCK_S
+    positions, tile t = s // BLOCK_S) writes its keep bitmap (BLOCK_S / 8 bytes, bits[bh]) and
+    its kept count (tcount[bh, t]); `_compact_kernel` turns them into the index list in
+    ascending position order once `_resolve_kernel` has added its winners. The candidate list is
+    still appended in tile-scheduling order: everything derived from it is order independent.
     """
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -337,24 +372,60 @@ def _emit_kernel(
         base = tl.atomic_add(count64_ptr + bh, (total & 65535).to(tl.int64) + ((total >> 16).to(tl.int64) << 32),
                              sem="relaxed")  # a slot reservation: no ordering needed
         excl = incl - packed
-        pos_k = (base & 4294967295).to(tl.int32) + (excl & 65535)
         pos_c = (base >> 32).to(tl.int32) + (excl >> 16)
-        tl.store(idx_ptr + bh.to(tl.int64) * k_max + pos_k, s, mask=keep & (pos_k < k_max))
+        if DET:
+            tl.store(tcount_ptr + bh * n_tiles + s0 // BLOCK_S, total & 65535)
+            tl.store(bits_ptr + bh.to(tl.int64) * (n_tiles * (BLOCK_S // 32)) + s0 // 32
+                     + tl.arange(0, BLOCK_S // 32), _pack_bits(keep, BLOCK_S))
+        else:
+            pos_k = (base & 4294967295).to(tl.int32) + (excl & 65535)
+            tl.store(idx_ptr + bh.to(tl.int64) * k_max + pos_k, s, mask=keep & (pos_k < k_max))
         tl.store(cand_ptr + bh.to(tl.int64) * s_cap + pos_c, s, mask=bnd)
+
+
+@triton.jit
+def _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list, list_lim, fallback, s_cap,
+               G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """(ok, position, key) of entries c0 .. c0 + BLOCK - 1 of the resolve kernel's in-memory list:
+    the bracket candidates, or (fallback: list_lim = 0) the positions 0 .. n_cand - 1. Every pass
+    over the list computes its keys with this one function (same code, same shape), so that the
+    threshold found by one pass compares equal with the keys of the next (g > 1 keys are sums)."""
+    offs = tl.arange(0, BLOCK)
+    ok = c0 + offs < n_list
+    pos = tl.load(cand_row + c0 + offs, mask=ok & (offs < list_lim), other=0)
+    pos = tl.where(fallback, c0 + offs, pos)
+    return ok, pos, _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
+
+
+@triton.jit
+def _mark_kept(bits_row, tc_row, pos, keep, TILE: tl.constexpr):
+    """DET: add kept positions `pos[keep]` (int32, any order, none already marked) to the keep
+    bitmap and the per-tile kept counts. Integer atomics commute: the result does not depend on
+    the order of the updates."""
+    one = pos * 0 + 1
+    tl.atomic_or(bits_row + (pos >> 5), one << (pos & 31), mask=keep, sem="relaxed")
+    tl.atomic_add(tc_row + pos // TILE, one, mask=keep, sem="relaxed")
 
 
 @triton.jit
 def _resolve_kernel(
     logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count_ptr, idx_ptr, cand_ptr,
-    num_kv_heads, s_cap, k_max,
+    bits_ptr, tcount_ptr, num_kv_heads, s_cap, k_max, n_tiles,
     G: tl.constexpr, G_PAD: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
-    PIVOTS: tl.constexpr, PIVOTS_MEM: tl.constexpr,
+    PIVOTS: tl.constexpr, PIVOTS_MEM: tl.constexpr, TILE: tl.constexpr, DET: tl.constexpr,
 ):
     """Exact winners inside the bracket (or, if the bracket missed, over all candidates).
 
     Usual case: reads 4 + 4 * g bytes per bracket candidate once (held in registers), writes 4
     bytes per winner. Fallback: 2 + (search rounds) passes over the candidate keys of the KV head
     (32 rounds with PIVOTS_MEM = 1, 11 with 8).
+
+    DET: the winners are marked in the keep bitmap / tile counts of `_emit_kernel` (two integer
+    atomics per winner) instead of appended, and ties at the threshold go to the EARLIEST
+    positions (as in the reference), found by one more search over the tied candidates'
+    positions (only when there are more ties than places), so the result does not depend on the
+    candidate list's order. The fallback rewrites the whole bitmap and the tile counts in
+    position order (one more pass over the candidate keys).
     """
     bh = tl.program_id(0)
     b = bh // num_kv_heads
@@ -370,10 +441,13 @@ def _resolve_kernel(
         fallback = (need2 < 0) | (need2 > n_c)
         idx_row = idx_ptr + bh.to(tl.int64) * k_max
         cand_row = cand_ptr + bh.to(tl.int64) * s_cap
-        if fallback:  # rewrite the index list: local window first
-            for s0 in range(n_cand, length, BLOCK):
-                s = s0 + tl.arange(0, BLOCK)
-                tl.store(idx_row + (s - n_cand), s, mask=s < length)
+        bits_row = bits_ptr + bh.to(tl.int64) * (n_tiles * (TILE // 32))
+        tc_row = tcount_ptr + bh * n_tiles
+        if not DET:
+            if fallback:  # rewrite the index list: local window first
+                for s0 in range(n_cand, length, BLOCK):
+                    s = s0 + tl.arange(0, BLOCK)
+                    tl.store(idx_row + (s - n_cand), s, mask=s < length)
         base = tl.where(fallback, lb, n_idx)
         m = tl.where(fallback, need, need2)
         n_list = tl.where(fallback, n_cand, n_c)
@@ -388,12 +462,23 @@ def _resolve_kernel(
                 b_lo = tl.load(state_ptr + bh * 2 + 1)
                 b_hi = tl.minimum(tl.load(state_ptr + bh * 2), 4294967295)
                 thr_r, _ = _kth_largest_mp(u_r, ok_r, m - 1, b_lo, b_hi, b_lo * 0, PIVOTS)
-                tie_i_r = (ok_r & (u_r == thr_r)).to(tl.int32)
-                n_ties_r = m - tl.sum((ok_r & (u_r > thr_r)).to(tl.int32), 0)
-                keep_r = ok_r & ((u_r > thr_r) | ((tie_i_r > 0) & (tl.cumsum(tie_i_r, 0) - tie_i_r < n_ties_r)))
-                keep_i_r = keep_r.to(tl.int32)
-                out_r = base + tl.cumsum(keep_i_r, 0) - keep_i_r
-                tl.store(idx_row + out_r, pos_r, mask=keep_r & (out_r < k_max))
+                gt_r = ok_r & (u_r > thr_r)
+                tie_r = ok_r & (u_r == thr_r)
+                n_ties_r = m - tl.sum(gt_r.to(tl.int32), 0)
+                if DET:
+                    # the n_ties_r earliest tied positions: s_cap - pos >= cut (values in [1, s_cap])
+                    cut = b_lo * 0
+                    if tl.sum(tie_r.to(tl.int32), 0) > n_ties_r:
+                        cut, _ = _kth_largest_mp(s_cap - pos_r.to(tl.int64), tie_r, n_ties_r - 1,
+                                                 b_lo * 0, b_lo * 0 + s_cap, b_lo * 0, PIVOTS)
+                    keep_r = gt_r | (tie_r & (s_cap - pos_r.to(tl.int64) >= cut))
+                    _mark_kept(bits_row, tc_row, pos_r, keep_r, TILE)
+                else:
+                    tie_i_r = tie_r.to(tl.int32)
+                    keep_r = gt_r | ((tie_i_r > 0) & (tl.cumsum(tie_i_r, 0) - tie_i_r < n_ties_r))
+                    keep_i_r = keep_r.to(tl.int32)
+                    out_r = base + tl.cumsum(keep_i_r, 0) - keep_i_r
+                    tl.store(idx_row + out_r, pos_r, mask=keep_r & (out_r < k_max))
             else:
                 offs = tl.arange(0, BLOCK)
                 lo = (base * 0).to(tl.int64)
@@ -403,10 +488,8 @@ def _resolve_kernel(
                         mid = (lo + hi + 1) // 2
                         c = base * 0
                         for c0 in range(0, n_list, BLOCK):
-                            ok = c0 + offs < n_list
-                            pos = tl.load(cand_row + c0 + offs, mask=ok & (offs < list_lim), other=0)
-                            pos = tl.where(fallback, c0 + offs, pos)
-                            u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
+                            ok, pos, u = _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list, list_lim,
+                                                    fallback, s_cap, G, G_PAD, BLOCK)
                             c += tl.sum((ok & (u >= mid)).to(tl.int32), 0)
                         take = c >= m
                         lo = tl.where(take, mid, lo)
@@ -416,34 +499,100 @@ def _resolve_kernel(
                         piv, step = _pivots(lo, hi, PIVOTS_MEM)
                         c = tl.zeros([PIVOTS_MEM], tl.int32)
                         for c0 in range(0, n_list, BLOCK):
-                            ok = c0 + offs < n_list
-                            pos = tl.load(cand_row + c0 + offs, mask=ok & (offs < list_lim), other=0)
-                            pos = tl.where(fallback, c0 + offs, pos)
-                            u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
+                            ok, pos, u = _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list, list_lim,
+                                                    fallback, s_cap, G, G_PAD, BLOCK)
                             k2 = _signed_key(tl.where(ok, u, 0))[:, None]
                             c += tl.sum((k2 >= piv[None, :]).to(tl.int32), axis=0)
                         lo, hi = _narrow(lo, hi, step, c, m - 1)
                 thr = lo
                 n_above = base * 0
+                n_tied = base * 0
                 for c0 in range(0, n_list, BLOCK):
-                    ok = c0 + offs < n_list
-                    pos = tl.load(cand_row + c0 + offs, mask=ok & (offs < list_lim), other=0)
-                    pos = tl.where(fallback, c0 + offs, pos)
-                    u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
+                    ok, pos, u = _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list, list_lim,
+                                            fallback, s_cap, G, G_PAD, BLOCK)
                     n_above += tl.sum((ok & (u > thr)).to(tl.int32), 0)
+                    n_tied += tl.sum((ok & (u == thr)).to(tl.int32), 0)
                 n_ties = m - n_above
-                written = base
-                ties = base * 0
-                for c0 in range(0, n_list, BLOCK):
-                    ok = c0 + offs < n_list
-                    pos = tl.load(cand_row + c0 + offs, mask=ok & (offs < list_lim), other=0)
-                    pos = tl.where(fallback, c0 + offs, pos)
-                    u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
-                    tie_i = (ok & (u == thr)).to(tl.int32)
-                    keep = ok & ((u > thr) | ((tie_i > 0) & (ties + tl.cumsum(tie_i, 0) - tie_i < n_ties)))
-                    keep_i = keep.to(tl.int32)
-                    out = written + tl.cumsum(keep_i, 0) - keep_i
-                    tl.store(idx_row + out, pos, mask=keep & (out < k_max))
-                    written += tl.sum(keep_i, 0)
-                    ties += tl.sum(tie_i, 0)
+                if DET:
+                    if fallback:
+                        # rewrite the bitmap and tile counts of [0, length) in position order:
+                        # the local window, the candidates above thr, the first n_ties ties
+                        # (keys from the same code and shape as the threshold search's: BLOCK == TILE,
+                        # so chunk c0 is bitmap tile c0 // TILE and thr compares with the same keys)
+                        tl.static_assert(BLOCK == TILE)
+                        ties = base * 0
+                        for c0 in range(0, length, BLOCK):
+                            ok, pos, u = _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list, list_lim,
+                                                    fallback, s_cap, G, G_PAD, BLOCK)
+                            tie_i = (ok & (u == thr)).to(tl.int32)
+                            s = c0 + offs
+                            keep = ((s >= n_cand) & (s < length)) | (ok & ((u > thr) | (
+                                (tie_i > 0) & (ties + tl.cumsum(tie_i, 0) - tie_i < n_ties))))
+                            tl.store(bits_row + c0 // 32 + tl.arange(0, TILE // 32), _pack_bits(keep, TILE))
+                            tl.store(tc_row + c0 // TILE, tl.sum(keep.to(tl.int32), 0))
+                            ties += tl.sum(tie_i, 0)
+                    else:
+                        cut = lo * 0  # as in the register path: s_cap - pos >= cut for kept ties
+                        if n_tied > n_ties:
+                            c_lo = lo * 0
+                            c_hi = c_lo + s_cap
+                            while c_hi > c_lo:
+                                piv, step = _pivots(c_lo, c_hi, PIVOTS_MEM)
+                                c = tl.zeros([PIVOTS_MEM], tl.int32)
+                                for c0 in range(0, n_list, BLOCK):
+                                    ok, pos, u = _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list,
+                                                            list_lim, fallback, s_cap, G, G_PAD, BLOCK)
+                                    k2 = _signed_key(tl.where(ok & (u == thr), s_cap - pos.to(tl.int64), 0))[:, None]
+                                    c += tl.sum((k2 >= piv[None, :]).to(tl.int32), axis=0)
+                                c_lo, c_hi = _narrow(c_lo, c_hi, step, c, n_ties - 1)
+                            cut = c_lo
+                        for c0 in range(0, n_list, BLOCK):
+                            ok, pos, u = _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list, list_lim,
+                                                    fallback, s_cap, G, G_PAD, BLOCK)
+                            keep = ok & ((u > thr) | ((u == thr) & (s_cap - pos.to(tl.int64) >= cut)))
+                            _mark_kept(bits_row, tc_row, pos, keep, TILE)
+                else:
+                    written = base
+                    ties = base * 0
+                    for c0 in range(0, n_list, BLOCK):
+                        ok, pos, u = _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list, list_lim,
+                                                fallback, s_cap, G, G_PAD, BLOCK)
+                        tie_i = (ok & (u == thr)).to(tl.int32)
+                        keep = ok & ((u > thr) | ((tie_i > 0) & (ties + tl.cumsum(tie_i, 0) - tie_i < n_ties)))
+                        keep_i = keep.to(tl.int32)
+                        out = written + tl.cumsum(keep_i, 0) - keep_i
+                        tl.store(idx_row + out, pos, mask=keep & (out < k_max))
+                        written += tl.sum(keep_i, 0)
+                        ties += tl.sum(tie_i, 0)
         tl.store(count_ptr + bh * 2, base + m)  # final kept count (= k_b)
+
+
+@triton.jit
+def _compact_kernel(len_ptr, bits_ptr, tcount_ptr, idx_ptr, num_kv_heads, k_max, n_tiles,
+                    CHUNK: tl.constexpr, TILE: tl.constexpr, NT_PAD: tl.constexpr):
+    """DET: the index list of KV head bh in ascending position order, from the keep bitmap and
+    the per-tile kept counts (`_emit_kernel` + `_resolve_kernel`). Program (bh, split) writes the
+    kept positions of the tiles of positions [split * CHUNK, (split + 1) * CHUNK) at the exclusive
+    scan of the earlier tiles' counts.
+
+    Reads 4 * (tiles before the chunk) bytes of counts and TILE / 8 bytes of bitmap per tile of
+    the chunk below length; writes 4 bytes per kept position.
+    """
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // num_kv_heads
+    length = tl.load(len_ptr + b)
+    n_valid = (length + TILE - 1) // TILE  # tiles written this step
+    t_start = split * (CHUNK // TILE)
+    if t_start < n_valid:
+        offs_t = tl.arange(0, NT_PAD)
+        base = tl.sum(tl.load(tcount_ptr + bh * n_tiles + offs_t, mask=offs_t < t_start, other=0), 0)
+        t_end = tl.minimum(t_start + CHUNK // TILE, n_valid)
+        offs = tl.arange(0, TILE)
+        bits_row = bits_ptr + bh.to(tl.int64) * (n_tiles * (TILE // 32))
+        idx_row = idx_ptr + bh.to(tl.int64) * k_max
+        for t in range(t_start, t_end):
+            keep = _unpack_bits(tl.load(bits_row + t * (TILE // 32) + tl.arange(0, TILE // 32)), TILE)
+            out = base + tl.cumsum(keep, 0) - keep
+            tl.store(idx_row + out, t * TILE + offs, mask=(keep > 0) & (out < k_max))
+            base += tl.sum(keep, 0)
