@@ -114,6 +114,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--pivot-sweep", action="store_true", help="selection search: bisection vs multi-pivot")
     ap.add_argument("--plan-sweep", action="store_true", help="long contexts: sample size vs resolve capacity")
+    ap.add_argument("--det-sweep", action="store_true", help="deterministic (ordered) selection vs atomic order")
     ap.add_argument("--no-long", action="store_true", help="skip the 131072-position shapes")
     ap.add_argument("--legacy", action="store_true",
                     help="also bench the long shapes with the old selection sizes (2048/4096 samples, CAP 4096)")
@@ -149,6 +150,10 @@ def main():
                     ("p8nb", dict(search_budget=None)), ("p16nb", dict(search_pivots=16, search_budget=None))]
         sweep([("GQA", 1, 32, 8, 4096, 128, torch.bfloat16)] + [DEFAULT_SHAPES[i] for i in (0, 4, 7, 8)]
               + ([] if args.no_long else [LONG_SHAPES[0], LONG_SHAPES[1]]), variants)
+    if args.det_sweep:
+        variants = [("det", {}), ("atomic", dict(deterministic=False)), ("det-p1", dict(search_pivots=1))]
+        sweep([("GQA", 1, 32, 8, 4096, 128, torch.bfloat16)] + [DEFAULT_SHAPES[i] for i in (0, 4, 5, 6, 8, 9)]
+              + [LONG_SHAPES[0], LONG_SHAPES[1]], variants)
     if args.plan_sweep:
         variants = [("auto", {}), ("s8k-c4k", dict(samples=8192, select_cap=4096)),
                     ("s16k-c4k", dict(samples=16384, select_cap=4096)),
