@@ -385,16 +385,38 @@ def _emit_kernel(
 
 @triton.jit
 def _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list, list_lim, fallback, s_cap,
-               G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr):
+               G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr, STORED: tl.constexpr = False):
     """(ok, position, key) of entries c0 .. c0 + BLOCK - 1 of the resolve kernel's in-memory list:
     the bracket candidates, or (fallback: list_lim = 0) the positions 0 .. n_cand - 1. Every pass
     over the list computes its keys with this one function (same code, same shape), so that the
-    threshold found by one pass compares equal with the keys of the next (g > 1 keys are sums)."""
+    threshold found by one pass compares equal with the keys of the next (g > 1 keys are sums).
+    STORED (deterministic path): in the fallback the keys were written once to cand_row (int32,
+    `_signed_key`) by `_store_fallback_keys` and are read back, because on the GPU the same sum
+    recomputed in another loop can round differently (measured: a kept slot short)."""
     offs = tl.arange(0, BLOCK)
     ok = c0 + offs < n_list
     pos = tl.load(cand_row + c0 + offs, mask=ok & (offs < list_lim), other=0)
     pos = tl.where(fallback, c0 + offs, pos)
-    return ok, pos, _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
+    if STORED:
+        in_fb = offs >= list_lim  # all lanes in the fallback (list_lim = 0), none otherwise
+        u = _key_at(logits_ptr, logz_ptr, bh, pos, ok & (offs < list_lim), s_cap, G, G_PAD)
+        st = tl.load(cand_row + c0 + offs, mask=ok & in_fb, other=0)
+        u = tl.where(in_fb, st.to(tl.int64) + 2147483648, u)
+    else:
+        u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
+    return ok, pos, u
+
+
+@triton.jit
+def _store_fallback_keys(logits_ptr, logz_ptr, cand_row, bh, n_cand, s_cap,
+                         G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Deterministic fallback: the keys of positions 0 .. n_cand - 1, computed once, into cand_row."""
+    for c0 in range(0, n_cand, BLOCK):
+        pos = c0 + tl.arange(0, BLOCK)
+        ok = pos < n_cand
+        u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
+        tl.store(cand_row + pos, _signed_key(u), mask=ok)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -448,6 +470,9 @@ def _resolve_kernel(
                 for s0 in range(n_cand, length, BLOCK):
                     s = s0 + tl.arange(0, BLOCK)
                     tl.store(idx_row + (s - n_cand), s, mask=s < length)
+        else:
+            if fallback & (need > 0):  # the list is 0 .. n_cand - 1: cand_row is free for its keys
+                _store_fallback_keys(logits_ptr, logz_ptr, cand_row, bh, n_cand, s_cap, G, G_PAD, BLOCK)
         base = tl.where(fallback, lb, n_idx)
         m = tl.where(fallback, need, need2)
         n_list = tl.where(fallback, n_cand, n_c)
@@ -489,7 +514,7 @@ def _resolve_kernel(
                         c = base * 0
                         for c0 in range(0, n_list, BLOCK):
                             ok, pos, u = _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list, list_lim,
-                                                    fallback, s_cap, G, G_PAD, BLOCK)
+                                                    fallback, s_cap, G, G_PAD, BLOCK, DET)
                             c += tl.sum((ok & (u >= mid)).to(tl.int32), 0)
                         take = c >= m
                         lo = tl.where(take, mid, lo)
@@ -500,7 +525,7 @@ def _resolve_kernel(
                         c = tl.zeros([PIVOTS_MEM], tl.int32)
                         for c0 in range(0, n_list, BLOCK):
                             ok, pos, u = _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list, list_lim,
-                                                    fallback, s_cap, G, G_PAD, BLOCK)
+                                                    fallback, s_cap, G, G_PAD, BLOCK, DET)
                             k2 = _signed_key(tl.where(ok, u, 0))[:, None]
                             c += tl.sum((k2 >= piv[None, :]).to(tl.int32), axis=0)
                         lo, hi = _narrow(lo, hi, step, c, m - 1)
@@ -509,7 +534,7 @@ def _resolve_kernel(
                 n_tied = base * 0
                 for c0 in range(0, n_list, BLOCK):
                     ok, pos, u = _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list, list_lim,
-                                            fallback, s_cap, G, G_PAD, BLOCK)
+                                            fallback, s_cap, G, G_PAD, BLOCK, DET)
                     n_above += tl.sum((ok & (u > thr)).to(tl.int32), 0)
                     n_tied += tl.sum((ok & (u == thr)).to(tl.int32), 0)
                 n_ties = m - n_above
@@ -523,7 +548,7 @@ def _resolve_kernel(
                         ties = base * 0
                         for c0 in range(0, length, BLOCK):
                             ok, pos, u = _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list, list_lim,
-                                                    fallback, s_cap, G, G_PAD, BLOCK)
+                                                    fallback, s_cap, G, G_PAD, BLOCK, DET)
                             tie_i = (ok & (u == thr)).to(tl.int32)
                             s = c0 + offs
                             keep = ((s >= n_cand) & (s < length)) | (ok & ((u > thr) | (
@@ -541,14 +566,14 @@ def _resolve_kernel(
                                 c = tl.zeros([PIVOTS_MEM], tl.int32)
                                 for c0 in range(0, n_list, BLOCK):
                                     ok, pos, u = _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list,
-                                                            list_lim, fallback, s_cap, G, G_PAD, BLOCK)
+                                                            list_lim, fallback, s_cap, G, G_PAD, BLOCK, DET)
                                     k2 = _signed_key(tl.where(ok & (u == thr), s_cap - pos.to(tl.int64), 0))[:, None]
                                     c += tl.sum((k2 >= piv[None, :]).to(tl.int32), axis=0)
                                 c_lo, c_hi = _narrow(c_lo, c_hi, step, c, n_ties - 1)
                             cut = c_lo
                         for c0 in range(0, n_list, BLOCK):
                             ok, pos, u = _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list, list_lim,
-                                                    fallback, s_cap, G, G_PAD, BLOCK)
+                                                    fallback, s_cap, G, G_PAD, BLOCK, DET)
                             keep = ok & ((u > thr) | ((u == thr) & (s_cap - pos.to(tl.int64) >= cut)))
                             _mark_kept(bits_row, tc_row, pos, keep, TILE)
                 else:
@@ -556,7 +581,7 @@ def _resolve_kernel(
                     ties = base * 0
                     for c0 in range(0, n_list, BLOCK):
                         ok, pos, u = _list_keys(logits_ptr, logz_ptr, cand_row, bh, c0, n_list, list_lim,
-                                                fallback, s_cap, G, G_PAD, BLOCK)
+                                                fallback, s_cap, G, G_PAD, BLOCK, DET)
                         tie_i = (ok & (u == thr)).to(tl.int32)
                         keep = ok & ((u > thr) | ((tie_i > 0) & (ties + tl.cumsum(tie_i, 0) - tie_i < n_ties)))
                         keep_i = keep.to(tl.int32)
