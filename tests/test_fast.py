@@ -20,19 +20,24 @@ def left_aligned(ids, mask):
     return out, lengths
 
 
+def hf_greedy(model, ids, mask, method: str, n: int):
+    """HF generate's greedy tokens with `method` ("dense" or "sparq" at a tight budget), and the
+    method as FastDecoder takes it."""
+    if method == "dense":
+        return greedy(model, ids, mask, n=n), "dense"
+    cfg = SparQConfig(r=4, k=6, local_window=2)
+    with sparq.enabled(model, cfg):
+        return greedy(model, ids, mask, n=n), cfg
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("method", ["dense", "sparq"])
 def test_fast_decoder_equals_hf_generate(arch, method):
     model = tiny(arch)
     ids, mask, _ = prompts()
-    cfg = SparQConfig(r=4, k=6, local_window=2)
-    if method == "dense":
-        expected = greedy(model, ids, mask, n=8)
-    else:
-        with sparq.enabled(model, cfg):
-            expected = greedy(model, ids, mask, n=8)
+    expected, method = hf_greedy(model, ids, mask, method, 8)
     aligned, lengths = left_aligned(ids, mask)
-    dec = FastDecoder(model, "dense" if method == "dense" else cfg, batch=3, max_len=64, prefill_chunk=16)
+    dec = FastDecoder(model, method, batch=3, max_len=64, prefill_chunk=16)
     got, timings = dec.generate(aligned, lengths, max_new_tokens=8)
     assert torch.equal(got, expected)
     assert timings.steps == 7
@@ -144,16 +149,11 @@ def test_fused_projection_weights_leave_the_model_unchanged():
 def test_fast_generate_from_a_padded_batch_equals_hf(method):
     model = tiny("llama")
     ids, mask, _ = prompts()  # left-padded, as a tokenizer pads for generation
-    cfg = SparQConfig(r=4, k=6, local_window=2)
-    if method == "dense":
-        expected = greedy(model, ids, mask, n=6)
-    else:
-        with sparq.enabled(model, cfg):
-            expected = greedy(model, ids, mask, n=6)
-    got, _ = sparq.fast_generate(model, ids, mask, "dense" if method == "dense" else cfg, 6)
+    expected, method = hf_greedy(model, ids, mask, method, 6)
+    got, _ = sparq.fast_generate(model, ids, mask, method, 6)
     assert torch.equal(got, expected)
     eos = int(expected[0, 2])
-    cut, _ = sparq.fast_generate(model, ids, mask, "dense" if method == "dense" else cfg, 6, eos_token_id=eos)
+    cut, _ = sparq.fast_generate(model, ids, mask, method, 6, eos_token_id=eos)
     assert (cut[0, 2:] == eos).all() and torch.equal(cut[0, :2], expected[0, :2])
     with pytest.raises(ValueError, match="attention_mask"):
         sparq.fast_generate(model, ids, mask[:, 1:], "dense", 2)
