@@ -88,6 +88,20 @@ def test_k_at_least_context_equals_dense(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_generate_runs_on_a_sparq_cache(arch):
+    """generate must keep the SparQCache the hook swaps in (transformers >= 5.24 passes the cache as
+    `cache=`, and a cache given as `past_key_values=` next to it would be ignored): otherwise the
+    transposed keys and V sums are rebuilt from scratch every step."""
+    model = tiny(arch)
+    ids, mask, _ = prompts()
+    with sparq.enabled(model, SparQConfig(r=4, k=6, local_window=2)):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                             return_dict_in_generate=True)
+    cache = out.get("cache", None) or out.get("past_key_values", None)
+    assert isinstance(cache, SparQCache), type(cache).__name__
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_left_padded_batch_equals_each_prompt_alone(arch):
     model = tiny(arch)
     ids, mask, lengths = prompts()

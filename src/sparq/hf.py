@@ -14,6 +14,7 @@ with an empty plain `DynamicCache`, swaps in a `SparQCache`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,6 +41,7 @@ class _Context:
         self.hook = hook
         self.modules = modules
         self.cache: Any = None
+        self.cache_arg = "past_key_values"  # the model's keyword for the cache (see _pre_forward)
 
 
 def _valid_positions(attention_mask: Tensor | None, batch: int, seq_len: int, device: torch.device) -> Tensor:
@@ -125,11 +127,14 @@ def _as_method(config_or_method: SparQConfig | DecodeMethod) -> DecodeMethod:
 
 def _pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     ctx: _Context = getattr(model, _CTX_ATTR)
-    cache = kwargs.get("past_key_values")
+    # transformers >= 5.24 names the argument `cache` (`past_key_values` is a deprecated alias that
+    # loses to `cache` when both are given): swap the cache under whichever name is in use
+    name = next((n for n in ("cache", "past_key_values") if kwargs.get(n) is not None), ctx.cache_arg)
+    cache = kwargs.get(name)
     use_cache = kwargs.get("use_cache", getattr(model.config, "use_cache", True))
     if use_cache and (cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)):
         cache = SparQCache(config=model.config)
-        kwargs["past_key_values"] = cache
+        kwargs[name] = cache
     ctx.cache = cache
     return args, kwargs
 
@@ -154,6 +159,8 @@ def enable(model: PreTrainedModel, config: SparQConfig | DecodeMethod) -> PreTra
     previous = model.config._attn_implementation
     hook = model.register_forward_pre_hook(_pre_forward, with_kwargs=True)
     ctx = _Context(previous, hook, modules)
+    if "cache" in inspect.signature(model.forward).parameters:
+        ctx.cache_arg = "cache"
     setattr(model, _CTX_ATTR, ctx)
     for m in _attention_modules(model):
         setattr(m, _CTX_ATTR, ctx)
