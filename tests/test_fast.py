@@ -52,6 +52,14 @@ def test_fast_decoder_rejects_bad_input():
     dec = FastDecoder(model, "dense", batch=1, max_len=8)
     with pytest.raises(ValueError, match="exceed max_len"):
         dec.generate(torch.ones(1, 6, dtype=torch.long), torch.tensor([6]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        dec.generate(torch.ones(1, 6, dtype=torch.long), torch.tensor([6]), max_new_tokens=0)
+    with pytest.raises(ValueError, match="lengths"):
+        dec.prefill(torch.ones(1, 6, dtype=torch.long), torch.tensor([7]))
+    with pytest.raises(ValueError, match="lengths"):
+        dec.prefill(torch.ones(1, 6, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(TypeError, match="input_ids"):
+        dec.prefill(torch.ones(6), torch.tensor([6]))
 
 
 def test_memory_accounting():

@@ -146,7 +146,6 @@ class FastDecoder:
         self._valid: Tensor | None = None
         self.positions = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self._graph: torch.cuda.CUDAGraph | None = None
         self._graphs: dict = {}  # method -> captured step, so switching back costs no capture
         self.fuse_weights = fuse_weights
         self._reduce = None if self.tp_group is None else functools.partial(_all_reduce, group=self.tp_group)
@@ -162,13 +161,17 @@ class FastDecoder:
         self._pre = torch.compile(pre_attention, fullgraph=True, dynamic=False) if compile else pre_attention
         self._post = torch.compile(post_attention, fullgraph=True, dynamic=False) if compile else post_attention
 
+    @property
+    def _graph(self) -> "torch.cuda.CUDAGraph | None":
+        """The captured step of the current method, if any."""
+        return self._graphs.get(self.method)
+
     def use(self, method: str | SparQConfig) -> None:
         """Switch the decode method (same cache; the CUDA graph is captured again on next step)."""
         _check_method(method)
         if method != "dense" and self.cache[0].key_t is None:
             raise ValueError("this cache has no transposed key copy: build it with keep_key_t=True for SparQ")
         self.method = method
-        self._graph = self._graphs.get(method)
 
     def autotune(self, methods=None, steps: int = 4) -> dict:
         """Time `steps` decode steps of each method from the current state (after a prefill),
@@ -258,11 +261,18 @@ class FastDecoder:
     @torch.inference_mode()
     def prefill(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
         """input_ids [B, L] left-aligned (row b real up to lengths[b]); returns the first new tokens [B]."""
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"input_ids must be an integer tensor [batch, length], got {input_ids.dtype} "
+                            f"{tuple(input_ids.shape)}")
         B, L = input_ids.shape
         if B != self.batch:
             raise ValueError(f"input_ids has batch {B}, the decoder was built for {self.batch}")
         if L >= self.max_len:
             raise ValueError(f"prompt length {L} leaves no room in max_len={self.max_len}")
+        lengths = torch.as_tensor(lengths)
+        if lengths.shape != (B,) or int(lengths.min()) < 1 or int(lengths.max()) > L:
+            raise ValueError(f"lengths must be [{B}] with values in [1, {L}] (input_ids' length), "
+                             f"got {lengths.tolist()}")
         lengths = lengths.to(self.device)
         last_hidden = torch.zeros(B, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
         for start in range(0, L, self.prefill_chunk):
@@ -358,7 +368,6 @@ class FastDecoder:
         with torch.cuda.graph(graph):
             self._step()
         self.restore(snap)
-        self._graph = graph
         self._graphs[self.method] = graph
 
     def decode(self, steps: int, use_graph: bool = True) -> tuple[Tensor, float]:
@@ -377,6 +386,8 @@ class FastDecoder:
         """Greedy tokens [B, max_new_tokens] and timings (prefill; decode steps after the first token).
         autotune: after the prefill, decode with the faster of dense and the decoder's method
         (`autotune()`; its timing steps are not counted, the state is restored after them)."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if int(lengths.max()) + max_new_tokens > self.max_len:
             raise ValueError(f"prompt + {max_new_tokens} new tokens exceed max_len={self.max_len}")
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
