@@ -45,11 +45,9 @@ def run(model) -> dict:
 
 def run_fast(model, tp_group=None) -> dict:
     """FastDecoder generation (dense and SparQ) of the same prompts, left-aligned with lengths."""
-    ids, mask = prompts()
-    lengths = mask.sum(-1)
-    aligned = torch.zeros_like(ids)
-    for b, n in enumerate(lengths.tolist()):
-        aligned[b, :n] = ids[b, ids.shape[1] - n:]
+    from test_fast import left_aligned
+
+    aligned, lengths = left_aligned(*prompts())
     out = {}
     for name, method in (("dense", "dense"), ("sparq", CFG)):
         dec = FastDecoder(model, method, batch=3, max_len=48, prefill_chunk=16, tp_group=tp_group)

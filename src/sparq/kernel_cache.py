@@ -32,6 +32,10 @@ class KernelCacheLayer:
         self.value_sum = torch.zeros(batch, num_kv_heads, head_dim, dtype=torch.float32, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
         self.max_len = max_len
+        from . import kernels
+
+        # one-launch append (kernels.append) where the Triton kernels run; decided once, not per step
+        self._kernel_append = head_dim in kernels.SUPPORTED_HEAD_DIMS and kernels.available(device)
 
     def prefill(self, key: Tensor, value: Tensor, lengths: Tensor | None = None) -> None:
         """Fill from key, value [B, Hkv, L, d] (L <= Smax); row b holds lengths[b] valid positions
@@ -76,10 +80,7 @@ class KernelCacheLayer:
             self.lengths.add_((self.lengths < self.max_len).to(torch.int32))
 
     def _fused_append(self, key: Tensor) -> bool:
-        from . import kernels
-
-        return (key.shape[-1] in (16, 32, 64, 128, 256) and kernels.available(key.device)
-                and self.lengths.dtype == torch.int32)
+        return self._kernel_append and key.device == self.key.device
 
     def _append_torch(self, key: Tensor, value: Tensor, pos_src: Tensor) -> None:
         batch, heads, d = key.shape

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["available", "interpreting", "triton_importable"]
+__all__ = ["available", "interpreting", "triton_importable", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)  # power-of-two head sizes the kernels are built for
 
 
 def interpreting() -> bool:

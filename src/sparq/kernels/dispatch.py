@@ -31,13 +31,12 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from . import interpreting
+from . import SUPPORTED_HEAD_DIMS, interpreting
 from .approx_scores import TransposedKeyScorer
 from .gather_attention import _combine_kernel, _gather_attention_kernel
 from . import select as _select
 from .select import _budgets_kernel, _compact_kernel, _emit_kernel, _resolve_kernel, _sample_kernel
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def _sm_count(device: torch.device) -> int:
