@@ -61,18 +61,25 @@ def _setup(label, batch, hq, hkv, seq, d, dtype, k_div=16):
     return cfg, cache, q
 
 
-def sweep(shapes, variants):
-    """Time the whole graphed SparQ step per launch-geometry variant (dispatch.TUNING)."""
+def sweep(shapes, variants, tag="sweep"):
+    """Time the whole graphed SparQ step per launch-geometry variant (dispatch.TUNING); prints a
+    line per shape and writes $OUT/<tag>-<device>-<time>.json (device, versions, shapes, medians)."""
+    import json
+
+    import triton
     from triton.testing import do_bench
 
     from sparq.bench import _graphed
     from sparq.kernels import dispatch
 
     base = dict(dispatch.TUNING)
+    rows = []
     for shape in shapes:
         cfg, cache, q = _setup(*shape)
         out = torch.empty_like(q)
         line = f"sweep {shape[0]} B={shape[1]} S={shape[4]}:"
+        row = {"shape": [str(x) for x in shape], "k": cfg.k_for(shape[4]), "r": cfg.r, "us": {}}
+        rows.append(row)
         for name, var in variants:
             dispatch.TUNING.clear()
             dispatch.TUNING.update(base, **var)
@@ -80,12 +87,20 @@ def sweep(shapes, variants):
                                                value_sum=cache.value_sum, out=out)
             t = do_bench(_graphed(fn), warmup=25, rep=150, return_mode="median")
             line += f"  {name} {t * 1e3:.1f}"
+            row["us"][name] = t * 1e3
         print(line, flush=True)
         dispatch.TUNING.clear()
         dispatch.TUNING.update(base)
         del cache, q, out
         dispatch._WORKSPACES.clear()
         torch.cuda.empty_cache()
+    device = torch.cuda.get_device_name(0)
+    result = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+              "timing": "do_bench median of the CUDA-graphed step, us", "variants": dict(variants), "rows": rows}
+    path = os.path.join(os.environ.get("OUT", "benchmarks/results"),
+                        f"{tag}-{device.replace(' ', '_')}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 def diag(shape):
@@ -149,17 +164,17 @@ def main():
         variants = [("p8", {}), ("p1", dict(search_pivots=1)), ("p4", dict(search_pivots=4)),
                     ("p8nb", dict(search_budget=None)), ("p16nb", dict(search_pivots=16, search_budget=None))]
         sweep([("GQA", 1, 32, 8, 4096, 128, torch.bfloat16)] + [DEFAULT_SHAPES[i] for i in (0, 4, 7, 8)]
-              + ([] if args.no_long else [LONG_SHAPES[0], LONG_SHAPES[1]]), variants)
+              + ([] if args.no_long else [LONG_SHAPES[0], LONG_SHAPES[1]]), variants, "pivot-sweep")
     if args.det_sweep:
         variants = [("det", {}), ("atomic", dict(deterministic=False)), ("det-p1", dict(search_pivots=1))]
         sweep([("GQA", 1, 32, 8, 4096, 128, torch.bfloat16)] + [DEFAULT_SHAPES[i] for i in (0, 4, 5, 6, 8, 9)]
-              + [LONG_SHAPES[0], LONG_SHAPES[1]], variants)
+              + [LONG_SHAPES[0], LONG_SHAPES[1]], variants, "det-sweep")
     if args.plan_sweep:
         variants = [("auto", {}), ("s8k-c4k", dict(samples=8192, select_cap=4096)),
                     ("s16k-c4k", dict(samples=16384, select_cap=4096)),
                     ("s16k-c4k-t255", dict(samples=16384, select_cap=4096, select_tol=255)),
                     ("s8k-c8k", dict(samples=8192, select_cap=8192))]
-        sweep(LONG_SHAPES[:3] + [("GQA", 1, 32, 8, 65536, 128, torch.bfloat16)], variants)
+        sweep(LONG_SHAPES[:3] + [("GQA", 1, 32, 8, 65536, 128, torch.bfloat16)], variants, "plan-sweep")
     if not args.no_bench:
         bench_kernels(shapes, out_dir=out)
         if not args.no_long:

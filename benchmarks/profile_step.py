@@ -110,7 +110,10 @@ def main(specs: list[str]) -> None:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     path = os.path.join(out, f"profile-step-{torch.cuda.get_device_name().replace(' ', '_')}-{stamp}.json")
     with open(path, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": results}, f, indent=1)
+        import triton
+
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                   "cuda": torch.version.cuda, "rows": results}, f, indent=1)
     print("wrote", path)
 
 
