@@ -183,7 +183,7 @@ def test_cache_state_tracks_padding_crop_and_reset():
         mask3 = torch.cat([mask, torch.ones(3, 3, dtype=mask.dtype)], 1)
         positions = mask3.cumsum(-1)[:, -1:] - 1
         step = model(out.sequences[:, n:n + 1], attention_mask=mask3, position_ids=positions,
-                     past_key_values=cache).logits[:, -1]
+                     **{sparq.hf.cache_arg(model): cache}).logits[:, -1]
         torch.testing.assert_close(step, out.logits[3], atol=1e-5, rtol=1e-5)
         assert set(cache.sparq_layers) == {0, 1}
         cache.reset()

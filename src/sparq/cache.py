@@ -54,7 +54,8 @@ class SparQCache(DynamicCache):
     """DynamicCache plus per-layer SparQ state (see module docstring).
 
     `sparq.enable` makes `generate` use it automatically; pass one yourself as
-    `past_key_values=SparQCache(config=model.config)` when calling the model directly.
+    `cache=SparQCache(config=model.config)` (transformers >= 5.24; `past_key_values=` before, see
+    `sparq.hf.cache_arg`) when calling the model directly.
     """
 
     def __init__(self, *args: Any, keep_key_t: bool = True, **kwargs: Any) -> None:

@@ -125,6 +125,12 @@ def _as_method(config_or_method: SparQConfig | DecodeMethod) -> DecodeMethod:
     raise TypeError(f"expected a SparQConfig or a DecodeMethod, got {type(config_or_method).__name__}")
 
 
+def cache_arg(model: nn.Module) -> str:
+    """The keyword `model.forward` takes its KV cache under: `cache` from transformers 5.24 on
+    (`past_key_values` is then a deprecated alias), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     ctx: _Context = getattr(model, _CTX_ATTR)
     # transformers >= 5.24 names the argument `cache` (`past_key_values` is a deprecated alias that
@@ -159,8 +165,7 @@ def enable(model: PreTrainedModel, config: SparQConfig | DecodeMethod) -> PreTra
     previous = model.config._attn_implementation
     hook = model.register_forward_pre_hook(_pre_forward, with_kwargs=True)
     ctx = _Context(previous, hook, modules)
-    if "cache" in inspect.signature(model.forward).parameters:
-        ctx.cache_arg = "cache"
+    ctx.cache_arg = cache_arg(model)
     setattr(model, _CTX_ATTR, ctx)
     for m in _attention_modules(model):
         setattr(m, _CTX_ATTR, ctx)

@@ -98,7 +98,7 @@ def prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor, observer: DecodeM
     hf.enable(model, observer)
     cache = SparQCache(config=model.config)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{hf.cache_arg(model): cache},
                 use_cache=True, logits_to_keep=1)
     return cache, out.logits[:, -1, :].float()
 
@@ -115,6 +115,7 @@ def decode(model: Any, method: DecodeMethod, cache: SparQCache, logits: torch.Te
     change any score (e.g. every copy has already mismatched).
     """
     hf.enable(model, method)
+    cache_kw = {hf.cache_arg(model): cache}
     b = mask.shape[0]
     lengths = mask.sum(-1).tolist()
     toks, logps, fracs = [], [], [[] for _ in range(b)]
@@ -129,8 +130,7 @@ def decode(model: Any, method: DecodeMethod, cache: SparQCache, logits: torch.Te
         for i in range(b):
             fracs[i].append(method.data_fraction(int(lengths[i]) + t + 1, head_dim))
         pos = (mask.sum(-1, keepdim=True) - 1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
-                    use_cache=True)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **cache_kw, use_cache=True)
         logits = out.logits[:, -1, :].float()
     frac = [sum(f) / len(f) if f else 1.0 for f in fracs]
     return torch.stack(toks, 1), torch.stack(logps, 1), frac
