@@ -22,7 +22,7 @@ def profile(shapes):
 
     from sparq.bench import random_cache, sparq_bytes
     from sparq.config import SparQConfig
-    from sparq.kernels.dispatch import _WORKSPACES, sparq_decode
+    from sparq.kernels.dispatch import DecodePlan
 
     for shape in shapes:
         label, batch, hq, hkv, seq, d, dtype = shape[:7]
@@ -30,14 +30,15 @@ def profile(shapes):
         cfg = SparQConfig(r=d // 8, k=seq // kd, k_fraction=1 / kd, local_fraction=0.25)
         cache, q = random_cache(batch, hq, hkv, seq, d, dtype)
         flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+        plan = DecodePlan(batch, hq, hkv, d, seq, cfg, q.device, dtype)
         for _ in range(3):
-            sparq_decode(q, cache.key, cache.value, cfg, cache.lengths, key_t=cache.key_t, value_sum=cache.value_sum)
+            plan.run(q, cache.key, cache.value, cache.lengths, key_t=cache.key_t, value_sum=cache.value_sum)
         torch.cuda.synchronize()
         n = 10
         with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(n):
                 flush.zero_()
-                sparq_decode(q, cache.key, cache.value, cfg, cache.lengths, key_t=cache.key_t, value_sum=cache.value_sum)
+                plan.run(q, cache.key, cache.value, cache.lengths, key_t=cache.key_t, value_sum=cache.value_sum)
             torch.cuda.synchronize()
         elt = torch.finfo(dtype).bits // 8
         print(f"--- {label} B={batch} S={seq} k=S/{kd} {dtype}: floor bytes {sparq_bytes(batch, hkv, seq, d, elt, cfg) / 1e6:.1f} MB")
@@ -47,8 +48,7 @@ def profile(shapes):
             if t <= 0:
                 continue
             print(f"  {t / n:9.1f} us  x{e.count // n:<3d} {e.key[:90]}")
-        del cache, q, flush
-        _WORKSPACES.clear()
+        del cache, q, flush, plan
         torch.cuda.empty_cache()
 
 
@@ -62,7 +62,7 @@ def _setup(label, batch, hq, hkv, seq, d, dtype, k_div=16):
 
 
 def sweep(shapes, variants, tag="sweep"):
-    """Time the whole graphed SparQ step per launch-geometry variant (dispatch.TUNING); prints a
+    """Time the whole graphed SparQ step per launch-geometry variant (dispatch.Tuning fields); prints a
     line per shape and writes $OUT/<tag>-<device>-<time>.json (device, versions, shapes, medians)."""
     import json
 
@@ -72,7 +72,6 @@ def sweep(shapes, variants, tag="sweep"):
     from sparq.bench import _graphed
     from sparq.kernels import dispatch
 
-    base = dict(dispatch.TUNING)
     rows = []
     for shape in shapes:
         cfg, cache, q = _setup(*shape)
@@ -81,18 +80,15 @@ def sweep(shapes, variants, tag="sweep"):
         row = {"shape": [str(x) for x in shape], "k": cfg.k_for(shape[4]), "r": cfg.r, "us": {}}
         rows.append(row)
         for name, var in variants:
-            dispatch.TUNING.clear()
-            dispatch.TUNING.update(base, **var)
-            fn = lambda: dispatch.sparq_decode(q, cache.key, cache.value, cfg, cache.lengths, key_t=cache.key_t,
-                                               value_sum=cache.value_sum, out=out)
+            plan = dispatch.DecodePlan(shape[1], shape[2], shape[3], shape[5], shape[4], cfg, q.device, shape[6],
+                                       dispatch.DEFAULT_TUNING.with_(**var))
+            fn = lambda plan=plan: plan.run(q, cache.key, cache.value, cache.lengths, key_t=cache.key_t,
+                                            value_sum=cache.value_sum, out=out)
             t = do_bench(_graphed(fn), warmup=25, rep=150, return_mode="median")
             line += f"  {name} {t * 1e3:.1f}"
             row["us"][name] = t * 1e3
         print(line, flush=True)
-        dispatch.TUNING.clear()
-        dispatch.TUNING.update(base)
         del cache, q, out
-        dispatch._WORKSPACES.clear()
         torch.cuda.empty_cache()
     device = torch.cuda.get_device_name(0)
     result = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
@@ -105,15 +101,13 @@ def sweep(shapes, variants, tag="sweep"):
 
 def diag(shape):
     """Registers, spills and vector loads of the step-1 kernel."""
-    from sparq.kernels.approx_scores import TransposedKeyScorer
-    from sparq.kernels.dispatch import plan
+    from sparq.kernels.approx_scores import score_transposed_keys
+    from sparq.kernels.dispatch import DecodePlan
 
     cfg, cache, q = _setup(*shape)
-    _, batch, hq, hkv, seq, d, _ = shape
-    ws = plan(batch, hq, hkv, d, seq, cfg, q.device)
-    sc = TransposedKeyScorer(cache.key_t, cfg.r, 1 / d ** 0.5)
-    sc.score(q, cache.lengths, ws)
-    ck = sc.last_compiled
+    _, batch, hq, hkv, seq, d, dtype = shape
+    ws = DecodePlan(batch, hq, hkv, d, seq, cfg, q.device, dtype)
+    ck = score_transposed_keys(ws, q, cache.key_t, cache.lengths, cache.lengths, False, 1 / d ** 0.5)
     ptx = ck.asm.get("ptx", "")
     print(f"diag {shape[0]} B={batch}: regs {getattr(ck, 'n_regs', '?')} spills {getattr(ck, 'n_spills', '?')} "
           f"ld.v4 {ptx.count('.v4.')} ld.v2 {ptx.count('.v2.')} ld.global {ptx.count('ld.global')} "
@@ -179,14 +173,9 @@ def main():
         bench_kernels(shapes, out_dir=out)
         if not args.no_long:
             bench_kernels(LONG_SHAPES, out_dir=out, tag="-long")
-            if args.legacy:  # the selection sizes before the long-context fix, same code otherwise
-                from sparq.kernels import dispatch
-
-                base = dict(dispatch.TUNING)
-                dispatch.TUNING.update(samples=4096, select_cap=4096, select_tol=65535)
-                bench_kernels(LONG_SHAPES, out_dir=out, tag="-long-legacy")
-                dispatch.TUNING.clear()
-                dispatch.TUNING.update(base)
+            if args.legacy:
+                print("--legacy (the selection sizes before the long-context fix) is gone: plans now take "
+                      "a Tuning value; sweep those sizes with --plan-sweep")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,6 @@ from sparq import SparQConfig
 from sparq.bench_e2e import build_model
 from sparq.fast import FastDecoder
 
-if os.environ.get("SPARQ_DETERMINISTIC"):  # the experimental ordered selection
-    from sparq.kernels import dispatch
-
-    dispatch.TUNING["deterministic"] = True
 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 dist.init_process_group("nccl")
 world, rank = dist.get_world_size(), dist.get_rank()

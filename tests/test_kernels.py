@@ -35,19 +35,19 @@ TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 
 
 @pytest.fixture(params=[True, False], ids=["det", "atomic"])
-def det(request, monkeypatch):
+def det(request):
     """Both selection paths: deterministic (bitmap + ordered compaction, the default) and the
-    atomic-order lists (dispatch.TUNING["deterministic"] = False)."""
-    from sparq.kernels import dispatch
+    atomic-order lists (Tuning.deterministic = False). The test gets the Tuning to plan with."""
+    from sparq.kernels.dispatch import DEFAULT_TUNING
 
-    monkeypatch.setitem(dispatch.TUNING, "deterministic", request.param)
-    return request.param
+    return DEFAULT_TUNING.with_(deterministic=request.param)
 
 
-def _deterministic() -> bool:
-    from sparq.kernels import dispatch
+def _plan(q, k, cfg, tuning=None):
+    from sparq.kernels.dispatch import DEFAULT_TUNING, DecodePlan
 
-    return bool(dispatch.TUNING.get("deterministic", False))
+    batch, hq, d = q.shape
+    return DecodePlan(batch, hq, k.shape[1], d, k.shape[2], cfg, q.device, q.dtype, tuning or DEFAULT_TUNING)
 
 
 def _case(batch, hq, hkv, seq, d, dtype, gen):
@@ -59,7 +59,7 @@ def _case(batch, hq, hkv, seq, d, dtype, gen):
     return q, k, v, lengths.to(DEVICE)
 
 
-def compare(q, k, v, lengths, cfg, out, ws_kept):
+def compare(q, k, v, lengths, cfg, out, ws_kept, deterministic=True):
     """Check `out` of the kernels against the reference; returns (n_rows, n_flipped, max_err_flipped)."""
     batch, hq, d = q.shape
     hkv, seq = k.shape[1], k.shape[2]
@@ -78,7 +78,7 @@ def compare(q, k, v, lengths, cfg, out, ws_kept):
         for h in range(hkv):
             sel = idx[b * hkv + h, : int(k_b[b])].long()
             assert int(counts[b * hkv + h]) == int(k_b[b]), "kept count differs from k_b"
-            if _deterministic():  # the kept-index list is in ascending position order
+            if deterministic:  # the kept-index list is in ascending position order
                 assert bool((sel[1:] > sel[:-1]).all()), "kept positions not strictly ascending"
             assert sel.unique().numel() == sel.numel(), "a position was kept twice"
             assert bool((sel < lengths[b]).all()) and bool((sel >= 0).all()), "kept a padding position"
@@ -102,15 +102,13 @@ def compare(q, k, v, lengths, cfg, out, ws_kept):
     return int(flipped.numel()), int(flipped.sum()), max_flip
 
 
-def run_case(batch, hq, hkv, seq, d, dtype, cfg, seed):
-    from sparq.kernels.dispatch import plan, sparq_decode
-
+def run_case(batch, hq, hkv, seq, d, dtype, cfg, seed, tuning=None):
     gen = torch.Generator().manual_seed(seed)
     q, k, v, lengths = _case(batch, hq, hkv, seq, d, dtype, gen)
+    ws = _plan(q, k, cfg, tuning)
     out = torch.full_like(q, float("nan"))  # poison: every element must be written
-    sparq_decode(q, k, v, cfg, lengths, out=out)
-    ws = plan(batch, hq, hkv, d, seq, cfg, q.device)
-    return compare(q, k, v, lengths, cfg, out, (ws.idx.cpu(), ws.counts[:, 0].cpu()))
+    ws.run(q, k, v, lengths, out=out)
+    return compare(q, k, v, lengths, cfg, out, (ws.idx.cpu(), ws.counts[:, 0].cpu()), ws.deterministic)
 
 
 CPU_CASES = [
@@ -137,15 +135,12 @@ GPU_CASES = [
 def test_kernels_match_reference(case, det):
     batch, hq, hkv, seq, d, dtype, cfg = case
     for seed in (0, 1):
-        rows, flipped, max_flip = run_case(batch, hq, hkv, seq, d, dtype, cfg, seed)
+        rows, flipped, max_flip = run_case(batch, hq, hkv, seq, d, dtype, cfg, seed, det)
         assert flipped <= max(1, rows // 4), f"{flipped}/{rows} rows flipped"
 
 
-def _bracket_case(monkeypatch, adversarial, cap=16, tied=False, samples=16, seed=5, check=True):
-    from sparq.kernels import select
-
-    monkeypatch.setattr(select, "SAMPLES", samples)
-    monkeypatch.setattr(select, "CAP", cap)
+def _bracket_case(tuning, adversarial, cap=16, tied=False, samples=16, seed=5, check=True):
+    tuning = tuning.with_(samples=samples, select_cap=cap)
     gen = torch.Generator().manual_seed(seed)
     batch, hq, hkv, seq, d = 2, 4, 2, 409, 32
     q, k, v, lengths = _case(batch, hq, hkv, seq, d, torch.float32, gen)
@@ -159,14 +154,12 @@ def _bracket_case(monkeypatch, adversarial, cap=16, tied=False, samples=16, seed
             ns = min(samples, n_cand)
             for i in range(ns):
                 k[b, :, (i * n_cand) // ns] = 3 * q[b].reshape(hkv, -1, d).sum(1) / q[b].norm()
-    from sparq.kernels.dispatch import plan, sparq_decode
-
+    ws = _plan(q, k, cfg, tuning)
     out = torch.full_like(q, float("nan"))
-    sparq_decode(q, k, v, cfg, lengths, out=out)
-    ws = plan(batch, hq, hkv, d, seq, cfg, q.device)
+    ws.run(q, k, v, lengths, out=out)
     if check:
-        compare(q, k, v, lengths, cfg, out, (ws.idx.cpu(), ws.counts[:, 0].cpu()))
-    if check and tied and _deterministic():
+        compare(q, k, v, lengths, cfg, out, (ws.idx.cpu(), ws.counts[:, 0].cpu()), ws.deterministic)
+    if check and tied and ws.deterministic:
         _assert_reference_ties(q, k, lengths, cfg, ws)
     ws.last_out = out
     return ws
@@ -198,23 +191,23 @@ def _assert_reference_ties(q, k, lengths, cfg, ws):
 
 
 @pytest.mark.parametrize("adversarial", [False, True])
-def test_bracket_paths(monkeypatch, adversarial, det):
+def test_bracket_paths(adversarial, det):
     """Small sample and register capacity: the bracket path with candidates resolved from memory,
     and (adversarial: the sampled positions score highest) the exact fallback when the bracket misses."""
-    _bracket_case(monkeypatch, adversarial)
+    _bracket_case(det, adversarial)
 
 
 @pytest.mark.parametrize("cap, samples", [(512, 128), (512, 16), (16, 16)], ids=["registers", "wide", "memory"])
 @pytest.mark.parametrize("adversarial", [False, True], ids=["bracket", "fallback"])
-def test_ties_go_to_earlier_positions(monkeypatch, cap, samples, adversarial):
+def test_ties_go_to_earlier_positions(cap, samples, adversarial):
     """Deterministic path, keys from 3 repeated row vectors (exact ties at the threshold): the kept
     set equals the reference's (earliest tied positions) in the register, in-memory and fallback
     resolve paths, and the kept list is ascending (checked in compare)."""
-    from sparq.kernels import dispatch
+    from sparq.kernels.dispatch import DEFAULT_TUNING
 
-    monkeypatch.setitem(dispatch.TUNING, "deterministic", True)
     for seed in (5, 6):
-        _bracket_case(monkeypatch, adversarial, cap=cap, tied=True, samples=samples, seed=seed)
+        _bracket_case(DEFAULT_TUNING.with_(deterministic=True), adversarial, cap=cap, tied=True, samples=samples,
+                      seed=seed)
 
 
 class _PermutedCandidates:
@@ -242,18 +235,18 @@ def test_deterministic_order_and_reruns(monkeypatch, det, cap, tied):
     GPU; the old atomic-order path is shown to depend on that order (a check of this test)."""
     from sparq.kernels import dispatch
 
-    first = _bracket_case(monkeypatch, False, cap=cap, tied=tied, samples=128)
+    first = _bracket_case(det, False, cap=cap, tied=tied, samples=128)
     idx0, out0 = first.idx.clone(), first.last_out.clone()
-    again = _bracket_case(monkeypatch, False, cap=cap, tied=tied, samples=128)
+    again = _bracket_case(det, False, cap=cap, tied=tied, samples=128)
     assert torch.equal(again.idx, idx0) and torch.equal(again.last_out, out0)
     assert int(again.counts[:, 1].max()) > 1  # there is a candidate list to permute
     for seed in (0, 1):
         monkeypatch.setattr(dispatch, "_resolve_kernel", _PermutedCandidates(dispatch._resolve_kernel, seed))
         # the old path may now keep other tied positions than the reference: no comparison there
-        ws = _bracket_case(monkeypatch, False, cap=cap, tied=tied, samples=128, check=det)
+        ws = _bracket_case(det, False, cap=cap, tied=tied, samples=128, check=det.deterministic)
         monkeypatch.setattr(dispatch, "_resolve_kernel", dispatch._resolve_kernel.kernel)
         same = torch.equal(ws.idx, idx0) and torch.equal(ws.last_out, out0)
-        assert same if det else not torch.equal(ws.idx, idx0)
+        assert same if det.deterministic else not torch.equal(ws.idx, idx0)
 
 
 @triton.jit
@@ -309,30 +302,23 @@ def test_kth_largest_multi_pivot(pivots):
 
 
 @pytest.mark.parametrize("pivots", [1, 8])
-def test_search_pivots_bisection_and_multi_pivot(monkeypatch, pivots, det):
+def test_search_pivots_bisection_and_multi_pivot(pivots, det):
     """The whole selection with the threshold searches forced to bisection (1) or 8 pivots per
     round (no register budget): random shapes (g = 1 and g > 1), the in-memory and the fallback
     bracket paths, ties in registers, ties in memory and ties in the fallback, all-equal keys."""
-    from sparq.kernels import dispatch
-
-    monkeypatch.setitem(dispatch.TUNING, "search_pivots", pivots)
-    monkeypatch.setitem(dispatch.TUNING, "search_budget", None)
+    tuning = det.with_(search_pivots=pivots, search_budget=None)
     for case in (CPU_CASES[0], CPU_CASES[1]):
         batch, hq, hkv, seq, d, dtype, cfg = case
-        rows, flipped, _ = run_case(batch, hq, hkv, seq, d, dtype, cfg, 7)
+        rows, flipped, _ = run_case(batch, hq, hkv, seq, d, dtype, cfg, 7, tuning)
         assert flipped <= max(1, rows // 4), f"{flipped}/{rows} rows flipped"
     for adversarial in (False, True):  # adversarial: the bracket misses, exact fallback
         # (tied, deterministic path: the kept set is also checked against the reference's ties)
-        _bracket_case(monkeypatch, adversarial, cap=512)  # [U_lo, 2^32]: in registers
-        _bracket_case(monkeypatch, adversarial, cap=16, tied=True)  # in memory
+        _bracket_case(tuning, adversarial, cap=512)  # [U_lo, 2^32]: in registers
+        _bracket_case(tuning, adversarial, cap=16, tied=True)  # in memory
     for tied in (False, True):  # 128 samples: [U_lo, U_hi] both inside, in registers
-        ws = _bracket_case(monkeypatch, False, cap=512, tied=tied, samples=128)
+        ws = _bracket_case(tuning, False, cap=512, tied=tied, samples=128)
         assert int(ws.state[0, 0]) < 1 << 32 and 0 < int(ws.counts[0, 1]) <= 512
-    monkeypatch.undo()
-    monkeypatch.setitem(dispatch.TUNING, "search_pivots", pivots)
-    monkeypatch.setitem(dispatch.TUNING, "search_budget", None)
-    monkeypatch.setitem(dispatch.TUNING, "deterministic", det)
-    test_many_ties_keep_exactly_k(det)
+    test_many_ties_keep_exactly_k(tuning)
 
 
 def test_search_pivots_budget():
@@ -367,8 +353,6 @@ def test_selection_sizes_fit_the_bracket():
 def test_long_context_large_budget_stays_in_registers(k_div):
     """GQA 32/8 d=128 bf16 at 131072 positions with k = S/8 and S/4: matches the reference, and the
     bracket held every candidate in the resolve kernel's registers (no in-memory fallback)."""
-    from sparq.kernels.dispatch import plan, sparq_decode
-
     batch, hq, hkv, seq, d = 2, 32, 8, 131072, 128
     gen = torch.Generator(device="cuda").manual_seed(11)
     q = torch.randn(batch, hq, d, device="cuda", generator=gen).bfloat16()
@@ -376,9 +360,9 @@ def test_long_context_large_budget_stays_in_registers(k_div):
     v = torch.randn(batch, hkv, seq, d, device="cuda", generator=gen, dtype=torch.bfloat16)
     lengths = torch.tensor([seq, 97001], device="cuda")
     cfg = SparQConfig(r=d // 8, k=64, k_fraction=1 / k_div, local_fraction=0.25)
+    ws = _plan(q, k, cfg)
     out = torch.full_like(q, float("nan"))
-    sparq_decode(q, k, v, cfg, lengths, out=out)
-    ws = plan(batch, hq, hkv, d, seq, cfg, q.device)
+    ws.run(q, k, v, lengths, out=out)
     n_bracket = ws.counts[:, 1].cpu()
     assert int(n_bracket.max()) <= ws.cap, (n_bracket.tolist(), ws.cap, ws.samples)
     compare(q, k, v, lengths, cfg, out, (ws.idx.cpu(), ws.counts[:, 0].cpu()))
@@ -387,21 +371,19 @@ def test_long_context_large_budget_stays_in_registers(k_div):
 def test_many_ties_keep_exactly_k(det):
     """Equal keys everywhere: every score ties, the kernels must still keep exactly k_b positions
     (deterministic path: the reference's, the first k_b - local_b and the local window)."""
-    from sparq.kernels.dispatch import plan, sparq_decode
-
     cfg = SparQConfig(r=4, k=20, local_window=4)
     q = torch.randn(2, 2, 32, device=DEVICE)
     k = torch.ones(2, 2, 130, 32, device=DEVICE)
     v = torch.randn(2, 2, 130, 32, device=DEVICE)
     lengths = torch.tensor([130, 77], device=DEVICE)
-    out = sparq_decode(q, k, v, cfg, lengths)
-    ws = plan(2, 2, 2, 32, 130, cfg, q.device)
+    ws = _plan(q, k, cfg, det)
+    out = ws.run(q, k, v, lengths)
     counts = ws.counts[:, 0].cpu()
     assert counts.tolist() == [20, 20, 20, 20]
     for row, b in ((0, 0), (1, 0), (2, 1), (3, 1)):
         kept = ws.idx[row, :20].long().cpu()
         assert kept.unique().numel() == 20 and int(kept.max()) < int(lengths[b])
-        if det:
+        if ws.deterministic:
             n = int(lengths[b])
             assert kept.tolist() == list(range(16)) + list(range(n - 4, n))
     # all logits are equal, so any kept set gives the mean of the kept V rows; alpha = 20/len
@@ -460,16 +442,25 @@ def test_cuda_graph_capture_of_decode_step():
     q = torch.randn(batch, hq, d, device="cuda", dtype=dtype)
     new_k = torch.randn(batch, hkv, d, device="cuda", dtype=dtype)
     new_v = torch.randn(batch, hkv, d, device="cuda", dtype=dtype)
+    from sparq.api import sparq_attention
+    from sparq.kernels.dispatch import PlanCache
+
+    plans = PlanCache(growth=False)
+
+    def attend():
+        return sparq_attention(q, cache.key, cache.value, cfg, cache.lengths, key_t=cache.key_t,
+                               value_sum=cache.value_sum, plans=plans, validate=False)
+
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(2):  # warm-up compiles the kernels outside the capture
-            cache.attend(q, cfg)
+            attend()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         cache.append(new_k, new_v)
-        out = cache.attend(q, cfg)
+        out = attend()
     for step in range(3):
         q.copy_(torch.randn_like(q))
         new_k.copy_(torch.randn_like(new_k))
@@ -480,3 +471,97 @@ def test_cuda_graph_capture_of_decode_step():
         ref = reference.sparq_reference(q.float(), cache.key.float(), cache.value.float(), cfg, valid, 1 / math.sqrt(d))
         assert ((out.float() - ref).norm() / ref.norm()).item() < 3e-2
     assert cache.lengths.tolist() == [4003, 3114]
+
+
+# Every configuration the API accepts gives the reference's answer: the edges that once crashed
+# inside Triton on the GPU (k = 1 and local_window = 1 specialised into constants, r > head_dim,
+# r > 128 overflowing shared memory, tiny S with k = S, one KV head, head_dim 32), at small sizes.
+EDGE_CASES = [
+    # batch, hq, hkv, S, d, config
+    (2, 2, 1, 37, 32, SparQConfig(r=1, k=1)),
+    (2, 4, 2, 41, 64, SparQConfig(r=3, k=2, local_window=1)),
+    (1, 3, 3, 7, 32, SparQConfig(r=40, k=7, local_window=1)),  # r > d, k = S
+    (3, 8, 1, 1, 64, SparQConfig(r=5, k=1)),  # S = 1
+    (2, 2, 2, 9, 32, SparQConfig(r=32, k=17, local_window=16)),  # k > S
+    (2, 5, 1, 133, 256, SparQConfig(r=133, k=9, local_window=1, k_fraction=0.0625)),  # r > 128
+    (2, 2, 2, 70, 16, SparQConfig(r=16, k=1, local_window=1, reallocate=False)),  # only the local window
+    (1, 16, 2, 300, 32, SparQConfig(r=7, k=16, k_fraction=0.3, local_fraction=1.0)),  # g = 8
+]
+
+
+@pytest.mark.parametrize("case", EDGE_CASES, ids=[f"edge{i}" for i in range(len(EDGE_CASES))])
+def test_edge_configurations_match_reference(case):
+    from sparq.api import sparq_attention
+
+    batch, hq, hkv, seq, d, cfg = case
+    dtype = torch.float16 if CUDA else torch.float32
+    gen = torch.Generator().manual_seed(len(str(case)))
+    q, k, v, lengths = _case(batch, hq, hkv, seq, d, dtype, gen)
+    ws = _plan(q, k, cfg)
+    out = ws.run(q, k, v, lengths)
+    compare(q, k, v, lengths, cfg, out, (ws.idx.cpu(), ws.counts[:, 0].cpu()), ws.deterministic)
+    # and through the public API (which may pick the reference on the CPU: then it is exact)
+    api = sparq_attention(q, k, v, cfg, lengths)
+    ref = reference.sparq_reference(q.float(), k.float(), v.float(), cfg, valid_mask(lengths, batch, seq, q.device),
+                                    1 / math.sqrt(d))
+    assert torch.allclose(api.float(), ref, atol=5e-3, rtol=5e-3)
+
+
+def test_score_block_fits_shared_memory():
+    """The step-1 tile of Kᵀ (r_pad x block positions) stays within 64 KB for every r <= 256."""
+    from sparq.kernels.dispatch import DEFAULT_TUNING, _score_block
+
+    for r in (1, 16, 64, 128, 129, 200, 256):
+        for elt in (2, 4):
+            block = _score_block(r, elt, False, DEFAULT_TUNING)
+            assert max(16, triton.next_power_of_2(r)) * block * elt <= 64 * 1024, (r, elt, block)
+            assert block >= 64 and block & (block - 1) == 0
+
+
+@pytest.mark.parametrize("g", [1, 4])
+def test_left_padded_rows_on_the_kernels(g, det):
+    """Per-row start offsets (a left-padded cache, as transformers' generate makes): row b's valid
+    positions are [starts[b], starts[b] + lengths[b]); equals the reference over that mask, and the
+    same rows moved to the left of the buffer."""
+    gen = torch.Generator().manual_seed(g)
+    batch, hkv, seq, d = 3, 2, 211, 64
+    dtype = torch.float16 if CUDA else torch.float32
+    q, k, v, _ = _case(batch, hkv * g, hkv, seq, d, dtype, gen)
+    starts = torch.tensor([0, 17, 150], device=DEVICE)
+    lengths = seq - starts
+    lengths[0] -= 5  # a row with padding on both sides
+    cfg = SparQConfig(r=9, k=24, local_window=5)
+    ws = _plan(q, k, cfg, det)
+    out = ws.run(q, k, v, lengths.to(torch.int32), starts=starts)
+    valid = valid_mask(lengths, batch, seq, q.device, starts)
+    ref = reference.sparq_reference(q.float(), k.float(), v.float(), cfg, valid, 1 / math.sqrt(d))
+    assert torch.allclose(out.float(), ref, atol=TOL[dtype] * 4, rtol=TOL[dtype] * 4)
+    # the same rows left-aligned through the plain-lengths path give the same output
+    k2, v2 = torch.zeros_like(k), torch.zeros_like(v)
+    for b in range(batch):
+        n, s0 = int(lengths[b]), int(starts[b])
+        k2[b, :, :n], v2[b, :, :n] = k[b, :, s0:s0 + n], v[b, :, s0:s0 + n]
+    aligned = ws.run(q, k2, v2, lengths.to(torch.int32))
+    assert torch.allclose(out.float(), aligned.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_plan_cache_grows_geometrically_and_stays_bounded():
+    """A growing cache (one position per step) makes O(log S) plans and holds one; a static cache
+    plans once; the plan's workspace does not depend on the step."""
+    from sparq.kernels.dispatch import PlanCache
+
+    cfg = SparQConfig(r=4, k=8, local_window=2)
+    dtype = torch.float16 if CUDA else torch.float32
+    q = torch.randn(1, 2, 32, device=DEVICE, dtype=dtype)
+    plans = PlanCache(min_capacity=16)
+    seen = set()
+    for seq in range(5, 140, 3):
+        k = torch.randn(1, 1, seq, 32, device=DEVICE, dtype=dtype)
+        p = plans.get(q, k, cfg)
+        assert p.capacity >= seq and p.capacity < max(32, 2 * seq)
+        seen.add(p.capacity)
+        assert len(plans) == 1
+    assert plans.created == len(seen) <= 5
+    static = PlanCache(growth=False)
+    k = torch.randn(1, 1, 77, 32, device=DEVICE, dtype=dtype)
+    assert static.get(q, k, cfg) is static.get(q, k, cfg) and static.get(q, k, cfg).capacity == 77

@@ -19,6 +19,7 @@ def check_inputs(
     value: Tensor,
     lengths: Tensor | None,
     *,
+    starts: Tensor | None = None,
     check_values: bool = True,
 ) -> None:
     """Raise TypeError/ValueError naming the problem; return None when the inputs are usable.
@@ -62,16 +63,31 @@ def check_inputs(
             raise ValueError(f"lengths must be on {query.device}, got {lengths.device}")
         if check_values and bool(((lengths < 1) | (lengths > seq_len)).any()):
             raise ValueError(f"lengths must lie in [1, S={seq_len}], got {lengths.tolist()}")
+    if starts is not None:
+        if lengths is None:
+            raise ValueError("starts needs lengths: row b's valid positions are [starts[b], starts[b] + lengths[b])")
+        if not isinstance(starts, Tensor) or starts.dtype.is_floating_point or starts.dtype == torch.bool:
+            raise TypeError("starts must be an integer torch.Tensor of shape [B]")
+        if starts.shape != (batch,) or starts.device != query.device:
+            raise ValueError(f"starts must have shape [B] = ({batch},) on {query.device}, got "
+                             f"{tuple(starts.shape)} on {starts.device}")
+        if check_values and bool(((starts < 0) | (starts + lengths > seq_len)).any()):
+            raise ValueError(f"starts + lengths must lie in [0, S={seq_len}], got starts {starts.tolist()}, "
+                             f"lengths {lengths.tolist()}")
     if check_values and not bool(torch.isfinite(query).all()):
         raise ValueError("query contains NaN or infinite values")
 
 
-def valid_mask(lengths: Tensor | None, batch: int, seq_len: int, device: torch.device) -> Tensor:
-    """[B, S] bool: position < lengths[b] (all True without lengths)."""
+def valid_mask(lengths: Tensor | None, batch: int, seq_len: int, device: torch.device,
+               starts: Tensor | None = None) -> Tensor:
+    """[B, S] bool: starts[b] <= position < starts[b] + lengths[b] (starts default 0; all True
+    without lengths)."""
     positions = torch.arange(seq_len, device=device)
     if lengths is None:
         return positions.expand(batch, seq_len) >= 0
-    return positions[None, :] < lengths[:, None]
+    if starts is None:
+        return positions[None, :] < lengths[:, None]
+    return (positions[None, :] >= starts[:, None]) & (positions[None, :] < (starts + lengths)[:, None])
 
 
 def _scale(scale: float | None, head_dim: int) -> float:
@@ -92,25 +108,31 @@ def sparq_attention(
     scale: float | None = None,
     key_t: Tensor | None = None,
     value_sum: Tensor | None = None,
+    starts: Tensor | None = None,
+    plans=None,
     validate: bool = True,
 ) -> Tensor:
     """SparQ attention for one decode step.
 
     query [B, Hq, d]; key, value [B, Hkv, S, d] with Hq a multiple of Hkv; lengths: optional
-    integer tensor [B], positions >= lengths[b] are padding. scale defaults to 1/sqrt(d).
+    integer tensor [B], positions >= lengths[b] are padding. starts: optional integer tensor [B]
+    for left-padded caches: row b's valid positions are then [starts[b], starts[b] + lengths[b]).
+    scale defaults to 1/sqrt(d).
     Returns [B, Hq, d] in query's dtype; see `sparq.reference` for the exact semantics.
 
     CUDA fp16/bf16 inputs run on the Triton kernels (`sparq.kernels`). For speed pass the cache
     layout of `sparq.kernel_cache`: key_t [B, Hkv, d, S] (K transposed, contiguous along S) and
     value_sum fp32 [B, Hkv, d] (sum of V over the valid positions). Without them the kernel path
     builds both itself, reading the whole cache (correct, but slower than dense attention).
+    plans: the cache's `sparq.kernels.dispatch.PlanCache` (launch plans and workspaces owned by
+    the cache, reused by every layer and step); without one each call plans for itself.
     validate=False (or CUDA graph capture) skips the input checks that read tensor values,
     which would synchronise with the host.
     """
     if not isinstance(config, SparQConfig):
         raise TypeError(f"config must be a SparQConfig, got {type(config).__name__}")
     capturing = isinstance(query, Tensor) and query.is_cuda and torch.cuda.is_current_stream_capturing()
-    check_inputs(query, key, value, lengths, check_values=validate and not capturing)
+    check_inputs(query, key, value, lengths, starts=starts, check_values=validate and not capturing)
     scale = _scale(scale, query.shape[-1])
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
         from . import kernels
@@ -119,9 +141,11 @@ def sparq_attention(
             from .kernels.dispatch import sparq_decode, supported
 
             if supported(query, key):
+                if key.stride(-1) != 1 or value.stride(-1) != 1:  # the kernels read whole rows
+                    key, value = key.contiguous(), value.contiguous()
                 return sparq_decode(query, key, value, config, lengths, scale=scale,
-                                    key_t=key_t, value_sum=value_sum)
-    valid = valid_mask(lengths, key.shape[0], key.shape[2], key.device)
+                                    key_t=key_t, value_sum=value_sum, starts=starts, plans=plans)
+    valid = valid_mask(lengths, key.shape[0], key.shape[2], key.device, starts)
     return reference.sparq_reference(query, key, value, config, valid, scale)
 
 

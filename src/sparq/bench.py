@@ -128,7 +128,7 @@ def bench_kernels(shapes=None, *, r_div: int = 8, k_div: int = 16, local_fractio
     import triton
     from triton.testing import do_bench
 
-    from .kernels.dispatch import _WORKSPACES, sparq_decode
+    from .kernels.dispatch import DecodePlan
 
     if not torch.cuda.is_available():
         raise RuntimeError("bench_kernels needs a CUDA device")
@@ -143,10 +143,10 @@ def bench_kernels(shapes=None, *, r_div: int = 8, k_div: int = 16, local_fractio
         torch.manual_seed(0)
         cache, q = random_cache(batch, hq, hkv, seq, d, dtype)
         out = torch.empty_like(q)
+        plan = DecodePlan(batch, hq, hkv, d, seq, cfg, q.device, dtype)  # planned once, as a cache would
 
         def sparq_step():
-            sparq_decode(q, cache.key, cache.value, cfg, cache.lengths, key_t=cache.key_t,
-                         value_sum=cache.value_sum, out=out)
+            plan.run(q, cache.key, cache.value, cache.lengths, key_t=cache.key_t, value_sum=cache.value_sum, out=out)
 
         sparq_ms = do_bench(_graphed(sparq_step), warmup=warmup_ms, rep=rep_ms, return_mode="median")
         dense = {}
@@ -175,8 +175,7 @@ def bench_kernels(shapes=None, *, r_div: int = 8, k_div: int = 16, local_fractio
             "sparq_read_TBps": need / (sparq_ms * 1e-3) / 1e12,
         }
         rows.append(row)
-        del cache, q, out
-        _WORKSPACES.clear()
+        del cache, q, out, plan
         torch.cuda.empty_cache()
         if print_table:
             print(format_row(row), flush=True)

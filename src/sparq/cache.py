@@ -5,7 +5,17 @@ Beside transformers' K and V, each SparQ layer keeps
     the sequence) instead of r scattered elements of every key;
   * value_sum [B, Hkv, d] (fp32): the sum of V over valid positions, for step 3's mean;
   * valid [B, S] (bool): which positions are real tokens (left padding is not);
+  * starts [B] (int32): where each row's valid run begins, when every row's valid positions are
+    one run ending at the newest position (a left-padded batch of `generate`): the kernels then
+    read the cache in place with per-row offsets;
   * state: a dict for methods that remember things between steps (H2O).
+Kᵀ and the mask live in buffers whose capacity doubles when outgrown, so a decode step writes one
+column in place (O(1) per step, amortised) instead of concatenating a new copy. The cache also
+owns the kernels' launch plans (`plans`, shared by all layers, sized by a capacity that doubles),
+so nothing is planned or allocated per step and everything is freed with the cache.
+Memory per position and KV head, beyond transformers' K and V: d * elt bytes for Kᵀ (+50% of the
+KV cache at most 2x over-allocated while it grows), 1 byte of mask per row; plus the plans'
+workspace, about (4 g + 4.2) bytes per position of capacity (g query heads per KV head).
 The extra state is derived data: it is rebuilt from K, V and the attention mask whenever it
 does not line up with the cache (after a prefill, crop, reorder or reset), and extended by one
 position on an ordinary decode step. So it can never silently disagree with K and V.
@@ -23,31 +33,73 @@ from transformers import DynamicCache
 
 @dataclass
 class SparQLayerState:
-    key_t: Tensor | None
+    key_t_buf: Tensor | None  # [B, Hkv, d, capacity]: columns [0, length) hold Kᵀ
     value_sum: Tensor
-    valid: Tensor
-    no_padding: bool = False  # every position valid: the kernels can take plain lengths
+    valid_buf: Tensor         # [B, capacity] bool: columns [0, length) hold the mask
+    length: int
+    starts: Tensor | None = None   # [B] int32 first valid position (valid = one run to the end)
+    lengths: Tensor | None = None  # [B] int32 valid positions (with starts)
+    left_padded: bool = False      # some row starts after position 0
     state: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def length(self) -> int:
-        return self.valid.shape[-1]
+    def key_t(self) -> Tensor | None:
+        return None if self.key_t_buf is None else self.key_t_buf[..., : self.length]
+
+    @property
+    def valid(self) -> Tensor:
+        return self.valid_buf[:, : self.length]
+
+    @property
+    def capacity(self) -> int:
+        return self.valid_buf.shape[-1]
+
+
+def _grown(buf: Tensor, length: int, need: int) -> Tensor:
+    """`buf` if it holds `need` columns, else a copy of its first `length` columns in a buffer of
+    twice the capacity (amortised O(1) per appended column)."""
+    if buf.shape[-1] >= need:
+        return buf
+    new = buf.new_zeros(*buf.shape[:-1], max(need, 2 * buf.shape[-1]))
+    new[..., :length] = buf[..., :length]
+    return new
 
 
 def build_state(key: Tensor, value: Tensor, valid: Tensor, keep_key_t: bool) -> SparQLayerState:
     """Everything from scratch: O(S) work, done at prefill or after the cache changed under us."""
+    batch, heads, seq_len, head_dim = key.shape
+    capacity = seq_len + max(64, seq_len // 4)  # room to decode before the first regrowth
     value_sum = value.float().masked_fill(~valid[:, None, :, None], 0.0).sum(2)
-    key_t = key.transpose(-1, -2).contiguous() if keep_key_t else None
-    # One host sync per (re)build, none per decode step: decode tokens are always valid.
-    return SparQLayerState(key_t=key_t, value_sum=value_sum, valid=valid.clone(), no_padding=bool(valid.all()))
+    key_t_buf = None
+    if keep_key_t:
+        key_t_buf = key.new_zeros(batch, heads, head_dim, capacity)
+        key_t_buf[..., :seq_len] = key.transpose(-1, -2)
+    valid_buf = valid.new_zeros(batch, capacity)
+    valid_buf[:, :seq_len] = valid
+    s = SparQLayerState(key_t_buf=key_t_buf, value_sum=value_sum, valid_buf=valid_buf, length=seq_len)
+    # Is each row's valid part one run ending at the newest position (left padding only)? One
+    # host sync per (re)build, none per decode step: decode tokens are always valid.
+    counts = valid.sum(-1)
+    starts = (seq_len - counts).to(torch.int32)
+    run = torch.arange(seq_len, device=valid.device)[None, :] >= starts[:, None]
+    if bool((run == valid).all()) and bool((counts > 0).all()):
+        s.starts, s.lengths = starts, counts.to(torch.int32)
+        s.left_padded = bool((starts > 0).any())
+    return s
 
 
 def extend_state(s: SparQLayerState, key: Tensor, value: Tensor, new_valid: Tensor) -> None:
     """Append the newest position (key/value are the whole cache, the last row is new)."""
-    if s.key_t is not None:
-        s.key_t = torch.cat([s.key_t, key[:, :, -1:, :].transpose(-1, -2)], dim=-1)
+    n = s.length
+    if s.key_t_buf is not None:
+        s.key_t_buf = _grown(s.key_t_buf, n, n + 1)
+        s.key_t_buf[..., n] = key[:, :, -1, :]
+    s.valid_buf = _grown(s.valid_buf, n, n + 1)
+    s.valid_buf[:, n] = new_valid
     s.value_sum += value[:, :, -1, :].float().masked_fill(~new_valid[:, None, None], 0.0)
-    s.valid = torch.cat([s.valid, new_valid[:, None]], dim=-1)
+    if s.lengths is not None:  # the new position extends every row's run (generate's masks)
+        s.lengths += 1
+    s.length = n + 1
 
 
 class SparQCache(DynamicCache):
@@ -60,8 +112,11 @@ class SparQCache(DynamicCache):
 
     def __init__(self, *args: Any, keep_key_t: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        from .kernels.plans import PlanCache
+
         self.keep_key_t = keep_key_t
         self.sparq_layers: dict[int, SparQLayerState] = {}
+        self.plans = PlanCache()  # the kernels' launch plans for this cache (all layers)
 
     def sparq_state(self, layer_idx: int, key: Tensor, value: Tensor, valid: Tensor,
                     rebuild: bool = False) -> SparQLayerState:
@@ -93,7 +148,9 @@ class SparQCache(DynamicCache):
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         self.sparq_layers.clear()
+        self.plans.clear()
 
     def batch_select_indices(self, indices: Tensor) -> None:
         super().batch_select_indices(indices)
         self.sparq_layers.clear()
+        self.plans.clear()

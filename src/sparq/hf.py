@@ -91,9 +91,10 @@ def sparq_attention_forward(
     x = DecodeInputs(query=query[:, :, 0, :], key=key, value=value, valid=valid, scale=scale)
     if isinstance(cache, SparQCache):
         s = cache.sparq_state(module.layer_idx, key, value, valid)
-        x.key_t, x.value_sum, x.state = s.key_t, s.value_sum, s.state
-        if s.no_padding:
-            x.lengths = torch.full((batch,), seq_len, dtype=torch.int32, device=key.device)
+        x.key_t, x.value_sum, x.state, x.plans = s.key_t, s.value_sum, s.state, cache.plans
+        if s.lengths is not None:  # one valid run per row: the kernels read the cache in place
+            x.lengths = s.lengths
+            x.starts = s.starts if s.left_padded else None
     out = method.attend(x)  # [B, Hq, d]
     return out[:, None, :, :], None  # [B, 1, Hq, d]
 

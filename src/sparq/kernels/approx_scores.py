@@ -1,10 +1,7 @@
-"""Step 1 of SparQ: approximate logits of every valid position, behind one scorer interface.
+"""Step 1 of SparQ: approximate logits of every valid position.
 
-The contract every scorer fulfils (step 2 relies on nothing else):
-
-    scorer.score(query, lengths, ws)
-
-fills, for every KV head bh = b * Hkv + h_kv, query head j < g of its group and valid position
+The contract step 2 relies on (and nothing else): a scorer, given the plan (`dispatch.DecodePlan`,
+written `ws` below), fills, for every KV head bh = b * Hkv + h_kv, query head j < g of its group and valid position
 s < lengths[b]:
     ws.logits[bh, j, s]      fp32 approximate logit; s_hat = softmax over valid s of these
     ws.split_m[bh, j, p]     max of the logits of split p (-inf for an empty split)
@@ -12,11 +9,12 @@ s < lengths[b]:
 where split p covers positions [p * ws.chunk1, (p + 1) * ws.chunk1). Positions >= lengths[b]
 are never read by later steps, so a scorer may leave them unwritten.
 
-`TransposedKeyScorer` is the paper's scorer: per KV head the r dimensions with the largest
+`score_transposed_keys` is the paper's scorer: per KV head the r dimensions with the largest
 |q| summed over the group, read from a transposed key copy K^T [B, Hkv, d, Smax] (contiguous along
 the sequence), logits = q[i1] . K[:, i1]^T * scale / sqrt(||q[i1]||_1 / ||q||_1).
 A later scorer (e.g. a packed low-bit key sketch read over all d dims) only has to provide the
-same three outputs.
+same three outputs. Positions are logical: with left padding, row b's position s lives at
+starts[b] + s of Kᵀ.
 """
 
 from __future__ import annotations
@@ -30,16 +28,17 @@ from . import interpreting
 
 @triton.jit
 def _transposed_key_scores_kernel(
-    kt_ptr, qsel_ptr, fac_ptr, dims_ptr, len_ptr,
+    kt_ptr, qsel_ptr, fac_ptr, dims_ptr, len_ptr, starts_ptr,
     logits_ptr, m_ptr, l_ptr,
     stride_kb, stride_kh, stride_kd,
-    num_kv_heads, s_cap, r, n_split,
+    num_kv_heads, s_cap, kt_len, r, n_split,
     G: tl.constexpr, G_PAD: tl.constexpr, R_PAD: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, USE_DOT: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, USE_DOT: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     """Approximate logits of one (batch, KV head) over one chunk of the sequence.
 
-    Positions in [length, s_cap) of the last tile may be read and written (as -inf); never used.
+    s_cap is the workspace's row length (logits), kt_len Kᵀ's (reads stay inside it). Positions in
+    [length, s_cap) of the last tile may be read and written (as -inf); never used.
     Reads  r * min(CHUNK, valid) * elt bytes of K^T (r rows, each contiguous along S), plus
            g*r*4 (selected query), g*4 (temperature factor), r*4 (dims) bytes.
     Writes 4 * g * (valid positions of the chunk) bytes of logits and 8 * g bytes of split stats.
@@ -62,6 +61,10 @@ def _transposed_key_scores_kernel(
     q_col = tl.load(qsel_ptr + bh * G * r + offs_r, mask=r_ok, other=0.0)[:, None]  # head 0, [R_PAD, 1]
 
     kt_base = kt_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    first = 0
+    if HAS_STARTS:  # left padding: logical position s is column first + s of Kᵀ
+        first = tl.load(starts_ptr + b)
+        kt_base += first.to(tl.int64)
     row_ptr = kt_base + dims.to(tl.int64)[:, None] * stride_kd  # [R_PAD, 1]
     out_base = logits_ptr + (bh * G + offs_g).to(tl.int64)[:, None] * s_cap  # [G_PAD, 1]
 
@@ -75,12 +78,12 @@ def _transposed_key_scores_kernel(
     for s0 in range(start, end, BLOCK_S):
         s = s0 + offs_s
         s_ok = s < end
-        if s0 + BLOCK_S <= s_cap:
+        if first + s0 + BLOCK_S <= kt_len:
             # whole tile inside the buffer: no mask, so the loads vectorise (padded rows read
             # row dims=0 and meet q=0; positions >= length are set to -inf below)
             kt = tl.load(row_ptr + s[None, :])
         else:
-            kt = tl.load(row_ptr + s[None, :], mask=r_ok[:, None] & (s[None, :] < s_cap), other=0.0)
+            kt = tl.load(row_ptr + s[None, :], mask=r_ok[:, None] & (first + s[None, :] < kt_len), other=0.0)
         if USE_DOT:
             if kt.dtype == tl.float32:
                 acc = tl.dot(q, kt, input_precision="ieee")
@@ -156,67 +159,32 @@ def _query_prep_kernel(q_ptr, dims_ptr, qsel_ptr, fac_ptr, r, scale,
     tl.store(fac_ptr + bh * G + offs_g, scale / tl.sqrt(ratio), mask=g_ok)
 
 
-def query_dims_and_factors(query: torch.Tensor, num_kv_heads: int, r: int, scale: float):
-    """Per KV head: dims [B, Hkv, r] (int32), q[i1] [B, Hkv, g, r] (fp32) and temperature factors
-    [B, Hkv, g] (fp32) = scale / sqrt(||q[i1]||_1 / ||q||_1), computed exactly as the reference does."""
-    batch, num_q_heads, head_dim = query.shape
-    q = query.float().reshape(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
-    if r >= head_dim:
-        dims = torch.arange(head_dim, device=q.device).expand(batch, num_kv_heads, head_dim)
-    else:
-        dims = q.abs().sum(dim=2).topk(r, dim=-1).indices
-    q_sel = q.gather(-1, dims.unsqueeze(2).expand(-1, -1, q.shape[2], -1))
-    q_l1 = q.abs().sum(-1)
-    sel_l1 = q_sel.abs().sum(-1)
-    tiny = torch.finfo(torch.float32).tiny
-    ratio = torch.where(q_l1 > 0, sel_l1 / q_l1.clamp_min(tiny), 1.0).clamp_min(tiny)
-    factors = scale / ratio.sqrt()
-    return dims.to(torch.int32).contiguous(), q_sel.contiguous(), factors.contiguous()
+def score_transposed_keys(ws, query: torch.Tensor, key_t: torch.Tensor, lengths: torch.Tensor,
+                          starts: torch.Tensor, has_starts: bool, scale: float) -> None:
+    """Step 1 over K^T [B, Hkv, d, >= S] (contiguous along the sequence) into the plan's workspace.
 
-
-class TransposedKeyScorer:
-    """The paper's step 1 over a transposed fp16/bf16 key copy K^T [B, Hkv, d, Smax].
-
-    Bytes read per KV head: r * length * elt (the selected rows of K^T, contiguous); written:
-    4 * g * length (fp32 logits). Scores may be computed for any r <= d.
+    Bytes read per KV head: r * length * elt (the selected rows of K^T, contiguous) + g * d * elt
+    (query); written: 4 * g * length (fp32 logits) + 8 * g * n_split (split statistics).
     """
-
-    name = "transposed_key"
-
-    def __init__(self, key_t: torch.Tensor, r: int, scale: float):
-        if key_t.dim() != 4 or key_t.stride(-1) != 1:
-            raise ValueError("key_t must be [B, Hkv, d, Smax] and contiguous along the sequence")
-        self.key_t = key_t
-        self.r = min(int(r), key_t.shape[2])
-        self.scale = float(scale)
-
-    def score(self, query: torch.Tensor, lengths: torch.Tensor, ws) -> None:
-        kt = self.key_t
-        batch, num_kv_heads, head_dim, _ = kt.shape
-        g = query.shape[1] // num_kv_heads
-        r = self.r
-        if ws.prep_in_torch:
-            dims, q_sel, fac = query_dims_and_factors(query, num_kv_heads, r, self.scale)
-        else:
-            dims, q_sel, fac = ws.dims[:, :r], ws.q_sel[:, :, :r], ws.fac
-            _query_prep_kernel[(batch * num_kv_heads,)](
-                query, dims, q_sel, fac, r, self.scale,
-                G=g, G_PAD=triton.next_power_of_2(g), D=head_dim, JB=min(head_dim, 32), num_warps=4,
-            )
-        from .dispatch import TUNING
-
-        # tensor cores (exact products: q[i1] is exact in the cache dtype; fp32 sums), or for
-        # g = 1 optionally a plain reduction over the r rows
-        use_dot = g > 1 or TUNING.get("score_dot", True)
-        g_pad = max(16, triton.next_power_of_2(g)) if use_dot else 1
-        r_pad = max(16, triton.next_power_of_2(r))
-        grid = (batch * num_kv_heads, ws.n_split1)
-        extra = {} if ws.score_stages is None or interpreting() else {"num_stages": ws.score_stages}
-        self.last_compiled = _transposed_key_scores_kernel[grid](
-            kt, q_sel, fac, dims, lengths,
-            ws.logits, ws.split_m, ws.split_l,
-            kt.stride(0), kt.stride(1), kt.stride(2),
-            num_kv_heads, ws.s_cap, r, ws.n_split1,
-            G=g, G_PAD=g_pad, R_PAD=r_pad, CHUNK=ws.chunk1, BLOCK_S=ws.block_s,
-            USE_DOT=use_dot, num_warps=4 if interpreting() else ws.score_warps, **extra,
-        )
+    if key_t.dim() != 4 or (key_t.stride(-1) != 1 and key_t.shape[-1] > 1):
+        raise ValueError("key_t must be [B, Hkv, d, S] and contiguous along the sequence")
+    batch, num_kv_heads, head_dim, kt_len = key_t.shape
+    g = ws.g
+    r = ws.r
+    _query_prep_kernel[(batch * num_kv_heads,)](
+        query, ws.dims, ws.q_sel, ws.fac, r, float(scale),
+        G=g, G_PAD=triton.next_power_of_2(g), D=head_dim, JB=min(head_dim, 32), num_warps=4,
+    )
+    # tensor cores (exact products: q[i1] is exact in the cache dtype; fp32 sums), or for
+    # g = 1 optionally a plain reduction over the r rows
+    g_pad = max(16, triton.next_power_of_2(g)) if ws.use_dot else 1
+    r_pad = max(16, triton.next_power_of_2(r))
+    extra = {} if ws.score_stages is None else {"num_stages": ws.score_stages}
+    return _transposed_key_scores_kernel[(batch * num_kv_heads, ws.n_split1)](
+        key_t, ws.q_sel, ws.fac, ws.dims, lengths, starts,
+        ws.logits, ws.split_m, ws.split_l,
+        key_t.stride(0), key_t.stride(1), key_t.stride(2),
+        num_kv_heads, ws.capacity, kt_len, r, ws.n_split1,
+        G=g, G_PAD=g_pad, R_PAD=r_pad, CHUNK=ws.chunk1, BLOCK_S=ws.block_s,
+        USE_DOT=ws.use_dot, HAS_STARTS=has_starts, num_warps=ws.score_warps, **extra,
+    )

@@ -18,12 +18,12 @@ import triton.language as tl
 
 @triton.jit
 def _gather_attention_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, kcount_ptr, logits_ptr, logz_ptr,
+    q_ptr, k_ptr, v_ptr, idx_ptr, kcount_ptr, logits_ptr, logz_ptr, starts_ptr,
     m_ptr, l_ptr, acc_ptr, alpha_ptr,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     num_kv_heads, s_cap, k_max, n_split, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, REALLOC: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, REALLOC: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):
     """Partial attention of one KV head's query group over one slice of its kept positions.
 
@@ -46,6 +46,10 @@ def _gather_attention_kernel(
         logz = tl.load(logz_ptr + bh * G + offs_g, mask=g_ok, other=0.0)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if HAS_STARTS:  # left padding: kept (logical) position p is row starts[b] + p of K and V
+        first = tl.load(starts_ptr + b).to(tl.int64)
+        k_base += first * stride_ks
+        v_base += first * stride_vs
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)

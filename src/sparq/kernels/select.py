@@ -23,7 +23,7 @@ Threshold selection in three kernels (no sort, one full pass over the keys; DET 
    exactly over all candidates from memory: slower, never wrong.
 Only positions < length are read; the kept positions are appended in no particular order.
 
-Deterministic variant (DET, dispatch.TUNING["deterministic"], the default): atomically reserved
+Deterministic variant (DET, dispatch.Tuning.deterministic, the default): atomically reserved
 offsets make the list order depend on tile scheduling, hence which tied positions are kept and
 the gather's fp32 summation order. With DET, `_emit_kernel` writes each tile's keep bitmap and kept
 count instead of appending, `_resolve_kernel` marks its winners there (integer atomics: order
@@ -39,7 +39,7 @@ keeps the sub-interval holding the answer, so [lo, hi] shrinks (P + 1)-fold per 
 search over 2^32 takes 11 rounds with P = 8 instead of 32, a bracket of 2^22 takes 7 instead of
 22. Each round is one block-wide reduction (its latency dominates). Separate per-pivot reductions
 (KERNEL_NOTES.md v5) were slower: they do not overlap. P = 1 is the plain bisection
-(`_kth_largest`); P is chosen per kernel on the host (`search_pivots`, dispatch.TUNING).
+(`_kth_largest`); P is chosen per kernel on the host (`search_pivots`, dispatch.Tuning).
 """
 
 from __future__ import annotations
@@ -50,8 +50,6 @@ import torch
 import triton
 import triton.language as tl
 
-SAMPLES = None   # test override of the sample size per KV head (None: selection_sizes decides)
-CAP = None       # test override of the resolve kernel's register capacity (candidates)
 KEY_SPAN = tl.constexpr(4294967296)  # 2^32: above every key
 
 # (samples, order-key tolerance of the sample bisection, resolve capacity CAP) tried in turn; the
@@ -64,7 +62,7 @@ KEY_SPAN = tl.constexpr(4294967296)  # 2^32: above every key
 _SAMPLE_PLANS = ((2048, 65535, 4096), (4096, 65535, 4096), (8192, 65535, 4096), (4096, 65535, 8192),
                  (8192, 255, 8192),
                  (16384, 255, 8192), (16384, 255, 16384))
-_BASE_CAP = 4096
+BASE_CAP = 4096
 
 
 def predicted_bracket(length: int, config, samples: int) -> tuple[float, float]:
@@ -97,8 +95,6 @@ def selection_sizes(s_cap: int, config) -> tuple[int, int, int]:
     CAP (8192) before a larger sample. The plan needs each length's predicted bracket + 3 sigma
     to fit CAP.
     """
-    if SAMPLES is not None or CAP is not None:  # tests: force small sizes
-        return SAMPLES or 2048, CAP or _BASE_CAP, 65535
     lengths = sorted({max(1, s_cap >> i) for i in range(8)})
     for ns, tol, cap in _SAMPLE_PLANS:
         if all(m + 3.0 * sd <= cap for m, sd in (predicted_bracket(n, config, ns) for n in lengths)):
@@ -139,7 +135,9 @@ def budgets(config, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return k.to(torch.int32), local.to(torch.int32)
 
 
-@triton.jit
+# k_min / local_min are cast to float64 below: Triton would turn a value of 1 into a constant
+# (no .to()) and a multiple of 16 into a separate compile, so neither is specialised
+@triton.jit(do_not_specialize=["k_min", "local_min"])
 def _budgets_kernel(len_ptr, frac_ptr, k_ptr, local_ptr, count_ptr, k_min, local_min, num_kv_heads,
                     H2_PAD: tl.constexpr):
     """budgets() on the device in float64 for sequence b, and zero its KV heads' list counters.

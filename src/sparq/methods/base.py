@@ -23,8 +23,11 @@ class DecodeInputs:
     """One layer's decode step. query [B, Hq, d]; key, value [B, Hkv, S, d]; valid [B, S] bool.
 
     key_t [B, Hkv, d, S] (keys contiguous along the sequence) and value_sum [B, Hkv, d] (fp32
-    sum of V over valid positions) are present when the cache keeps them; lengths [B] too when
-    the valid positions are a plain prefix, which lets CUDA tensors run on the kernels.
+    sum of V over valid positions) are present when the cache keeps them; lengths [B] (and starts
+    [B] for a left-padded cache) too when the valid positions of row b are one contiguous run
+    [starts[b], starts[b] + lengths[b]), which lets CUDA tensors run on the kernels. `plans` is the
+    cache's `sparq.kernels.dispatch.PlanCache`: kernel launch plans and workspaces owned by the
+    cache, shared by its layers, freed with it.
     """
 
     query: Tensor
@@ -35,7 +38,9 @@ class DecodeInputs:
     key_t: Tensor | None = None
     value_sum: Tensor | None = None
     state: dict[str, Any] = field(default_factory=dict)
-    lengths: Tensor | None = None  # set when valid is exactly `position < lengths[b]` (no padding)
+    lengths: Tensor | None = None  # set when valid is exactly `starts[b] <= position < starts[b] + lengths[b]`
+    starts: Tensor | None = None   # None: every row starts at position 0
+    plans: Any = None              # the cache's PlanCache (None: the kernels plan per call)
 
 
 @dataclass(frozen=True)

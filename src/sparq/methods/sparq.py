@@ -21,7 +21,8 @@ class SparQ(DecodeMethod):
         if x.query.is_cuda and x.lengths is not None:
             # the Triton kernels (fp16/bf16; the API falls back to the reference otherwise)
             return sparq_attention(x.query, x.key, x.value, self.config, x.lengths, scale=x.scale,
-                                   key_t=x.key_t, value_sum=x.value_sum, validate=False)
+                                   key_t=x.key_t, value_sum=x.value_sum, starts=x.starts, plans=x.plans,
+                                   validate=False)
         return reference.sparq_reference(
             x.query, x.key, x.value, self.config, x.valid, x.scale, key_t=x.key_t, value_sum=x.value_sum
         )

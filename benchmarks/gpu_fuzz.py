@@ -1,0 +1,203 @@
+"""Randomised check of `sparq.sparq_attention` against the PyTorch reference over the accepted space.
+
+Every case draws fresh inputs and settings: batch 1-4, KV heads 1-8, group sizes {1,2,3,4,5,8},
+head_dim {32,64,80,96,128,256}, S from 1 to ~70000 (log-uniform, odd sizes included), r 1..d+8,
+k 1..S+8, local_window 0..k, k_fraction/local_fraction sometimes, both reallocate settings, ragged
+lengths, fp16/bf16/fp32. The API runs whatever path it picks (kernels on CUDA fp16/bf16 where they
+handle the shape, the reference otherwise); the reference runs in fp32 on the same inputs.
+
+A row (batch entry) passes when its output is within dtype tolerance of the reference. A row that
+differs is counted as a *near-tie* when the reference's choice there is decided by a margin below
+rounding (r-th vs (r+1)-th |q| weight, or the last kept vs the first dropped selection score of
+some KV head): a different but equally valid choice. Near-tie rows must still stay within a bound
+(the error is the swapped positions' attention mass times |V|: we require
+max|out - ref| <= 0.5 * max|V|). Everything else is a failure; exceptions are failures.
+
+Writes JSON (device, versions, settings, counts, every failure and near-tie with its case) to
+$OUT or benchmarks/results/. Usage: [FUZZ_SECONDS=..] python benchmarks/gpu_fuzz.py [cases] [seed]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+import traceback
+
+import torch
+
+import sparq
+from sparq import reference
+from sparq.api import valid_mask
+
+TOL = {torch.float16: 2e-2, torch.bfloat16: 6e-2, torch.float32: 2e-3}
+
+
+def draw(rng: random.Random) -> dict:
+    d = rng.choice([32, 64, 80, 96, 128, 256])
+    hkv = rng.randint(1, 8)
+    g = rng.choice([1, 2, 3, 4, 5, 8])
+    b = rng.randint(1, 4)
+    # log-uniform S in [1, 70000], a few exact small / power-of-two edges
+    u = rng.random()
+    if u < 0.08:
+        s = rng.randint(1, 8)
+    elif u < 0.12:
+        s = 2 ** rng.randint(4, 16) + rng.choice([-1, 0, 1])
+    else:
+        s = int(math.exp(rng.uniform(math.log(2), math.log(70000))))
+    s = max(1, s)
+    # keep the total size moderate: B * Hkv * S * d elements per tensor <= ~2^28
+    while b * hkv * s * d > (1 << 28) and (b > 1 or hkv > 1):
+        if b > 1:
+            b -= 1
+        else:
+            hkv -= 1
+    r = rng.randint(1, d + 8)
+    k = rng.randint(1, s + 8) if rng.random() < 0.7 else max(1, int(s * rng.choice([1 / 4, 1 / 8, 1 / 16])))
+    local = rng.randint(0, k) if rng.random() < 0.6 else rng.choice([0, min(1, k), k])
+    k_fraction = rng.choice([0.0, 0.0, 1 / 8, 1 / 16, rng.random() * 0.5])
+    local_fraction = rng.choice([0.0, 0.0, 0.25, rng.random()])
+    dtype = rng.choice([torch.float16, torch.float16, torch.bfloat16, torch.bfloat16, torch.float32])
+    ragged = rng.random() < 0.6
+    return dict(B=b, Hkv=hkv, g=g, d=d, S=s, r=r, k=k, local_window=local, k_fraction=k_fraction,
+                local_fraction=local_fraction, reallocate=rng.random() < 0.5, dtype=str(dtype).split(".")[-1],
+                ragged=ragged, zero_query=rng.random() < 0.02)
+
+
+def near_tie_rows(q, key, valid, cfg, scale) -> torch.Tensor:
+    """[B] bool: rows whose reference choice hinges on a margin below rounding."""
+    B, Hq, d = q.shape
+    hkv = key.shape[1]
+    qg = q.float().reshape(B, hkv, Hq // hkv, d)
+    w = qg.abs().sum(2)  # [B, Hkv, d]
+    tie = torch.zeros(B, dtype=torch.bool, device=q.device)
+    if cfg.r < d:
+        srt = w.sort(-1, descending=True).values
+        gap = (srt[..., cfg.r - 1] - srt[..., cfg.r]).abs()
+        tie |= (gap <= 1e-2 * srt[..., :1].squeeze(-1).clamp_min(1e-6)).any(-1)
+    s_hat = reference.approx_scores(q, key, valid, cfg.r, scale).sum(2)  # [B, Hkv, S]
+    lengths, kb, lb = reference.budgets(cfg, valid)
+    from_end = valid.flip(-1).long().cumsum(-1).flip(-1)
+    cand = valid & ~(from_end <= lb[:, None])
+    sc = s_hat.masked_fill(~cand[:, None, :], -1.0).sort(-1, descending=True).values
+    for b in range(B):
+        need = int(kb[b] - lb[b])
+        n_cand = int(cand[b].sum())
+        if kb[b] >= lengths[b] or need <= 0 or need >= n_cand:
+            continue
+        hi, lo = sc[b, :, need - 1], sc[b, :, need]
+        if bool(((hi - lo) <= 2e-3 * hi.clamp_min(1e-30) + 1e-7).any()):
+            tie[b] = True
+    # a selection score that underflows (all mass on a few positions) makes many exact ties at 0
+    return tie
+
+
+def run_case(case: dict, device: str, gen: torch.Generator) -> dict:
+    dtype = getattr(torch, case["dtype"])
+    B, hkv, g, d, S = case["B"], case["Hkv"], case["g"], case["d"], case["S"]
+    hq = hkv * g
+    cfg = sparq.SparQConfig(r=case["r"], k=case["k"], local_window=case["local_window"],
+                            reallocate=case["reallocate"], k_fraction=case["k_fraction"],
+                            local_fraction=case["local_fraction"])
+    q = torch.randn(B, hq, d, device=device, generator=gen).to(dtype)
+    if case["zero_query"]:
+        q[0] = 0
+    key = torch.randn(B, hkv, S, d, device=device, generator=gen).to(dtype)
+    value = torch.randn(B, hkv, S, d, device=device, generator=gen).to(dtype)
+    if case["ragged"]:
+        lengths = torch.randint(1, S + 1, (B,), device=device, generator=gen)
+        lengths[0] = S
+    else:
+        lengths = torch.full((B,), S, device=device)
+    scale = 1.0 / math.sqrt(d)
+    out = sparq.sparq_attention(q, key, value, cfg, lengths)
+    valid = valid_mask(lengths, B, S, device)
+    ref = reference.sparq_reference(q.float(), key.float(), value.float(), cfg, valid, scale)
+    err = (out.float() - ref).abs().amax(dim=(1, 2))  # [B]
+    bad = err > TOL[dtype] * (1 + ref.abs().amax(dim=(1, 2)))
+    res = dict(rows=B, bad_rows=int(bad.sum()), near_ties=0, failures=0, max_err=float(err.max()))
+    if bad.any():
+        ties = near_tie_rows(q, key, valid, cfg, scale)
+        vmax = value.float().abs().amax(dim=(1, 2, 3))
+        within = err <= 0.5 * vmax
+        res["near_ties"] = int((bad & ties & within).sum())
+        res["failures"] = int((bad & ~(ties & within)).sum())
+        res["row_err"] = [float(e) for e in err[bad]]
+    return res
+
+
+def main() -> None:
+    cases = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    seed = int(sys.argv[2]) if len(sys.argv) > 2 else int(time.time())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rng = random.Random(seed)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    t0 = time.time()
+    counts = dict(cases=0, rows=0, rows_pass=0, near_tie_rows=0, failed_rows=0, exceptions=0)
+    problems = []
+    budget_s = float(os.environ.get("FUZZ_SECONDS", "inf"))  # stop early, report what ran
+    for i in range(cases):
+        if time.time() - t0 > budget_s:
+            print(f"time budget of {budget_s:.0f} s reached after {i} cases", flush=True)
+            break
+        case = draw(rng)
+        try:
+            res = run_case(case, device, gen)
+        except Exception as e:  # noqa: BLE001 - the report counts every exception
+            counts["exceptions"] += 1
+            problems.append(dict(case=case, kind="exception", error=f"{type(e).__name__}: {str(e)[:400]}",
+                                 where=traceback.format_exc().splitlines()[-6:]))
+            print(f"[{i}] EXCEPTION {case}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        counts["cases"] += 1
+        counts["rows"] += res["rows"]
+        counts["rows_pass"] += res["rows"] - res["bad_rows"]
+        counts["near_tie_rows"] += res["near_ties"]
+        counts["failed_rows"] += res["failures"]
+        if res["bad_rows"]:
+            kind = "failure" if res["failures"] else "near-tie"
+            problems.append(dict(case=case, kind=kind, row_err=res.get("row_err"), max_err=res["max_err"]))
+            if res["failures"]:
+                print(f"[{i}] FAIL {case} err {res['row_err']}", flush=True)
+        if (i + 1) % 100 == 0:
+            print(f"{i + 1} cases, {time.time() - t0:.0f} s: {counts}", flush=True)
+    total_rows = counts["rows"]
+    report = dict(
+        device=torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+        versions=dict(torch=torch.__version__, triton=_triton_version(), sparq=sparq.__version__,
+                      python=platform.python_version()),
+        seed=seed, requested_cases=cases, wall_s=round(time.time() - t0, 1), counts=counts,
+        pass_fraction=(counts["rows_pass"] / total_rows) if total_rows else None,
+        pass_or_near_tie_fraction=((counts["rows_pass"] + counts["near_tie_rows"]) / total_rows) if total_rows else None,
+        tolerance={str(k).split(".")[-1]: v for k, v in TOL.items()},
+        near_tie_bound="max|out-ref| <= 0.5 * max|V| on rows whose reference choice hinges on a margin below rounding",
+        problems=problems,
+    )
+    out_dir = os.environ.get("OUT", "benchmarks/results")
+    os.makedirs(out_dir, exist_ok=True)
+    tag = (report["device"] or "cpu").replace(" ", "_")
+    path = os.path.join(out_dir, f"gpu-fuzz-{tag}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(json.dumps({k: report[k] for k in ("device", "versions", "seed", "wall_s", "counts", "pass_fraction",
+                                              "pass_or_near_tie_fraction")}, indent=1))
+    print("->", path)
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+if __name__ == "__main__":
+    main()
