@@ -33,6 +33,7 @@ import torch
 import sparq
 from sparq import reference
 from sparq.api import valid_mask
+from sparq.kernels.plans import PlanCache
 
 TOL = {torch.float16: 2e-2, torch.bfloat16: 6e-2, torch.float32: 2e-3}
 
@@ -64,7 +65,8 @@ def draw(rng: random.Random) -> dict:
     local_fraction = rng.choice([0.0, 0.0, 0.25, rng.random()])
     dtype = rng.choice([torch.float16, torch.float16, torch.bfloat16, torch.bfloat16, torch.float32])
     ragged = rng.random() < 0.6
-    return dict(B=b, Hkv=hkv, g=g, d=d, S=s, r=r, k=k, local_window=local, k_fraction=k_fraction,
+    padded = rng.random() < 0.3  # left padding: per-row start offsets
+    return dict(padded=padded, plan_cache=rng.random() < 0.5, B=b, Hkv=hkv, g=g, d=d, S=s, r=r, k=k, local_window=local, k_fraction=k_fraction,
                 local_fraction=local_fraction, reallocate=rng.random() < 0.5, dtype=str(dtype).split(".")[-1],
                 ragged=ragged, zero_query=rng.random() < 0.02)
 
@@ -114,9 +116,14 @@ def run_case(case: dict, device: str, gen: torch.Generator) -> dict:
         lengths[0] = S
     else:
         lengths = torch.full((B,), S, device=device)
+    starts = None
+    if case["padded"]:  # left padding: row b valid on [S - lengths[b], S)
+        starts = S - lengths
     scale = 1.0 / math.sqrt(d)
-    out = sparq.sparq_attention(q, key, value, cfg, lengths)
-    valid = valid_mask(lengths, B, S, device)
+    # half the cases through a growing cache's plans (capacity rounded up past S)
+    plans = PlanCache() if case["plan_cache"] else None
+    out = sparq.sparq_attention(q, key, value, cfg, lengths, starts=starts, plans=plans)
+    valid = valid_mask(lengths, B, S, device, starts)
     ref = reference.sparq_reference(q.float(), key.float(), value.float(), cfg, valid, scale)
     err = (out.float() - ref).abs().amax(dim=(1, 2))  # [B]
     bad = err > TOL[dtype] * (1 + ref.abs().amax(dim=(1, 2)))
@@ -131,9 +138,9 @@ def run_case(case: dict, device: str, gen: torch.Generator) -> dict:
     return res
 
 
-def main() -> None:
-    cases = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else int(time.time())
+def worker(args) -> tuple[dict, list]:
+    """Run `cases` cases from `seed` (one process: Triton compiles on its own CPU core)."""
+    cases, seed, budget_s = args
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rng = random.Random(seed)
     gen = torch.Generator(device=device)
@@ -141,7 +148,6 @@ def main() -> None:
     t0 = time.time()
     counts = dict(cases=0, rows=0, rows_pass=0, near_tie_rows=0, failed_rows=0, exceptions=0)
     problems = []
-    budget_s = float(os.environ.get("FUZZ_SECONDS", "inf"))  # stop early, report what ran
     for i in range(cases):
         if time.time() - t0 > budget_s:
             print(f"time budget of {budget_s:.0f} s reached after {i} cases", flush=True)
@@ -165,14 +171,34 @@ def main() -> None:
             problems.append(dict(case=case, kind=kind, row_err=res.get("row_err"), max_err=res["max_err"]))
             if res["failures"]:
                 print(f"[{i}] FAIL {case} err {res['row_err']}", flush=True)
-        if (i + 1) % 100 == 0:
-            print(f"{i + 1} cases, {time.time() - t0:.0f} s: {counts}", flush=True)
+        if (i + 1) % 50 == 0:
+            print(f"seed {seed}: {i + 1} cases, {time.time() - t0:.0f} s: {counts}", flush=True)
+    return counts, problems
+
+
+def main() -> None:
+    cases = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    seed = int(sys.argv[2]) if len(sys.argv) > 2 else int(time.time())
+    workers = int(os.environ.get("FUZZ_WORKERS", "1"))
+    budget_s = float(os.environ.get("FUZZ_SECONDS", "inf"))  # stop early, report what ran
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.time()
+    jobs = [(cases // workers + (w < cases % workers), seed * 1000 + w, budget_s) for w in range(workers)]
+    if workers == 1:
+        results = [worker(jobs[0])]
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            results = pool.map(worker, jobs)
+    counts = {k: sum(r[0][k] for r in results) for k in results[0][0]}
+    problems = [p for r in results for p in r[1]]
     total_rows = counts["rows"]
     report = dict(
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
         versions=dict(torch=torch.__version__, triton=_triton_version(), sparq=sparq.__version__,
                       python=platform.python_version()),
-        seed=seed, requested_cases=cases, wall_s=round(time.time() - t0, 1), counts=counts,
+        seed=seed, workers=workers, requested_cases=cases, wall_s=round(time.time() - t0, 1), counts=counts,
         pass_fraction=(counts["rows_pass"] / total_rows) if total_rows else None,
         pass_or_near_tie_fraction=((counts["rows_pass"] + counts["near_tie_rows"]) / total_rows) if total_rows else None,
         tolerance={str(k).split(".")[-1]: v for k, v in TOL.items()},
