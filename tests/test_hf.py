@@ -175,6 +175,11 @@ def test_cache_state_tracks_padding_crop_and_reset():
         expected = (layer.values.float() * valid[:, None, :, None]).sum(2)
         torch.testing.assert_close(state.value_sum, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(state.key_t, layer.keys.transpose(-1, -2))
+        # one valid run per row (left padding): per-row starts and lengths for the kernels
+        seq = layer.keys.shape[2]
+        assert state.lengths.tolist() == [n + 5 for n in lengths]
+        assert state.starts.tolist() == [seq - n - 5 for n in lengths] and state.left_padded
+        assert state.capacity >= seq  # Kᵀ and the mask grow in place, not by a copy per step
         cache.crop(-3)  # drop the last 3 cached tokens: prompt + 2 generated remain
         assert not cache.sparq_layers
         # Continue after the crop (state rebuilt from K/V + mask): the logits of the 4th decode
