@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from .config import SparQConfig
 from .kernel_cache import KernelCacheLayer
+from .kernels.plans import PlanCache
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -135,8 +136,9 @@ class FastDecoder:
         self.device, self.dtype = param.device, param.dtype
         # Kᵀ is SparQ's step-1 copy; keep it for dense too when switching methods on one cache.
         keep_key_t = method != "dense" if keep_key_t is None else keep_key_t
+        plans = PlanCache(growth=False)  # the kernels' plans: one workspace shared by all layers
         self.cache = [KernelCacheLayer(batch, self.num_kv_heads, self.head_dim, max_len, self.dtype, self.device,
-                                       keep_key_t=keep_key_t) for _ in layers]
+                                       keep_key_t=keep_key_t, plans=plans) for _ in layers]
         # one lengths tensor for all layers (they advance together): advanced once per step, before
         # the layers; each layer appends at the previous lengths (_write_pos)
         self.lengths = self.cache[0].lengths

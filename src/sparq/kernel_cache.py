@@ -15,14 +15,19 @@ import torch
 from torch import Tensor
 
 from .config import SparQConfig
+from .kernels.plans import PlanCache
 
 
 class KernelCacheLayer:
     """One layer's buffers; see the module docstring."""
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str, *, keep_key_t: bool = True):
+                 dtype: torch.dtype, device: torch.device | str, *, keep_key_t: bool = True,
+                 plans: PlanCache | None = None):
         device = torch.device(device)
+        # the kernels' launch plans, planned once for this fixed capacity; share one PlanCache
+        # between the layers of a model (one layer runs at a time) so they share the workspace
+        self.plans = plans if plans is not None else PlanCache(growth=False)
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.key = torch.zeros(shape, dtype=dtype, device=device)
         # Dense attention never reads Kᵀ: keep_key_t=False saves that third of the memory.
@@ -101,7 +106,7 @@ class KernelCacheLayer:
         from .api import sparq_attention
 
         return sparq_attention(query, self.key, self.value, config, self.lengths, scale=scale,
-                               key_t=self.key_t, value_sum=self.value_sum, validate=False)
+                               key_t=self.key_t, value_sum=self.value_sum, plans=self.plans, validate=False)
 
 
 class SparQKernelCache:
@@ -109,7 +114,8 @@ class SparQKernelCache:
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
                  *, dtype: torch.dtype = torch.float16, device: torch.device | str = "cuda"):
-        self.layers = [KernelCacheLayer(batch, num_kv_heads, head_dim, max_len, dtype, device)
+        plans = PlanCache(growth=False)
+        self.layers = [KernelCacheLayer(batch, num_kv_heads, head_dim, max_len, dtype, device, plans=plans)
                        for _ in range(num_layers)]
         self.max_len = max_len
 
