@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import sparq
 from sparq.fast import FastDecoder
-from sparq.methods import SparQ
+from sparq.methods import Dense, SparQ
 
 CFG = sparq.SparQConfig(r=2, k=6, local_window=2)
 
@@ -49,7 +49,7 @@ def run_fast(model, tp_group=None) -> dict:
 
     aligned, lengths = left_aligned(*prompts())
     out = {}
-    for name, method in (("dense", "dense"), ("sparq", CFG)):
+    for name, method in (("dense", Dense()), ("sparq", CFG)):
         dec = FastDecoder(model, method, batch=3, max_len=48, prefill_chunk=16, tp_group=tp_group)
         out[name] = dec.generate(aligned, lengths, 8)[0].tolist()
         out["heads"] = [dec.num_q_heads, dec.num_kv_heads]

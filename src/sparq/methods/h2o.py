@@ -62,6 +62,10 @@ class H2O(DecodeMethod):
     recent_fraction: float = 0.5
     min_k: int = 16
     name = "h2o"
+    # Not yet on the fast loop's static cache: the eviction state is seeded by the whole prefill's
+    # attention column sums (observe_prefill, one call) and `_state` lines it up by cache length,
+    # while the static prefill runs in chunks and the static cache's length never changes.
+    static_cache = False
 
     def k_for(self, length: int, head_dim: int) -> int:
         return rows_for(self.fraction, length, head_dim, per_row=2 * head_dim + 1, min_k=self.min_k)
