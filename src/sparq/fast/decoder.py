@@ -118,10 +118,6 @@ class FastDecoder:
         self._post = torch.compile(post, fullgraph=True, dynamic=False) if compile else post
 
     @property
-    def weights(self) -> list[tuple[dict, dict]]:
-        return self.family.weights
-
-    @property
     def _graph(self) -> "torch.cuda.CUDAGraph | None":
         """The captured step of the current method, if any."""
         return self._graphs.get(self.method)
@@ -234,7 +230,7 @@ class FastDecoder:
             q, k, v = self._pre(x, cos, sin, **pre)
             if isinstance(c, WindowCache):
                 c.append(k, v, self._write_pos)
-                out = _DENSE.attend(DecodeInputs(q[:, :, 0], c.key, c.value, c.valid(self.lengths), self.scale))
+                out = _DENSE.attend(c.inputs(q[:, :, 0], self.lengths, self.scale))
             else:
                 c.append(k, v, positions=self._write_pos, advance=False)
                 out = self.method.attend(DecodeInputs(q[:, :, 0], c.key, c.value, valid, self.scale, key_t=c.key_t,

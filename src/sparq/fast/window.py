@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..methods import DecodeInputs
+
 
 class WindowCache:
     def __init__(self, batch: int, num_kv_heads: int, size: int, head_dim: int, dtype: torch.dtype,
@@ -61,6 +63,8 @@ class WindowCache:
         self.key.scatter_(2, idx, k.to(self.key.dtype))
         self.value.scatter_(2, idx, v.to(self.value.dtype))
 
-    def valid(self, lengths: Tensor) -> Tensor:
-        """[B, size] bool: the slots holding the window of rows of these lengths."""
-        return self._slots[None, :] < lengths[:, None]
+    def inputs(self, query: Tensor, lengths: Tensor, scale: float) -> DecodeInputs:
+        """A decode step's inputs over the ring for rows of these lengths: the valid slots are a
+        prefix (all of them once a row is longer than the window), so they come with lengths."""
+        return DecodeInputs(query, self.key, self.value, self._slots[None, :] < lengths[:, None], scale,
+                            lengths=lengths.clamp(max=self.size))
