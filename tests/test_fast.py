@@ -9,7 +9,7 @@ import torch
 import sparq
 from sparq import SparQConfig
 from sparq.fast import FastDecoder, kv_bytes_per_token
-from sparq.methods import H2O, METHODS, Dense, SparQ, SparQSketch, build_method
+from sparq.methods import H2O, METHODS, Dense, SparQ, SparQSketch, Streaming, build_method
 from test_hf import greedy, prompts, tiny
 
 
@@ -45,12 +45,16 @@ def test_fast_decoder_equals_hf_generate(arch, method):
     assert timings.steps == 7
 
 
+class NoStatic(Streaming):  # a method without a static-cache path (every registry one has one)
+    static_cache = False
+
+
 def test_fast_decoder_rejects_bad_input():
     model = tiny("llama")
     with pytest.raises(TypeError, match="DecodeMethod"):
         FastDecoder(model, "dense", batch=1, max_len=8)  # no string sentinel: Dense()
-    with pytest.raises(ValueError, match="h2o has no static-cache path"):
-        FastDecoder(model, H2O(0.5), batch=1, max_len=8)
+    with pytest.raises(ValueError, match="streaming has no static-cache path"):
+        FastDecoder(model, NoStatic(0.5), batch=1, max_len=8)
     with pytest.raises(ValueError, match="GPTNeoXForCausalLM.*gpt_neox.*llama: llama, mistral, qwen2, qwen3; "
                                          "gemma3: gemma3_text"):
         FastDecoder(tiny("gptneox"), Dense(), batch=1, max_len=8)
@@ -135,7 +139,7 @@ def test_autotune_keeps_the_state_and_picks_a_candidate():
     times = dec.autotune(steps=2)
     assert set(times) == {Dense(), SparQ(cfg)} and all(t > 0 for t in times.values())
     assert dec.method == min(times, key=times.get)
-    assert all(torch.equal(a, b) for a, b in zip(before, dec.snapshot()))  # timing steps undone
+    assert all(torch.equal(a, b) for a, b in zip(before.tensors, dec.snapshot().tensors))  # timing steps undone
     rest, _ = dec.decode(5)
     assert torch.equal(torch.cat([first[:, None], rest], 1), expected[dec.method])
 
@@ -272,7 +276,7 @@ def test_every_static_method_gives_hf_tokens_in_the_fast_loop(arch):
     aligned, lengths = left_aligned(ids, mask)
     d = model.config.head_dim if arch == "gemma3" else 16
     methods = static_methods(d)
-    assert {m.name for m in methods} == set(METHODS) - {"h2o"}
+    assert {m.name for m in methods} == set(METHODS)
     dense = greedy(model, ids, mask, n=8)
     moved = set()
     for method in methods:
@@ -285,3 +289,28 @@ def test_every_static_method_gives_hf_tokens_in_the_fast_loop(arch):
         if not torch.equal(got, dense):
             moved.add(method.name)
     assert len(moved) >= 3, moved  # the selections change tokens: the comparison is not dense vs dense
+
+
+def test_h2o_state_lives_in_the_decoder():
+    """H2O's eviction state is seeded by the (chunked) prefill and restored with a snapshot; a
+    decoder prefilled under another method refuses to switch to it (it never saw the prefill)."""
+    model = tiny("llama")
+    ids, mask = long_prompts()
+    aligned, lengths = left_aligned(ids, mask)
+    h2o = build_method("h2o", "1/8", 16)
+    dec = FastDecoder(model, h2o, batch=3, max_len=160, prefill_chunk=32)
+    dec.prefill(aligned, lengths)
+    assert all("h2o_prefill_scores" in st for st in dec._states)
+    snap = dec.snapshot()
+    first, _ = dec.decode(5)
+    assert all("h2o" in st for st in dec._states)
+    dec.restore(snap)
+    assert not any("h2o" in st for st in dec._states)
+    again, _ = dec.decode(5)
+    assert torch.equal(first, again)
+    other = FastDecoder(model, Dense(), batch=3, max_len=160)
+    other.use(h2o)  # before any prefill: fine
+    other.use(Dense())
+    other.prefill(aligned, lengths)
+    with pytest.raises(ValueError, match="h2o records the prefill"):
+        other.use(h2o)

@@ -41,8 +41,8 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
     fast: Annotated[bool, typer.Option(help="Greedy decoding in the static-cache fast loop (Llama-family and Gemma 3 "
-                                            "models; CUDA graphs and the SparQ kernels on a GPU); any method with a "
-                                            "static-cache path (not h2o).")] = False,
+                                            "models; CUDA graphs and the SparQ kernels on a GPU); any method, CUDA-graph "
+                                            "captured for dense and sparq.")] = False,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Generate from a prompt with dense or SparQ decode attention; streams the text."""

@@ -16,9 +16,11 @@ Dense and SparQ run in this same loop, so a speed-up measured here is SparQ's ow
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,18 @@ class DecodeTimings:
     @property
     def ms_per_token(self) -> float:
         return 1e3 * self.decode_s / self.steps if self.steps else float("nan")
+
+
+@dataclass
+class Snapshot:
+    """The decode state `FastDecoder.snapshot` saves: buffers, and each layer's method state."""
+
+    tensors: list[Tensor]
+    states: list[dict[str, Any]]
+
+
+def _observes_prefill(method: DecodeMethod) -> bool:
+    return type(method).observe_prefill is not DecodeMethod.observe_prefill
 
 
 def static_method(method: DecodeMethod | SparQConfig) -> DecodeMethod:
@@ -94,6 +108,9 @@ class FastDecoder:
                 KernelCacheLayer(batch, self.num_kv_heads, self.head_dim, max_len, self.dtype, self.device,
                                  keep_key_t=keep_key_t))
         self._global = [c for c in self.cache if isinstance(c, KernelCacheLayer)]
+        # what a stateful method (H2O) keeps per layer between steps, as on the HF path
+        self._states: list[dict[str, Any]] = [{} for _ in self.cache]
+        self._observed: DecodeMethod | None = None  # the method that saw the last prefill
         self._windows = [c for c in self.cache if isinstance(c, WindowCache)]
         # one lengths tensor for all layers (they advance together): advanced once per step, before
         # the layers; each layer appends at the previous lengths (_write_pos)
@@ -132,6 +149,9 @@ class FastDecoder:
         if method.needs_key_t and self._global and self._global[0].key_t is None:
             raise ValueError(f"{method.name} reads the transposed key copy, which this cache does not keep: "
                              f"build the decoder with keep_key_t=True")
+        if _observes_prefill(method) and self._observed not in (None, method):
+            raise ValueError(f"{method.name} records the prefill's attention, and the last prefill ran under "
+                             f"{self._observed.name}: use({method.name}) before the prefill")
         self.method = method
 
     def autotune(self, methods=None, steps: int = 4) -> dict:
@@ -155,18 +175,21 @@ class FastDecoder:
         self.use(min(times, key=times.get))
         return times
 
-    def _state(self) -> list[Tensor]:
+    def _buffers(self) -> list[Tensor]:
         # positions past a row's length are scratch in a KernelCacheLayer; a ring's slots are not
         return ([self.lengths, self.positions, self.tokens] + [c.value_sum for c in self._global]
                 + [t for c in self._windows for t in (c.key, c.value)])
 
-    def snapshot(self) -> list[Tensor]:
-        """The decode state (lengths, V sums, windows, positions, next tokens)."""
-        return [t.clone() for t in self._state()]
+    def snapshot(self) -> Snapshot:
+        """The decode state (lengths, V sums, windows, positions, next tokens, method state)."""
+        return Snapshot([t.clone() for t in self._buffers()], copy.deepcopy(self._states))
 
-    def restore(self, snap: list[Tensor]) -> None:
-        for dst, src in zip(self._state(), snap):
+    def restore(self, snap: Snapshot) -> None:
+        for dst, src in zip(self._buffers(), snap.tensors):
             dst.copy_(src)
+        for dst, src in zip(self._states, snap.states):
+            dst.clear()
+            dst.update(copy.deepcopy(src))
 
     # ---- prefill ---------------------------------------------------------------------------------
 
@@ -187,6 +210,9 @@ class FastDecoder:
                              f"got {lengths.tolist()}")
         lengths = lengths.to(self.device)
         fam = self.family
+        for st in self._states:
+            st.clear()
+        self._observed = self.method
         last_hidden = torch.zeros(B, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
         for start in range(0, L, self.prefill_chunk):
             end = min(L, start + self.prefill_chunk)
@@ -196,14 +222,18 @@ class FastDecoder:
             ropes = fam.rotary(x, pos)
             # causal over the whole prefix: query i (absolute start+i) sees keys j <= start+i
             mask = torch.arange(end, device=self.device)[None, :] <= pos[0][:, None]
-            for (pre, post), c, (cos, sin) in zip(fam.weights, self.cache, ropes):
+            valid = torch.arange(end, device=self.device)[None, :] < lengths[:, None]  # [B, end]
+            for (pre, post), c, (cos, sin), st in zip(fam.weights, self.cache, ropes, self._states):
                 q, k, v = fam.pre_attention(x, cos, sin, **pre)
                 if isinstance(c, WindowCache):
                     out = c.prefill_attend(q, k, v, start, lengths, self.scale)
                 else:
                     c.write_prefill(k, v, start, lengths)
-                    out = F.scaled_dot_product_attention(q, c.key[:, :, :end], c.value[:, :, :end], attn_mask=mask,
-                                                         scale=self.scale, enable_gqa=True)
+                    key, value = c.key[:, :, :end], c.value[:, :, :end]
+                    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=self.scale,
+                                                         enable_gqa=True)
+                    if _observes_prefill(self.method):  # H2O's column sums: this chunk's queries
+                        self.method.observe_prefill(q, key, value, valid, self.scale, st)
                 x = fam.post_attention(x, out.transpose(1, 2).reshape(B, end - start, -1), **post)
             # keep the hidden state of each row's last real token
             inside = (lengths - 1 >= start) & (lengths - 1 < end)
@@ -226,7 +256,7 @@ class FastDecoder:
         self._write_pos.copy_(self.lengths)
         self.lengths.add_((self.lengths < self.max_len).to(self.lengths.dtype))
         valid = self._positions_row[None, :] < self.lengths[:, None]  # [B, max_len], shared by the layers
-        for (pre, post), c, (cos, sin) in zip(fam.weights, self.cache, ropes):
+        for (pre, post), c, (cos, sin), st in zip(fam.weights, self.cache, ropes, self._states):
             q, k, v = self._pre(x, cos, sin, **pre)
             if isinstance(c, WindowCache):
                 c.append(k, v, self._write_pos)
@@ -234,7 +264,7 @@ class FastDecoder:
             else:
                 c.append(k, v, positions=self._write_pos, advance=False)
                 out = self.method.attend(DecodeInputs(q[:, :, 0], c.key, c.value, valid, self.scale, key_t=c.key_t,
-                                                      value_sum=c.value_sum, lengths=self.lengths))
+                                                      value_sum=c.value_sum, state=st, lengths=self.lengths))
             x = self._post(x, out.reshape(self.batch, 1, -1), **post)
         self.tokens.copy_(fam.logits(x)[:, 0].argmax(-1))
         self.positions.add_(1)
