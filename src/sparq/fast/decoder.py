@@ -108,10 +108,10 @@ class FastDecoder:
                 KernelCacheLayer(batch, self.num_kv_heads, self.head_dim, max_len, self.dtype, self.device,
                                  keep_key_t=keep_key_t))
         self._global = [c for c in self.cache if isinstance(c, KernelCacheLayer)]
+        self._windows = [c for c in self.cache if isinstance(c, WindowCache)]
         # what a stateful method (H2O) keeps per layer between steps, as on the HF path
         self._states: list[dict[str, Any]] = [{} for _ in self.cache]
         self._observed: DecodeMethod | None = None  # the method that saw the last prefill
-        self._windows = [c for c in self.cache if isinstance(c, WindowCache)]
         # one lengths tensor for all layers (they advance together): advanced once per step, before
         # the layers; each layer appends at the previous lengths (_write_pos)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
