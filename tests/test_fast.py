@@ -9,17 +9,9 @@ import torch
 import sparq
 from sparq import SparQConfig
 from sparq.fast import FastDecoder, kv_bytes_per_token
+from sparq.fast import left_align as left_aligned  # HF padded prompts -> ids, lengths
 from sparq.methods import H2O, METHODS, Dense, SparQ, SparQSketch, Streaming, build_method
 from test_hf import greedy, prompts, tiny
-
-
-def left_aligned(ids, mask):
-    """HF left-padded prompts -> left-aligned ids and lengths, as FastDecoder takes them."""
-    lengths = mask.sum(-1)
-    out = torch.zeros_like(ids)
-    for b, n in enumerate(lengths.tolist()):
-        out[b, :n] = ids[b, ids.shape[1] - n:]
-    return out, lengths
 
 
 def hf_greedy(model, ids, mask, method: str, n: int):

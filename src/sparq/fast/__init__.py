@@ -4,8 +4,8 @@ static-cache path; `families/` holds each model family's math behind one small a
 (`families/base.Family`: a new family is one file there); `window.py` is the ring a sliding-window
 layer keeps."""
 
-from .decoder import DecodeTimings, FastDecoder, fast_generate, kv_bytes_per_token, static_method
+from .decoder import DecodeTimings, FastDecoder, fast_generate, kv_bytes_per_token, left_align, static_method
 from .families import FAMILIES, Family, family_for
 
-__all__ = ["DecodeTimings", "FastDecoder", "fast_generate", "kv_bytes_per_token", "static_method",
+__all__ = ["DecodeTimings", "FastDecoder", "fast_generate", "kv_bytes_per_token", "left_align", "static_method",
            "FAMILIES", "Family", "family_for"]

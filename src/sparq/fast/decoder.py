@@ -350,6 +350,20 @@ def kv_bytes_per_token(model_config, *, sparq: bool, dtype_bytes: int = 2) -> in
     return per_layer * c.num_hidden_layers
 
 
+def left_align(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """A tokenizer's padded batch (left- or right-padded; attention_mask 1 on real tokens) as the
+    decoder takes it: ids [B, longest] with each row's tokens first, and lengths [B], on the CPU."""
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    lengths = attention_mask.sum(-1).cpu()
+    if int(lengths.min()) < 1:
+        raise ValueError("every row needs at least one prompt token")
+    aligned = torch.zeros_like(input_ids).cpu()
+    for b in range(input_ids.shape[0]):
+        aligned[b, :lengths[b]] = input_ids[b][attention_mask[b].bool()].cpu()
+    return aligned[:, :int(lengths.max())], lengths
+
+
 @torch.inference_mode()
 def fast_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
                   method: DecodeMethod | SparQConfig, max_new_tokens: int, *, autotune: bool = False,
@@ -359,15 +373,7 @@ def fast_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     eos_token_id, its tokens are eos) and the timings. autotune: see `FastDecoder.generate`."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
-    lengths = attention_mask.sum(-1).cpu()
-    if int(lengths.min()) < 1:
-        raise ValueError("every row needs at least one prompt token")
-    aligned = torch.zeros_like(input_ids).cpu()
-    for b in range(input_ids.shape[0]):
-        aligned[b, :lengths[b]] = input_ids[b][attention_mask[b].bool()].cpu()
-    aligned = aligned[:, :int(lengths.max())]
+    aligned, lengths = left_align(input_ids, attention_mask)
     max_len = int(lengths.max()) + max_new_tokens
     dec = FastDecoder(model, method, batch=input_ids.shape[0], max_len=max_len, **decoder_kwargs)
     tokens, timings = dec.generate(aligned, lengths, max_new_tokens, autotune=autotune)

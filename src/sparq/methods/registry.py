@@ -119,6 +119,6 @@ def as_method(method: DecodeMethod | SparQConfig) -> DecodeMethod:
     if isinstance(method, SparQConfig):
         return SparQ(method)
     if not isinstance(method, DecodeMethod):
-        raise TypeError(f"method must be a DecodeMethod (sparq.methods: Dense(), SparQ(config), ... or "
-                        f"build_method(name, budget, head_dim)) or a SparQConfig, got {method!r}")
+        raise TypeError(f"expected a SparQConfig or a DecodeMethod (sparq.methods: Dense(), SparQ(config), ..., "
+                        f"or build_method(name, budget, head_dim)), got {method!r}")
     return method
