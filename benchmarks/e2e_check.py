@@ -20,6 +20,7 @@ import sparq
 from sparq import SparQConfig
 from sparq.bench_e2e import bench_generate, format_row
 from sparq.fast import FastDecoder
+from sparq.methods import Dense, SparQ
 
 out_dir = os.environ.get("OUT", "benchmarks/results")
 which = sys.argv[1] if len(sys.argv) > 1 else "all"
@@ -43,9 +44,9 @@ def correctness():
         left[b, L - n:] = aligned[b, :n]
         mask[b, L - n:] = 1
     scfg = SparQConfig(r=8, k=32, local_window=8)
-    for name, method in (("dense", "dense"), ("sparq", scfg)):
+    for name, method in (("dense", Dense()), ("sparq", scfg)):
         kw = dict(attention_mask=mask.cuda(), max_new_tokens=24, do_sample=False)
-        if method == "dense":
+        if name == "dense":
             hf = model.generate(left.cuda(), **kw)[:, L:]
         else:
             with sparq.enabled(model, method):
@@ -66,17 +67,17 @@ def teacher_forced(model, scfg, aligned, lengths, tokens):
     B = aligned.shape[0]
     L = aligned.shape[1]
     logs = {}
+    class ReferenceSparQ(SparQ):  # the same method, always on the PyTorch reference
+        def attend(self, x):
+            return reference.sparq_reference(x.query, x.key, x.value, self.config, x.valid, x.scale,
+                                             key_t=x.key_t, value_sum=x.value_sum)
+
     for name in ("kernels", "reference"):
-        dec = FastDecoder(model, scfg, batch=B, max_len=L + 32, compile=False)
-        if name == "reference":
-            for c in dec.cache:
-                def attend(q, cfg, scale=None, c=c):
-                    valid = torch.arange(c.max_len, device=q.device)[None, :] < c.lengths[:, None]
-                    return reference.sparq_reference(q, c.key, c.value, cfg, valid, scale, key_t=c.key_t,
-                                                     value_sum=c.value_sum)
-                c.attend = attend
+        method = SparQ(scfg) if name == "kernels" else ReferenceSparQ(scfg)
+        dec = FastDecoder(model, method, batch=B, max_len=L + 32, compile=False)
         rec = []
-        dec._logits = (lambda f: (lambda x: rec.append(f(x)) or rec[-1]))(dec._logits)
+        fam = dec.family
+        fam.logits = (lambda f: (lambda x: rec.append(f(x)) or rec[-1]))(fam.logits)
         dec.prefill(aligned, lengths)
         for i in range(tokens.shape[1] - 1):
             dec.tokens.copy_(tokens[:, i])

@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from sparq import SparQConfig
 from sparq.bench_e2e import build_model
 from sparq.fast import FastDecoder
+from sparq.methods import Dense
 
 
 def category(name: str) -> str:
@@ -62,10 +63,10 @@ def main(specs: list[str]) -> None:
     results = []
     for spec in specs:
         batch, context = (int(x) for x in spec.split(":"))
-        dec = FastDecoder(lm, "dense", batch=batch, max_len=context + 40, keep_key_t=True)
+        dec = FastDecoder(lm, Dense(), batch=batch, max_len=context + 40, keep_key_t=True)
         fill_random(dec, context)
         snap = dec.snapshot()
-        for label, method in (("dense", "dense"), ("sparq 1/8", SparQConfig.from_compression(8, head_dim=128))):
+        for label, method in (("dense", Dense()), ("sparq 1/8", SparQConfig.from_compression(8, head_dim=128))):
             dec.restore(snap)
             dec.use(method)
             dec.decode(2)

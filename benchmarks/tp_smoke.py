@@ -15,6 +15,7 @@ import torch.distributed as dist
 from sparq import SparQConfig
 from sparq.bench_e2e import build_model
 from sparq.fast import FastDecoder
+from sparq.methods import Dense
 
 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 dist.init_process_group("nccl")
@@ -24,10 +25,10 @@ model = build_model("smollm2-135m", 4200, tp=world)
 ids = torch.randint(0, 49152, (2, 4096))
 lengths = torch.tensor([4096, 3000])
 for compile in (True, False):
-    for method in ("dense", SparQConfig.from_compression(8, head_dim=64)):
+    for method in (Dense(), SparQConfig.from_compression(8, head_dim=64)):
         kw = dict(batch=2, max_len=4200, compile=compile)
         tp_tokens, t = FastDecoder(model, method, tp_group=dist.group.WORLD, **kw).generate(ids, lengths, 32)
-        line = (f"rank {rank}/{world} {'compiled' if compile else 'eager'} {'dense' if method == 'dense' else 'sparq'}: "
+        line = (f"rank {rank}/{world} {'compiled' if compile else 'eager'} {'dense' if method == Dense() else 'sparq'}: "
                 f"tp {t.ms_per_token:.2f} ms/step")
         if world == 1:
             # the 1-rank all-reduce is an identity; the SparQ kernels are not bitwise deterministic

@@ -13,8 +13,8 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 import sparq
-from sparq.fast import FastDecoder
-from sparq.methods import SparQ
+from sparq.fast import FastDecoder, left_align
+from sparq.methods import Dense, SparQ
 
 CFG = sparq.SparQConfig(r=2, k=6, local_window=2)
 
@@ -45,11 +45,9 @@ def run(model) -> dict:
 
 def run_fast(model, tp_group=None) -> dict:
     """FastDecoder generation (dense and SparQ) of the same prompts, left-aligned with lengths."""
-    from test_fast import left_aligned
-
-    aligned, lengths = left_aligned(*prompts())
+    aligned, lengths = left_align(*prompts())
     out = {}
-    for name, method in (("dense", "dense"), ("sparq", CFG)):
+    for name, method in (("dense", Dense()), ("sparq", CFG)):
         dec = FastDecoder(model, method, batch=3, max_len=48, prefill_chunk=16, tp_group=tp_group)
         out[name] = dec.generate(aligned, lengths, 8)[0].tolist()
         out["heads"] = [dec.num_q_heads, dec.num_kv_heads]

@@ -26,6 +26,7 @@ import torch
 
 from .config import SparQConfig
 from .fast import FastDecoder, kv_bytes_per_token
+from .methods import Dense
 
 # Random-weight model shapes (no download): built from a config on the GPU.
 SHAPES = {
@@ -129,7 +130,7 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
             ids = torch.randint(0, cfg.vocab_size, (batch, context))
             torch.cuda.reset_peak_memory_stats()
             # prefill chunks of ~16k tokens in all keep activations small next to the cache
-            dec = FastDecoder(lm, "dense", batch=batch, max_len=max_len, keep_key_t=True,
+            dec = FastDecoder(lm, Dense(), batch=batch, max_len=max_len, keep_key_t=True,
                               prefill_chunk=max(256, 16384 // batch), tp_group=tp_group)
             torch.cuda.synchronize()
             t0 = torch.cuda.Event(enable_timing=True)
@@ -141,7 +142,7 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
             prefill_s = t0.elapsed_time(t1) / 1e3
             snap = dec.snapshot()
             kv_read_dense = kv_dense * int(lengths.sum())
-            methods = [("dense", "dense", 1.0)] + [
+            methods = [("dense", Dense(), 1.0)] + [
                 (f"sparq 1/{c}", SparQConfig.from_compression(c, head_dim=head_dim, reallocate=True), None) for c in compressions]
             if auto:  # the policy: dense or SparQ at 1/auto, whichever autotune measures faster
                 methods.append((f"auto 1/{auto}", SparQConfig.from_compression(auto, head_dim=head_dim,
@@ -150,9 +151,9 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
             for label, method, frac in methods:
                 dec.restore(snap)
                 if frac == "auto":
-                    dec.autotune(["dense", method])
-                    method, frac = dec.method, (1.0 if dec.method == "dense" else None)
-                    label += " -> " + ("dense" if method == "dense" else "sparq")
+                    dec.autotune([Dense(), method])
+                    method, frac = dec.method, (1.0 if dec.method == Dense() else None)
+                    label += " -> " + dec.method.name
                 else:
                     dec.use(method)
                     dec.decode(2)  # capture the graph, warm up
@@ -162,12 +163,12 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
                 if frac is None:
                     frac = sum(method.data_fraction(int(n), head_dim) * int(n) for n in lengths) / int(lengths.sum())
                 floor_ms = (w_bytes + frac * kv_read_dense) / bw * 1e3
-                dense_ms = ms if method == "dense" else dense_ms
+                dense_ms = ms if method == Dense() else dense_ms
                 row = {"model": model, "tp": tp, "batch": batch, "context": context, "ragged": ragged, "method": label,
                        "ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "kv_fraction_read": frac,
                        "floor_ms": floor_ms, "fraction_of_floor": floor_ms / ms,
                        "speedup_vs_dense": dense_ms / ms, "prefill_s": prefill_s,
-                       "cache_bytes_per_token": kv_dense if method == "dense" else kv_sparq}
+                       "cache_bytes_per_token": kv_dense if method == Dense() else kv_sparq}
                 rows.append(row)
                 if print_rows:
                     print(format_row(row), flush=True)

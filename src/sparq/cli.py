@@ -40,8 +40,9 @@ def generate(
     reallocate: Annotated[bool, typer.Option(help="Step 3: mean-value reallocation.")] = True,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
-    fast: Annotated[bool, typer.Option(help="Greedy decoding in the static-cache fast loop (Llama-family models; "
-                                            "CUDA graphs and the SparQ kernels on a GPU); dense or sparq only.")] = False,
+    fast: Annotated[bool, typer.Option(help="Greedy decoding in the static-cache fast loop (Llama-family and Gemma 3 "
+                                            "models; CUDA graphs and the SparQ kernels on a GPU); any method, CUDA-graph "
+                                            "captured for dense and sparq.")] = False,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Generate from a prompt with dense or SparQ decode attention; streams the text."""
@@ -63,14 +64,11 @@ def generate(
         raise typer.BadParameter(str(e)) from None
     if fast:
         from .fast import fast_generate
-        from .methods import Dense, SparQ
 
-        if not isinstance(m, (Dense, SparQ)):
-            raise typer.BadParameter("--fast runs dense or sparq only")
         enc = tok([text], return_tensors="pt")
         try:
-            out, t = fast_generate(lm, enc.input_ids, enc.attention_mask, "dense" if isinstance(m, Dense) else m.config,
-                                   max_new_tokens, eos_token_id=tok.eos_token_id)
+            out, t = fast_generate(lm, enc.input_ids, enc.attention_mask, m, max_new_tokens,
+                                   eos_token_id=tok.eos_token_id)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         console.print(tok.decode(out[0], skip_special_tokens=True), markup=False, highlight=False)

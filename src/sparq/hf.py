@@ -26,7 +26,8 @@ from transformers.masking_utils import sdpa_mask
 
 from .cache import SparQCache
 from .config import SparQConfig
-from .methods import DecodeInputs, DecodeMethod, SparQ
+from .methods import DecodeInputs, DecodeMethod
+from .methods.registry import as_method
 
 ATTN_NAME = "sparq"
 _METHOD_ATTR = "_sparq_method"
@@ -118,14 +119,6 @@ def _stays_dense(module: nn.Module) -> bool:
     )
 
 
-def _as_method(config_or_method: SparQConfig | DecodeMethod) -> DecodeMethod:
-    if isinstance(config_or_method, DecodeMethod):
-        return config_or_method
-    if isinstance(config_or_method, SparQConfig):
-        return SparQ(config_or_method)
-    raise TypeError(f"expected a SparQConfig or a DecodeMethod, got {type(config_or_method).__name__}")
-
-
 def cache_arg(model: nn.Module) -> str:
     """The keyword `model.forward` takes its KV cache under: `cache` from transformers 5.24 on
     (`past_key_values` is then a deprecated alias), `past_key_values` before."""
@@ -151,7 +144,7 @@ def enable(model: PreTrainedModel, config: SparQConfig | DecodeMethod) -> PreTra
 
     Calling it again replaces the method. Returns the model for chaining.
     """
-    method = _as_method(config)
+    method = as_method(config)  # the same shorthand the fast loop takes
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     text_config = model.config.get_text_config(decoder=True)

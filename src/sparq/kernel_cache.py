@@ -14,20 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import SparQConfig
-from .kernels.plans import PlanCache
-
 
 class KernelCacheLayer:
     """One layer's buffers; see the module docstring."""
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str, *, keep_key_t: bool = True,
-                 plans: PlanCache | None = None):
+                 dtype: torch.dtype, device: torch.device | str, *, keep_key_t: bool = True):
         device = torch.device(device)
-        # the kernels' launch plans, planned once for this fixed capacity; share one PlanCache
-        # between the layers of a model (one layer runs at a time) so they share the workspace
-        self.plans = plans if plans is not None else PlanCache(growth=False)
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.key = torch.zeros(shape, dtype=dtype, device=device)
         # Dense attention never reads Kᵀ: keep_key_t=False saves that third of the memory.
@@ -50,19 +43,33 @@ class KernelCacheLayer:
             raise ValueError(f"prefill of {n} positions exceeds the cache capacity {self.max_len}")
         if lengths is None:
             lengths = torch.full((batch,), n, dtype=torch.int32, device=key.device)
-        lengths = lengths.to(device=self.lengths.device, dtype=torch.int32)
-        valid = torch.arange(n, device=key.device)[None, :] < lengths[:, None]  # [B, L]
-        k = key.to(self.key.dtype) * valid[:, None, :, None]
-        v = value.to(self.value.dtype) * valid[:, None, :, None]
         self.key.zero_()
         self.value.zero_()
-        self.key[:, :, :n].copy_(k)
-        self.value[:, :, :n].copy_(v)
         if self.key_t is not None:
             self.key_t.zero_()
-            self.key_t[:, :, :, :n].copy_(k.transpose(-1, -2))
-        self.value_sum.copy_(v.float().sum(2))
-        self.lengths.copy_(lengths)
+        self.write_prefill(key, value, 0, lengths)
+
+    def write_prefill(self, key: Tensor, value: Tensor, start: int, lengths: Tensor) -> None:
+        """Write prefill positions [start, start + L) of every row from key, value [B, Hkv, L, d]
+        (K, Kᵀ if kept, V, the V sum, lengths), for a prefill that runs in chunks (the fast loop).
+        Positions at or past lengths[b] are stored as zeros; start == 0 starts a new prefill (V sum
+        reset). Afterwards lengths = min(lengths, start + L): the prompt lengths after the last chunk.
+        Positions past the chunk keep whatever they held (padding, never read: masked by lengths)."""
+        end = start + key.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"prefill up to position {end} exceeds the cache capacity {self.max_len}")
+        lengths = lengths.to(device=self.lengths.device, dtype=torch.int32)
+        valid = (torch.arange(start, end, device=key.device)[None, :] < lengths[:, None])[:, None, :, None]
+        k = torch.where(valid, key.to(self.key.dtype), 0)
+        v = torch.where(valid, value.to(self.value.dtype), 0)
+        self.key[:, :, start:end] = k
+        self.value[:, :, start:end] = v
+        if self.key_t is not None:
+            self.key_t[:, :, :, start:end] = k.transpose(-1, -2)
+        if start == 0:
+            self.value_sum.zero_()
+        self.value_sum.add_(v.float().sum(2))
+        self.lengths.copy_(lengths.clamp(max=end))
 
     def append(self, key: Tensor, value: Tensor, positions: Tensor | None = None, advance: bool = True) -> None:
         """Write one token per row, key/value [B, Hkv, d] or [B, Hkv, 1, d], at position lengths[b]
@@ -100,27 +107,3 @@ class KernelCacheLayer:
             self.key_t.scatter_(3, pos.view(batch, 1, 1, 1).expand(batch, heads, d, 1), k.transpose(-1, -2))
         full = (pos_src >= self.max_len).view(batch, 1, 1).float()
         self.value_sum.add_(v[:, :, 0].float() - full * old_v[:, :, 0].float())
-
-    def attend(self, query: Tensor, config: SparQConfig, *, scale: float | None = None) -> Tensor:
-        """SparQ attention of query [B, Hq, d] over this layer's cache (kernels on CUDA, reference else)."""
-        from .api import sparq_attention
-
-        return sparq_attention(query, self.key, self.value, config, self.lengths, scale=scale,
-                               key_t=self.key_t, value_sum=self.value_sum, plans=self.plans, validate=False)
-
-
-class SparQKernelCache:
-    """Per-layer `KernelCacheLayer`s sharing batch, heads, head_dim, capacity, dtype and device."""
-
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 *, dtype: torch.dtype = torch.float16, device: torch.device | str = "cuda"):
-        plans = PlanCache(growth=False)
-        self.layers = [KernelCacheLayer(batch, num_kv_heads, head_dim, max_len, dtype, device, plans=plans)
-                       for _ in range(num_layers)]
-        self.max_len = max_len
-
-    def __getitem__(self, layer: int) -> KernelCacheLayer:
-        return self.layers[layer]
-
-    def __len__(self) -> int:
-        return len(self.layers)

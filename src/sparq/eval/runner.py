@@ -13,7 +13,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -243,7 +243,3 @@ def _stopper(batch: list[Item], tokenizer: Any) -> Callable[[torch.Tensor], bool
             return all("\n" in tokenizer.decode(row, skip_special_tokens=True).strip() for row in toks.tolist())
         return done_qa
     return None
-
-
-def sizes_dict(sizes: TaskSizes) -> dict[str, Any]:
-    return asdict(sizes)

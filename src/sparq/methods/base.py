@@ -7,6 +7,16 @@ A method is a small frozen dataclass with two jobs:
 Methods that remember something between steps (H2O's accumulated scores, say) keep it in
 `DecodeInputs.state`, a dict owned by the cache layer and dropped when the cache is cropped,
 reordered or reset.
+
+Both decode loops build a `DecodeInputs` per layer and call `attend`: the Hugging Face path over
+the whole (possibly left-padded) cache with a `valid` mask, the fast loop (`sparq.fast`) over a
+static, preallocated cache whose rows are left-aligned (valid = position < lengths[b], S = its
+capacity). Three class flags tell the fast loop what a method needs from that static cache:
+  * `static_cache`: attend works there at all (False: the fast loop refuses the method);
+  * `needs_key_t`: it reads `key_t`, so the static cache keeps a transposed copy of K
+    (`value_sum` and `lengths` are always there: d fp32 per head, written by the same append);
+  * `graph_safe`: over the static cache, attend has static shapes and no host synchronisation,
+    so a decode step running it can be captured once as a CUDA graph and replayed.
 """
 
 from __future__ import annotations
@@ -48,6 +58,9 @@ class DecodeMethod(ABC):
     """Base class: subclasses set `name` and implement `attend` and `data_fraction`."""
 
     name: ClassVar[str] = "method"
+    static_cache: ClassVar[bool] = True
+    needs_key_t: ClassVar[bool] = False
+    graph_safe: ClassVar[bool] = False
 
     @abstractmethod
     def attend(self, x: DecodeInputs) -> Tensor:

@@ -68,8 +68,13 @@ class H2O(DecodeMethod):
 
     def observe_prefill(self, query: Tensor, key: Tensor, value: Tensor, valid: Tensor, scale: float,
                         state: dict[str, Any]) -> None:
-        if PREFILL_KEY not in state:
-            state[PREFILL_KEY] = prefill_scores(query, key, valid, scale)
+        # Called once per prefill chunk (the fast loop's prefill runs in chunks; the Hugging Face
+        # path's prefill is one chunk): the chunks' column sums add up to the whole prefill's.
+        scores = prefill_scores(query, key, valid, scale)
+        prev = state.get(PREFILL_KEY)
+        if prev is not None and prev.shape[0] == scores.shape[0] and prev.shape[-1] <= scores.shape[-1]:
+            scores[..., : prev.shape[-1]] += prev
+        state[PREFILL_KEY] = scores
 
     def _state(self, x: DecodeInputs) -> dict[str, Tensor]:
         b, hkv, s, _ = x.key.shape
@@ -90,12 +95,15 @@ class H2O(DecodeMethod):
     def attend(self, x: DecodeInputs) -> Tensor:
         d = x.key.shape[-1]
         st = self._state(x)
-        kept = st["kept"] & x.valid[:, None, :]
+        _, from_end = ranks(x.valid)
+        # The newest token always enters. A growing cache has added it in _state already; a static
+        # cache (the fast loop: same length every step, the token at position lengths[b] - 1) adds it here.
+        newest = (from_end == 1) & x.valid
+        kept = (st["kept"] | newest[:, None, :]) & x.valid[:, None, :]
         lengths = lengths_of(x.valid)
         ks = torch.tensor([self.k_for(n, d) for n in lengths], device=x.valid.device)
         recent = torch.tensor([min(int(k), round(self.recent_fraction * int(k))) for k in ks.tolist()],
                               device=x.valid.device)
-        _, from_end = ranks(x.valid)
         is_recent = (from_end <= recent[:, None])[:, None, :] & kept
         over = kept.sum(-1) > ks[:, None]  # [B, Hkv]: only then is anything evicted
         n_heavy = (ks[:, None] - is_recent.sum(-1)).clamp_min(0)  # [B, Hkv]

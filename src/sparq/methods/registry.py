@@ -112,3 +112,13 @@ def build_method(name: str, budget: float | str, head_dim: int, **opts: Any) -> 
     if merged:
         raise ValueError(f"unknown option(s) for {base}: {', '.join(sorted(merged))}")
     return method
+
+
+def as_method(method: DecodeMethod | SparQConfig) -> DecodeMethod:
+    """The method as given, or SparQ(config) for a bare SparQConfig (the shorthand every loop takes)."""
+    if isinstance(method, SparQConfig):
+        return SparQ(method)
+    if not isinstance(method, DecodeMethod):
+        raise TypeError(f"expected a SparQConfig or a DecodeMethod (sparq.methods: Dense(), SparQ(config), ..., "
+                        f"or build_method(name, budget, head_dim)), got {method!r}")
+    return method

@@ -16,10 +16,13 @@ from .base import DecodeInputs, DecodeMethod
 class SparQ(DecodeMethod):
     config: SparQConfig
     name = "sparq"
+    needs_key_t = True  # step 1 reads r whole rows of Kᵀ (contiguous along the sequence)
+    graph_safe = True  # on the kernels (CUDA fp16/bf16): fixed launch shapes, no host sync
 
     def attend(self, x: DecodeInputs) -> Tensor:
         if x.query.is_cuda and x.lengths is not None:
-            # the Triton kernels (fp16/bf16; the API falls back to the reference otherwise)
+            # the one entry to the Triton kernels (fp16/bf16; the API falls back to the reference
+            # otherwise), for the Hugging Face cache and the fast loop's static cache alike
             return sparq_attention(x.query, x.key, x.value, self.config, x.lengths, scale=x.scale,
                                    key_t=x.key_t, value_sum=x.value_sum, starts=x.starts, plans=x.plans,
                                    validate=False)

@@ -1,0 +1,26 @@
+"""Model families the fast loop runs, by config.model_type. A new family is one file here (a
+`Family` subclass: weights per layer, pre/post-attention math) plus its line in `FAMILIES`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Family
+from .gemma3 import Gemma3
+from .llama import Llama
+
+FAMILIES: tuple[type[Family], ...] = (Llama, Gemma3)
+
+
+def family_for(model: nn.Module) -> type[Family]:
+    """The family class that runs `model`, or a ValueError naming the model and the supported ones."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    supported = "; ".join(f"{f.name}: {', '.join(f.model_types)}" for f in FAMILIES)
+    raise ValueError(f"the fast loop has no model family for {type(model).__name__} (model_type {model_type!r}); "
+                     f"supported model types: {supported}")
+
+
+__all__ = ["FAMILIES", "Family", "Gemma3", "Llama", "family_for"]
