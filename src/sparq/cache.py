@@ -30,21 +30,33 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from .cache_state import DerivedState, valid_runs
+
 
 @dataclass
 class SparQLayerState:
-    key_t_buf: Tensor | None  # [B, Hkv, d, capacity]: columns [0, length) hold Kᵀ
-    value_sum: Tensor
+    derived: DerivedState     # Kᵀ, V sum and valid runs (cache_state: the same code as the static cache)
     valid_buf: Tensor         # [B, capacity] bool: columns [0, length) hold the mask
     length: int
-    starts: Tensor | None = None   # [B] int32 first valid position (valid = one run to the end)
-    lengths: Tensor | None = None  # [B] int32 valid positions (with starts)
-    left_padded: bool = False      # some row starts after position 0
+    runs: bool = False        # each row's valid positions are one run ending at the newest one
+    left_padded: bool = False  # ...and some row's run starts after position 0
     state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key_t(self) -> Tensor | None:
-        return None if self.key_t_buf is None else self.key_t_buf[..., : self.length]
+        return self.derived.key_t_upto(self.length)
+
+    @property
+    def value_sum(self) -> Tensor:
+        return self.derived.value_sum
+
+    @property
+    def lengths(self) -> Tensor | None:
+        return self.derived.lengths if self.runs else None
+
+    @property
+    def starts(self) -> Tensor | None:
+        return self.derived.starts if self.runs else None
 
     @property
     def valid(self) -> Tensor:
@@ -55,50 +67,36 @@ class SparQLayerState:
         return self.valid_buf.shape[-1]
 
 
-def _grown(buf: Tensor, length: int, need: int) -> Tensor:
-    """`buf` if it holds `need` columns, else a copy of its first `length` columns in a buffer of
-    twice the capacity (amortised O(1) per appended column)."""
-    if buf.shape[-1] >= need:
-        return buf
-    new = buf.new_zeros(*buf.shape[:-1], max(need, 2 * buf.shape[-1]))
-    new[..., :length] = buf[..., :length]
-    return new
-
-
 def build_state(key: Tensor, value: Tensor, valid: Tensor, keep_key_t: bool) -> SparQLayerState:
     """Everything from scratch: O(S) work, done at prefill or after the cache changed under us."""
     batch, heads, seq_len, head_dim = key.shape
     capacity = seq_len + max(64, seq_len // 4)  # room to decode before the first regrowth
-    value_sum = value.float().masked_fill(~valid[:, None, :, None], 0.0).sum(2)
-    key_t_buf = None
-    if keep_key_t:
-        key_t_buf = key.new_zeros(batch, heads, head_dim, capacity)
-        key_t_buf[..., :seq_len] = key.transpose(-1, -2)
+    derived = DerivedState(batch, heads, head_dim, capacity, key.dtype, key.device, keep_key_t=keep_key_t,
+                           growable=True)
+    derived.write(key, value, 0, valid)
     valid_buf = valid.new_zeros(batch, capacity)
     valid_buf[:, :seq_len] = valid
-    s = SparQLayerState(key_t_buf=key_t_buf, value_sum=value_sum, valid_buf=valid_buf, length=seq_len)
-    # Is each row's valid part one run ending at the newest position (left padding only)? One
-    # host sync per (re)build, none per decode step: decode tokens are always valid.
-    counts = valid.sum(-1)
-    starts = (seq_len - counts).to(torch.int32)
-    run = torch.arange(seq_len, device=valid.device)[None, :] >= starts[:, None]
-    if bool((run == valid).all()) and bool((counts > 0).all()):
-        s.starts, s.lengths = starts, counts.to(torch.int32)
-        s.left_padded = bool((starts > 0).any())
+    s = SparQLayerState(derived=derived, valid_buf=valid_buf, length=seq_len)
+    runs = valid_runs(valid)  # one host sync per (re)build, none per decode step
+    if runs is not None:
+        starts, lengths, s.left_padded = runs
+        derived.set_runs(lengths, starts)
+        s.runs = True
     return s
 
 
 def extend_state(s: SparQLayerState, key: Tensor, value: Tensor, new_valid: Tensor) -> None:
     """Append the newest position (key/value are the whole cache, the last row is new)."""
     n = s.length
-    if s.key_t_buf is not None:
-        s.key_t_buf = _grown(s.key_t_buf, n, n + 1)
-        s.key_t_buf[..., n] = key[:, :, -1, :]
-    s.valid_buf = _grown(s.valid_buf, n, n + 1)
+    s.derived.append_column(key[:, :, -1, :], value[:, :, -1, :], n, valid=new_valid)
+    if s.valid_buf.shape[-1] <= n:  # double the mask's room too (amortised O(1) per step)
+        buf = s.valid_buf.new_zeros(s.valid_buf.shape[0], 2 * s.valid_buf.shape[-1])
+        buf[:, :n] = s.valid_buf[:, :n]
+        s.valid_buf = buf
     s.valid_buf[:, n] = new_valid
-    s.value_sum += value[:, :, -1, :].float().masked_fill(~new_valid[:, None, None], 0.0)
-    if s.lengths is not None:  # the new position extends every row's run (generate's masks)
-        s.lengths += 1
+    if s.runs:  # decode tokens extend every row's run (generate's attention masks always do; a
+        # padding token at the end shortens nothing, but a real token after one would be missed)
+        s.derived.lengths += new_valid.to(torch.int32)
     s.length = n + 1
 
 

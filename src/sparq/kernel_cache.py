@@ -14,26 +14,43 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .cache_state import DerivedState
+
 
 class KernelCacheLayer:
-    """One layer's buffers; see the module docstring."""
+    """One layer's buffers; see the module docstring. K and V are this cache's own; Kᵀ, the V sum
+    and the lengths are the layer's `cache_state.DerivedState`, the same code transformers' cache
+    (`SparQCache`) derives its state with."""
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str, *, keep_key_t: bool = True):
         device = torch.device(device)
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.key = torch.zeros(shape, dtype=dtype, device=device)
-        # Dense attention never reads Kᵀ: keep_key_t=False saves that third of the memory.
-        self.key_t = (torch.zeros(batch, num_kv_heads, head_dim, max_len, dtype=dtype, device=device)
-                      if keep_key_t else None)
         self.value = torch.zeros(shape, dtype=dtype, device=device)
-        self.value_sum = torch.zeros(batch, num_kv_heads, head_dim, dtype=torch.float32, device=device)
-        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        # Dense attention never reads Kᵀ: keep_key_t=False saves that third of the memory.
+        self.derived = DerivedState(batch, num_kv_heads, head_dim, max_len, dtype, device, keep_key_t=keep_key_t)
         self.max_len = max_len
         from . import kernels
 
         # one-launch append (kernels.append) where the Triton kernels run; decided once, not per step
         self._kernel_append = head_dim in kernels.SUPPORTED_HEAD_DIMS and kernels.available(device)
+
+    @property
+    def key_t(self) -> Tensor | None:
+        return self.derived.key_t
+
+    @property
+    def value_sum(self) -> Tensor:
+        return self.derived.value_sum
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.derived.lengths
+
+    @lengths.setter
+    def lengths(self, shared: Tensor) -> None:  # the fast loop shares one lengths tensor across layers
+        self.derived.lengths = shared
 
     def prefill(self, key: Tensor, value: Tensor, lengths: Tensor | None = None) -> None:
         """Fill from key, value [B, Hkv, L, d] (L <= Smax); row b holds lengths[b] valid positions
@@ -45,8 +62,7 @@ class KernelCacheLayer:
             lengths = torch.full((batch,), n, dtype=torch.int32, device=key.device)
         self.key.zero_()
         self.value.zero_()
-        if self.key_t is not None:
-            self.key_t.zero_()
+        self.derived.reset()
         self.write_prefill(key, value, 0, lengths)
 
     def write_prefill(self, key: Tensor, value: Tensor, start: int, lengths: Tensor) -> None:
@@ -59,17 +75,13 @@ class KernelCacheLayer:
         if end > self.max_len:
             raise ValueError(f"prefill up to position {end} exceeds the cache capacity {self.max_len}")
         lengths = lengths.to(device=self.lengths.device, dtype=torch.int32)
-        valid = (torch.arange(start, end, device=key.device)[None, :] < lengths[:, None])[:, None, :, None]
-        k = torch.where(valid, key.to(self.key.dtype), 0)
-        v = torch.where(valid, value.to(self.value.dtype), 0)
+        valid = torch.arange(start, end, device=key.device)[None, :] < lengths[:, None]  # [B, L]
+        k = torch.where(valid[:, None, :, None], key.to(self.key.dtype), 0)
+        v = torch.where(valid[:, None, :, None], value.to(self.value.dtype), 0)
         self.key[:, :, start:end] = k
         self.value[:, :, start:end] = v
-        if self.key_t is not None:
-            self.key_t[:, :, :, start:end] = k.transpose(-1, -2)
-        if start == 0:
-            self.value_sum.zero_()
-        self.value_sum.add_(v.float().sum(2))
-        self.lengths.copy_(lengths.clamp(max=end))
+        self.derived.write(k, v, start, valid)
+        self.derived.set_runs(lengths.clamp(max=end))
 
     def append(self, key: Tensor, value: Tensor, positions: Tensor | None = None, advance: bool = True) -> None:
         """Write one token per row, key/value [B, Hkv, d] or [B, Hkv, 1, d], at position lengths[b]
@@ -85,7 +97,7 @@ class KernelCacheLayer:
         if self._fused_append(key):
             from .kernels.append import append_token
 
-            append_token(key, value, self.key, self.key_t, self.value, self.value_sum, pos_src)
+            append_token(key, value, self.key, self.derived.key_t_buf, self.value, self.derived.value_sum, pos_src)
         else:
             self._append_torch(key, value, pos_src)
         if advance:
@@ -103,7 +115,5 @@ class KernelCacheLayer:
         old_v = self.value.gather(2, idx_rows)  # the slot's previous content (0 unless full)
         self.key.scatter_(2, idx_rows, k)
         self.value.scatter_(2, idx_rows, v)
-        if self.key_t is not None:
-            self.key_t.scatter_(3, pos.view(batch, 1, 1, 1).expand(batch, heads, d, 1), k.transpose(-1, -2))
         full = (pos_src >= self.max_len).view(batch, 1, 1).float()
-        self.value_sum.add_(v[:, :, 0].float() - full * old_v[:, :, 0].float())
+        self.derived.append_column(k[:, :, 0], v[:, :, 0], pos, old_value=full * old_v[:, :, 0].float())
