@@ -4,12 +4,19 @@ For each batch of items (left padded), the prompt is prefilled once, densely, in
 `SparQCache`; each (method, budget) then decodes from its own deep copy of that cache (greedy,
 or teacher forced for perplexity), with the method applied at every decode step. Every
 (model, task, method, budget, item) result is appended as one JSON line to
-``<out>/records.jsonl`` and skipped when the run is started again.
+``<out>/records.jsonl`` and skipped when the run is started again with identical settings.
+
+A record carries ``settings`` (a hash of everything else that changes a result: model, task
+sizes, seed, text and QA files by content, batch size, device; see `settings_key`) and
+``config`` (the built method's full repr, so a changed default or option is a different method).
+A rerun only skips records whose settings and config both match; records of other settings stay
+in the file but are neither skipped nor reported.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
@@ -55,8 +62,42 @@ def plan_runs(methods: list[str], budgets: list[str]) -> list[Run]:
     return runs
 
 
+def _file_id(path: str | Path | None) -> str | None:
+    """A file by its content (sha1), so a moved copy matches and an edited one does not."""
+    if path is None:
+        return None
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def settings_key(model_name: str, sizes: TaskSizes, *, seed: int, batch_size: int, device: str,
+                 text_file: str | Path | None = None, qa_file: str | Path | None = None) -> str:
+    """A short hash of every setting besides the method that changes a record (the preset acts
+    through the task sizes; the dtype follows the device in `sparq.models.load`)."""
+    blob = {"model": model_name, "sizes": asdict(sizes), "seed": seed, "batch_size": batch_size,
+            "device": str(device).split(":")[0], "text": _file_id(text_file), "qa": _file_id(qa_file)}
+    return hashlib.sha1(json.dumps(blob, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
 def record_key(r: dict[str, Any]) -> tuple:
-    return (r["model"], r["task"], r["method"], r["budget"], r["item"])
+    """What makes two records the same result: a resume skips a run only on an equal key."""
+    return (r.get("settings"), r.get("config"), r["model"], r["task"], r["method"], r["budget"], r["item"])
+
+
+def current(records: list[dict[str, Any]], settings: str,
+            configs: dict[tuple[str, str], str] | None = None) -> list[dict[str, Any]]:
+    """The records of these settings. configs maps (method spec, budget) to the config this run
+    built: those runs keep only records of that config. Where a (task, method, budget, item) still
+    has several configs (a spec not in this run, whose default changed between runs), the last
+    one written."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        if r.get("settings") != settings:
+            continue
+        want = (configs or {}).get((r["method"], r["budget"]))
+        if want is not None and r.get("config") != want:
+            continue
+        latest[(r["model"], r["task"], r["method"], r["budget"], r["item"])] = r
+    return list(latest.values())
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
@@ -151,16 +192,27 @@ def evaluate(
     text_file: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run everything not yet in ``out_dir/records.jsonl``; return all records for this model."""
+    """Run everything not yet in ``out_dir/records.jsonl`` with these exact settings; return the
+    records of these settings (see `current`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rec_path = out_dir / "records.jsonl"
     records = load_records(rec_path)
+    settings = settings_key(model_name, sizes, seed=seed, batch_size=batch_size, device=model.device.type,
+                            text_file=text_file, qa_file=qa_file)
     done = {record_key(r) for r in records}
+    other = sum(r.get("settings") != settings for r in records)
+    if other:
+        log(f"{rec_path}: {other} records of other settings (model, sizes, seed, files, batch size or device) "
+            f"are ignored")
     d = head_dim_of(model)
     for b in budgets:
         parse_budget(b)
     runs = plan_runs(methods, budgets)
     built = {run.key: build_method(run.spec, 1.0 if run.budget == "1" else run.budget, d) for run in runs}
+    config = {key: repr(m) for key, m in built.items()}
+
+    def key_of(task: str, run: Run, item: str) -> tuple:
+        return (settings, config[run.key], model_name, task, run.spec, run.budget, item)
     text_cache: dict[str, str] = {}
 
     def text() -> str:
@@ -171,15 +223,13 @@ def evaluate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for task in tasks:
         items = build_items(task, tokenizer, sizes, seed, text, qa_file)
-        todo = [(it, run) for it in items for run in runs
-                if (model_name, task, run.spec, run.budget, it.item_id) not in done]
+        todo = [(it, run) for it in items for run in runs if key_of(task, run, it.item_id) not in done]
         if not todo:
             log(f"{task}: all {len(items) * len(runs)} results already in {rec_path}")
             continue
         bar = tqdm(total=len(todo), desc=f"{model_name} {task}", unit="result")
         for batch in _batches(items, batch_size):
-            need = [run for run in runs if any((model_name, task, run.spec, run.budget, it.item_id) not in done
-                                               for it in batch)]
+            need = [run for run in runs if any(key_of(task, run, it.item_id) not in done for it in batch)]
             if not need:
                 continue
             ids, mask = _left_pad([it.prompt_ids for it in batch], pad)
@@ -203,10 +253,11 @@ def evaluate(
                 t_dec = time.time() - t0
                 with rec_path.open("a", encoding="utf-8") as fh:
                     for i, it in enumerate(batch):
-                        if (model_name, task, run.spec, run.budget, it.item_id) in done:
+                        if key_of(task, run, it.item_id) in done:
                             continue
                         rec: dict[str, Any] = {
                             "model": model_name, "task": task, "method": run.spec, "budget": run.budget,
+                            "settings": settings, "config": config[run.key],
                             "item": it.item_id, "fraction": fracs[i], "label": method.label,
                             "length": len(it.prompt_ids), **{f"meta_{k}": v for k, v in it.meta.items()},
                             "prefill_s": round(t_prefill, 3), "decode_s": round(t_dec, 3), "batch": len(batch),
@@ -224,7 +275,7 @@ def evaluate(
             del cache
         bar.close()
     hf.disable(model)
-    return [r for r in records if r["model"] == model_name]
+    return current(records, settings, {(run.spec, run.budget): config[run.key] for run in runs})
 
 
 def _stopper(batch: list[Item], tokenizer: Any) -> Callable[[torch.Tensor], bool] | None:
