@@ -150,7 +150,7 @@ def plot(rows: list[dict[str, Any]], records: list[dict[str, Any]], out_dir: Pat
             if ":" in m:
                 variants[m.split(":")[0]] += 1
             ax.plot([p["fraction"] for p in pts], [p["score"] for p in pts], color=color, marker=marker,
-                    ms=5, lw=1.6 if ":" not in m else 1.2, ls=ls, mfc=face, label=m)
+                    ms=5, lw=1.6 if ":" not in m else 1.2, ls=ls, fillstyle=face, label=m)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("fraction of dense attention data read")
         ax.set_ylabel(rs[0]["metric"])

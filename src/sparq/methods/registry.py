@@ -34,15 +34,16 @@ METHODS = ("dense", "sparq", "sparq-sketch", "streaming", "h2o", "quest", "topk"
 def parse_budget(text: str | float) -> float:
     """A target fraction of dense attention's data, in (0, 1].
 
-    "1/8", "0.125" and 0.125 mean 1/8; so do "8" and 8 (a number above 1 is a compression
-    ratio N, read as 1/N, as `sparq generate --compression 8` takes it). "1" is dense.
+    "1/8", "0.125" and 0.125 mean 1/8; so do "8" and 8 (a plain number above 1 is a compression
+    ratio N, read as 1/N, as `sparq generate --compression 8` takes it). "1" is dense. A written
+    fraction above 1 ("3/2") is an error.
     """
     hint = "a fraction of dense data such as 1/8 or 0.125, or a compression ratio such as 8"
     try:
         value = Fraction(str(text).strip()) if isinstance(text, str) else Fraction(text)
     except (ValueError, TypeError, ZeroDivisionError):
         raise ValueError(f"a budget must be {hint}; got {text!r}") from None
-    if isinstance(text, bool) or value <= 0:
+    if isinstance(text, bool) or value <= 0 or (value > 1 and "/" in str(text)):
         raise ValueError(f"a budget must be {hint}; got {text!r}")
     if value > 1:
         value = 1 / value
