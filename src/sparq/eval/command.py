@@ -69,7 +69,7 @@ def eval_command(
     from ..cli import _check_device, _check_model, _threads, fail
     from ..methods import budget_label, build_method
     from . import report as rep
-    from .runner import current, evaluate, head_dim_of, load_records, settings_key
+    from .runner import current, evaluate, head_dim_of, load_records, settings_keys
     from .tasks import TASKS, TaskSizes, load_text, make_qa_sample
 
     if preset not in PRESETS:
@@ -113,8 +113,10 @@ def eval_command(
         if not qa_file.exists() and not report_only:
             make_qa_sample(qa_file, load_text(text_file), seed=seed)
             typer.echo(f"qa: no --qa-file given; generated a seeded sample at {qa_file}", err=True)
-    settings = settings_key(model, sizes, seed=seed, batch_size=batch_size, device=device, text_file=text_file,
-                            qa_file=qa_file if qa_file is not None and Path(qa_file).exists() else None)
+    sample = out_dir / "qa_sample.jsonl"
+    qa_for_key = qa_file if qa_file is not None else (sample if sample.exists() else None)
+    settings = settings_keys(model, list(TASKS), sizes, seed=seed, batch_size=batch_size, device=device,
+                             text_file=text_file, qa_file=qa_for_key if Path(qa_for_key or "").is_file() else None)
     meta = {"model": model, "preset": preset, "tasks": task_list, "methods": method_list, "budgets": budget_list,
             "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in sizes.__dict__.items()},
             "seed": seed, "batch_size": batch_size, "device": device, "settings": settings,

@@ -6,8 +6,8 @@ or teacher forced for perplexity), with the method applied at every decode step.
 (model, task, method, budget, item) result is appended as one JSON line to
 ``<out>/records.jsonl`` and skipped when the run is started again with identical settings.
 
-A record carries ``settings`` (a hash of everything else that changes a result: model, task
-sizes, seed, text and QA files by content, batch size, device; see `settings_key`) and
+A record carries ``settings`` (a hash of everything else that changes its result: model, the
+task's sizes, seed, text or QA file by content, batch size, device; see `settings_key`) and
 ``config`` (the built method's full repr, so a changed default or option is a different method).
 A rerun only skips records whose settings and config both match; records of other settings stay
 in the file but are neither skipped nor reported.
@@ -31,7 +31,7 @@ from .. import hf
 from ..cache import SparQCache
 from ..methods import DecodeMethod, Dense, build_method, parse_budget
 from ..methods.h2o import H2O
-from .tasks import Item, TaskSizes, build_items, load_text, score_generation
+from .tasks import TASKS, Item, TaskSizes, build_items, load_text, score_generation
 
 
 @dataclass(frozen=True)
@@ -69,13 +69,34 @@ def _file_id(path: str | Path | None) -> str | None:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
-def settings_key(model_name: str, sizes: TaskSizes, *, seed: int, batch_size: int, device: str,
+# The task sizes each task's items depend on (the rest of TaskSizes cannot change its records).
+TASK_SIZES = {
+    "passkey": ("lengths", "depths", "items"),
+    "kv": ("items", "kv_pairs"),
+    "repetition": ("items", "repetition_context", "repetition_tokens"),
+    "perplexity": ("items", "ppl_context", "ppl_tokens"),
+    "qa": ("qa_items",),
+}
+TEXT_TASKS = ("repetition", "perplexity")
+
+
+def settings_key(model_name: str, task: str, sizes: TaskSizes, *, seed: int, batch_size: int, device: str,
                  text_file: str | Path | None = None, qa_file: str | Path | None = None) -> str:
-    """A short hash of every setting besides the method that changes a record (the preset acts
-    through the task sizes; the dtype follows the device in `sparq.models.load`)."""
-    blob = {"model": model_name, "sizes": asdict(sizes), "seed": seed, "batch_size": batch_size,
-            "device": str(device).split(":")[0], "text": _file_id(text_file), "qa": _file_id(qa_file)}
+    """A short hash of every setting besides the method that changes one task's records: the model,
+    the task's sizes (the preset acts through them), the seed, the context text (repetition,
+    perplexity) or QA file (qa) by content, the batch size (padding) and the device type (which
+    also fixes the dtype in `sparq.models.load`)."""
+    fields = TASK_SIZES.get(task, tuple(asdict(sizes)))
+    blob = {"model": model_name, "task": task, "sizes": {f: getattr(sizes, f) for f in fields}, "seed": seed,
+            "batch_size": batch_size, "device": str(device).split(":")[0],
+            "text": _file_id(text_file) if task in TEXT_TASKS else None,
+            "qa": _file_id(qa_file) if task == "qa" else None}
     return hashlib.sha1(json.dumps(blob, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def settings_keys(model_name: str, tasks: list[str], sizes: TaskSizes, **kw: Any) -> dict[str, str]:
+    """settings_key for each task."""
+    return {t: settings_key(model_name, t, sizes, **kw) for t in tasks}
 
 
 def record_key(r: dict[str, Any]) -> tuple:
@@ -83,15 +104,15 @@ def record_key(r: dict[str, Any]) -> tuple:
     return (r.get("settings"), r.get("config"), r["model"], r["task"], r["method"], r["budget"], r["item"])
 
 
-def current(records: list[dict[str, Any]], settings: str,
+def current(records: list[dict[str, Any]], settings: dict[str, str],
             configs: dict[tuple[str, str], str] | None = None) -> list[dict[str, Any]]:
-    """The records of these settings. configs maps (method spec, budget) to the config this run
+    """The records of these settings (task -> settings_key). configs maps (method spec, budget) to the config this run
     built: those runs keep only records of that config. Where a (task, method, budget, item) still
     has several configs (a spec not in this run, whose default changed between runs), the last
     one written."""
     latest: dict[tuple, dict[str, Any]] = {}
     for r in records:
-        if r.get("settings") != settings:
+        if r.get("settings") is None or r.get("settings") != settings.get(r["task"]):
             continue
         want = (configs or {}).get((r["method"], r["budget"]))
         if want is not None and r.get("config") != want:
@@ -197,10 +218,11 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     rec_path = out_dir / "records.jsonl"
     records = load_records(rec_path)
-    settings = settings_key(model_name, sizes, seed=seed, batch_size=batch_size, device=model.device.type,
-                            text_file=text_file, qa_file=qa_file)
+    # every task's key, so the report also shows other tasks run earlier with these same settings
+    settings = settings_keys(model_name, list(dict.fromkeys([*TASKS, *tasks])), sizes, seed=seed,
+                             batch_size=batch_size, device=model.device.type, text_file=text_file, qa_file=qa_file)
     done = {record_key(r) for r in records}
-    other = sum(r.get("settings") != settings for r in records)
+    other = sum(r.get("settings") not in settings.values() for r in records)
     if other:
         log(f"{rec_path}: {other} records of other settings (model, sizes, seed, files, batch size or device) "
             f"are ignored")
@@ -212,7 +234,7 @@ def evaluate(
     config = {key: repr(m) for key, m in built.items()}
 
     def key_of(task: str, run: Run, item: str) -> tuple:
-        return (settings, config[run.key], model_name, task, run.spec, run.budget, item)
+        return (settings[task], config[run.key], model_name, task, run.spec, run.budget, item)
     text_cache: dict[str, str] = {}
 
     def text() -> str:
@@ -257,7 +279,7 @@ def evaluate(
                             continue
                         rec: dict[str, Any] = {
                             "model": model_name, "task": task, "method": run.spec, "budget": run.budget,
-                            "settings": settings, "config": config[run.key],
+                            "settings": settings[task], "config": config[run.key],
                             "item": it.item_id, "fraction": fracs[i], "label": method.label,
                             "length": len(it.prompt_ids), **{f"meta_{k}": v for k, v in it.meta.items()},
                             "prefill_s": round(t_prefill, 3), "decode_s": round(t_dec, 3), "batch": len(batch),
