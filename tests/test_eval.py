@@ -200,13 +200,14 @@ def test_eval_command_end_to_end(tiny, tmp_path):
                           for i in range(2)))
     args = ["--model", str(tmp_path / "m"), "--tasks", "kv,qa", "--methods", "dense,quest,streaming",
             "--qa-file", str(qa),
-            "--budgets", "1/2", "--out", str(tmp_path / "out"), "--items", "1", "--threads", "1",
+            "--budgets", "2", "--out", str(tmp_path / "out"), "--items", "1", "--threads", "1",
             "--text-file", str(_write(tmp_path / "t.txt", TEXT))]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     out = next((tmp_path / "out").iterdir())
     data = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in data["results"]} == {"dense", "quest", "streaming"}
+    assert {r["budget"] for r in data["results"]} == {"1", "1/2"}  # --budgets 2 is 1/2
     assert {r["task"] for r in data["results"]} == {"kv", "qa"}
     n = len((out / "records.jsonl").read_text().splitlines())
     assert CliRunner().invoke(app, args).exit_code == 0

@@ -124,8 +124,7 @@ def _load(model: str, device: str):
 @app.command()
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt text.")] = None,
-    prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from this file.", exists=True,
-                                                        dir_okay=False, readable=True)] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from this file.")] = None,
     model: ModelOpt = "smollm2",
     method: Annotated[str, typer.Option(help="dense, sparq (the paper's), or any method spec of `sparq eval`, "
                                                "e.g. sparq-sketch:local=0, h2o, quest.")] = "sparq",
@@ -149,7 +148,13 @@ def generate(
     """Generate from a prompt with dense or SparQ decode attention; streams the text."""
     if (prompt is None) == (prompt_file is None):
         fail("give exactly one of PROMPT or --prompt-file")
-    text = prompt if prompt is not None else prompt_file.read_text()
+    if prompt_file is not None and not prompt_file.is_file():
+        fail(f"--prompt-file {str(prompt_file)!r} does not exist" if not prompt_file.exists()
+             else f"--prompt-file {str(prompt_file)!r} is not a file")
+    try:
+        text = prompt if prompt is not None else prompt_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"--prompt-file {str(prompt_file)!r} cannot be read as UTF-8 text ({e})")
     c = _compression(compression)
     from .methods.registry import parse_spec
 
