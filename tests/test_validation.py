@@ -148,3 +148,13 @@ def test_make_method_explicit_settings_are_sparq_only():
         make_method("sparq:r=4", 64, r=4)
     fixed = make_method("sparq", 64, compression=8, k=32, local_window=4).config
     assert (fixed.k, fixed.k_fraction, fixed.local_window, fixed.local_fraction, fixed.r) == (32, 0.0, 4, 0.0, 8)
+
+
+def test_config_fractions_accept_any_real_number_and_store_floats():
+    from fractions import Fraction
+
+    import numpy as np
+
+    c = SparQConfig(r=2, k=4, k_fraction=Fraction(1, 8), local_fraction=np.float32(0.25))
+    assert type(c.k_fraction) is float and type(c.local_fraction) is float
+    assert (c.k_fraction, c.local_fraction) == (0.125, 0.25)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 
 def _check_number(owner: str, name: str, value: object) -> float:
     """A real number (int or float, not bool); TypeError naming the field otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}.{name} must be a number, got {type(value).__name__} {value!r}")
     return float(value)
 
@@ -54,6 +55,7 @@ class SparQConfig:
             value = _check_number("SparQConfig", name, getattr(self, name))
             if not 0.0 <= value <= 1.0:  # also rejects NaN
                 raise ValueError(f"SparQConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+            object.__setattr__(self, name, value)  # a plain float (numpy or Fraction inputs too)
         if self.head_dim is not None:
             if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int):
                 raise TypeError(f"SparQConfig.head_dim must be an int or None, got {type(self.head_dim).__name__}")

@@ -7,6 +7,7 @@ Every check names the setting and its allowed range, so ``sparq-sketch:bits=0`` 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 
@@ -37,7 +38,7 @@ def number(owner: str, name: str, value: Any, lo: float, hi: float) -> float:
                 value = float(value.strip())
         except (ValueError, ZeroDivisionError):
             raise ValueError(f"{owner} {name} must be a number in [{lo:g}, {hi:g}], got {text!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{owner} {name} must be a number in [{lo:g}, {hi:g}], got {text!r}")
     if not math.isfinite(value) or not lo <= value <= hi:
         raise ValueError(f"{owner} {name} must be a number in [{lo:g}, {hi:g}], got {text!r}")
@@ -57,7 +58,7 @@ def boolean(owner: str, name: str, value: Any) -> bool:
 
 def fraction(owner: str, value: Any) -> float:
     """A method's target share of dense data: a number in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1 \
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1 \
             or not math.isfinite(value):
         raise ValueError(f"{owner} fraction must be a number in (0, 1] (e.g. 0.125 for 1/8), got {value!r}")
     return float(value)
