@@ -155,6 +155,7 @@ def generate(
         text = prompt if prompt is not None else prompt_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         fail(f"--prompt-file {str(prompt_file)!r} cannot be read as UTF-8 text ({e})")
+    _check_model(model)  # before anything loads torch: a typo is answered at once
     c = _compression(compression)
     from .methods.registry import parse_spec
 
@@ -169,7 +170,6 @@ def generate(
              f"{method}); put other methods' options in the spec, e.g. --method sparq-sketch:local=0")
     if fast and base not in ("dense", "sparq"):
         fail("--fast runs dense or sparq only")
-    _check_model(model)
     _check_device(device)
     _threads(threads)
     from transformers import TextStreamer
@@ -218,8 +218,8 @@ def demo(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Passkey retrieval over a long prompt: dense and SparQ answers side by side."""
-    c = _compression(compression)
     _check_model(model)
+    c = _compression(compression)
     _check_device(device)
     _threads(threads)
     from rich.table import Table
