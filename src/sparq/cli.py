@@ -117,8 +117,8 @@ def _load(model: str, device: str):
 
     try:
         return models.load(model, device=device)
-    except (models.ModelUnavailable, OSError) as e:
-        fail(f"cannot load model {model!r}: {e}")
+    except (OSError, ValueError) as e:  # ModelUnavailable is a ValueError
+        fail(f"cannot load model {model!r}: {' '.join(str(e).split())}")
 
 
 @app.command()
@@ -170,11 +170,15 @@ def generate(
              f"{method}); put other methods' options in the spec, e.g. --method sparq-sketch:local=0")
     if fast and base not in ("dense", "sparq"):
         fail("--fast runs dense or sparq only")
+    from . import generation
+
+    try:  # every option checked before the model loads (head_dim only scales r: any value checks them)
+        generation.make_method(method, 64, compression=c, r=r, k=k, local_window=local_window, reallocate=reallocate)
+    except ValueError as e:
+        fail(str(e))
     _check_device(device)
     _threads(threads)
     from transformers import TextStreamer
-
-    from . import generation
 
     lm, tok = _load(model, device)
     if chat:
