@@ -320,3 +320,12 @@ def test_attn_implementation_sparq_after_plain_import(tmp_path):
     res = subprocess.run([sys.executable, "-c", ATTN_IMPL_SCRIPT, str(tmp_path / "m")], capture_output=True,
                          text=True, env=env, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_gemma2_soft_capping_is_refused():
+    torch.manual_seed(0)
+    model = tf.Gemma2ForCausalLM(tf.Gemma2Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                 sliding_window=8, **COMMON)).eval()
+    with pytest.raises(ValueError, match=r"Gemma2ForCausalLM \(gemma2\): attention logit soft-capping"):
+        sparq.enable(model, SparQConfig(r=2, k=4))
+    assert not sparq.is_enabled(model)
