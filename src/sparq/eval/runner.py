@@ -85,7 +85,9 @@ def settings_key(model_name: str, task: str, sizes: TaskSizes, *, seed: int, bat
     """A short hash of every setting besides the method that changes one task's records: the model,
     the task's sizes (the preset acts through them), the seed, the context text (repetition,
     perplexity) or QA file (qa) by content, the batch size (padding) and the device type (which
-    also fixes the dtype in `sparq.models.load`)."""
+    also fixes the dtype in `sparq.models.load`). CPU threads are left out on purpose: they only
+    change floating-point summation order (as another machine would), and their default follows
+    the machine's load, so keying on them would recompute whole runs for nothing."""
     fields = TASK_SIZES.get(task, tuple(asdict(sizes)))
     blob = {"model": model_name, "task": task, "sizes": {f: getattr(sizes, f) for f in fields}, "seed": seed,
             "batch_size": batch_size, "device": str(device).split(":")[0],
