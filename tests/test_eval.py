@@ -200,13 +200,14 @@ def test_eval_command_end_to_end(tiny, tmp_path):
                           for i in range(2)))
     args = ["--model", str(tmp_path / "m"), "--tasks", "kv,qa", "--methods", "dense,quest,streaming",
             "--qa-file", str(qa),
-            "--budgets", "1/2", "--out", str(tmp_path / "out"), "--items", "1", "--threads", "1",
+            "--budgets", "2", "--out", str(tmp_path / "out"), "--items", "1", "--threads", "1",
             "--text-file", str(_write(tmp_path / "t.txt", TEXT))]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     out = next((tmp_path / "out").iterdir())
     data = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in data["results"]} == {"dense", "quest", "streaming"}
+    assert {r["budget"] for r in data["results"]} == {"1", "1/2"}  # --budgets 2 is 1/2
     assert {r["task"] for r in data["results"]} == {"kv", "qa"}
     n = len((out / "records.jsonl").read_text().splitlines())
     assert CliRunner().invoke(app, args).exit_code == 0
@@ -218,3 +219,123 @@ def test_eval_command_end_to_end(tiny, tmp_path):
 def _write(p: Path, s: str) -> Path:
     p.write_text(s)
     return p
+
+
+def test_settings_key_covers_every_setting_of_a_task():
+    from dataclasses import replace
+
+    from sparq.eval.runner import settings_key
+
+    base = dict(seed=0, batch_size=6, device="cpu")
+    key = {t: settings_key("m", t, SMALL, **base) for t in tasks.TASKS}
+    for task, change in [("passkey", dict(lengths=(400,))), ("passkey", dict(depths=(0.5,))),
+                         ("passkey", dict(items=2)), ("kv", dict(kv_pairs=9)), ("kv", dict(items=3)),
+                         ("repetition", dict(repetition_context=151)), ("repetition", dict(repetition_tokens=9)),
+                         ("perplexity", dict(ppl_context=121)), ("perplexity", dict(ppl_tokens=7)),
+                         ("qa", dict(qa_items=3))]:
+        assert settings_key("m", task, replace(SMALL, **change), **base) != key[task], (task, change)
+    # a size another task uses does not touch this task's records
+    assert settings_key("m", "passkey", replace(SMALL, ppl_tokens=99), **base) == key["passkey"]
+    for other in [dict(seed=1), dict(batch_size=5), dict(device="cuda")]:
+        assert settings_key("m", "kv", SMALL, **{**base, **other}) != key["kv"], other
+    assert settings_key("other-model", "kv", SMALL, **base) != key["kv"]
+    assert settings_key("m", "kv", SMALL, **{**base, "device": "cpu:0"}) == key["kv"]
+
+
+def test_settings_key_reads_files_by_content(tmp_path):
+    from sparq.eval.runner import settings_key
+
+    a, b = _write(tmp_path / "a.txt", "one text"), _write(tmp_path / "b.txt", "another text")
+    kw = dict(seed=0, batch_size=6, device="cpu")
+    assert settings_key("m", "repetition", SMALL, text_file=a, **kw) != settings_key("m", "repetition", SMALL,
+                                                                                      text_file=b, **kw)
+    assert settings_key("m", "repetition", SMALL, text_file=a, **kw) == settings_key(
+        "m", "repetition", SMALL, text_file=_write(tmp_path / "c.txt", "one text"), **kw)
+    assert settings_key("m", "qa", SMALL, qa_file=a, **kw) != settings_key("m", "qa", SMALL, qa_file=b, **kw)
+    assert settings_key("m", "kv", SMALL, text_file=a, **kw) == settings_key("m", "kv", SMALL, text_file=b, **kw)
+
+
+def test_resume_only_matches_identical_settings(tiny, tmp_path):
+    """A rerun with identical settings computes nothing; changed task sizes or a changed method
+    config (a default that moved, an option) recompute; the returned records are this run's."""
+    from dataclasses import replace
+
+    model, tok = tiny
+    sizes = replace(SMALL, kv_pairs=6)
+    run = dict(batch_size=3, log=lambda s: None)
+    path = tmp_path / "records.jsonl"
+    first = evaluate(model, tok, "tiny", ["kv"], ["dense", "topk"], ["1/4"], tmp_path, sizes, **run)
+    n = len(path.read_text().splitlines())
+    assert n == len(first) == 2 * 2 * sizes.items and all(r["settings"] and r["config"] for r in first)
+    assert evaluate(model, tok, "tiny", ["kv"], ["dense", "topk"], ["1/4"], tmp_path, sizes, **run) == first
+    assert len(path.read_text().splitlines()) == n  # nothing recomputed
+
+    bigger = replace(sizes, kv_pairs=7)  # quick vs full differ like this: never counted as done
+    second = evaluate(model, tok, "tiny", ["kv"], ["dense", "topk"], ["1/4"], tmp_path, bigger, **run)
+    assert len(path.read_text().splitlines()) == 2 * n
+    assert {r["settings"] for r in second}.isdisjoint({r["settings"] for r in first})
+    assert len(second) == len(first)  # only this run's settings are returned (and reported)
+
+    other_seed = evaluate(model, tok, "tiny", ["kv"], ["dense"], ["1/4"], tmp_path, sizes, seed=1, **run)
+    assert len(path.read_text().splitlines()) == 2 * n + len(other_seed)
+
+    # records of the same spec made with another method config (e.g. before a default changed)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    for r in lines:
+        if r["method"] == "topk" and r["settings"] == first[0]["settings"]:
+            r["config"] = r["config"].replace("min_k=16", "min_k=8")
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    again = evaluate(model, tok, "tiny", ["kv"], ["dense", "topk"], ["1/4"], tmp_path, sizes, **run)
+    redone = len(path.read_text().splitlines()) - len(lines)
+    assert redone == len([r for r in first if r["method"] == "topk"])
+    assert {r["config"] for r in again if r["method"] == "topk"} == {r["config"] for r in first if r["method"] == "topk"}
+
+
+def test_eval_writes_outside_the_committed_results_by_default():
+    import inspect
+
+    from sparq.eval.command import eval_command
+
+    default = inspect.signature(eval_command).parameters["out"].default.default
+    assert default == Path("runs/eval")
+    root = Path(__file__).resolve().parents[1]
+    assert "/runs/" in (root / ".gitignore").read_text().split()
+    assert not (root / default).is_relative_to(root / "results")
+
+
+def test_report_shows_every_method_spec(tmp_path, monkeypatch):
+    """Specs with options (README's recommended sparq-sketch:local=0 among them) appear in every
+    table and plot of the report."""
+    import matplotlib.axes
+
+    specs = ["dense", "sparq", "sparq-sketch", "sparq-sketch:local=0", "sparq:realloc=1", "h2o:recent=0.25"]
+    recs = []
+    for task in ("passkey", "perplexity"):
+        for m in specs:
+            for b in (["1"] if m == "dense" else ["1/4", "1/8"]):
+                rec = {"model": "x", "task": task, "method": m, "budget": b, "item": "a", "fraction": 1 / 8,
+                       "score": 0.5 if task == "passkey" else 3.0}
+                if task == "passkey":
+                    rec.update(meta_length=100, meta_depth=0.5)
+                recs.append(rec)
+    labels: list[str] = []
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        labels.append(kwargs.get("label"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    titles: list[str] = []
+    original_title = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, t, *a, **k: (titles.append(t), original_title(self, t, *a, **k))[1])
+    report.report(recs, tmp_path, {"model": "x"})
+    md = (tmp_path / "results.md").read_text()
+    header = [line for line in md.splitlines() if line.startswith("| task |")][0]
+    for m in specs:
+        assert f" {m} |" in header, (m, header)  # the all-methods table at each budget
+        assert f"| {m} |" in md  # a row in each task's table
+        if m != "dense":
+            assert labels.count(m) == 2, (m, labels)  # a line in both tasks' plots
+            assert f"{m} @1/8" in titles  # a panel of the needle heatmap

@@ -36,6 +36,28 @@ def tiny(arch: str) -> tf.PreTrainedModel:
     elif arch == "gptneox":
         c = {k: v for k, v in COMMON.items() if k not in ("pad_token_id", "tie_word_embeddings")}
         model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(num_attention_heads=4, rotary_pct=0.5, **c))
+    elif arch == "phi3":
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(num_attention_heads=4, num_key_value_heads=2, **COMMON))
+    elif arch == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                                                 bos_token_id=None, eos_token_id=None, pad_token_id=0))
+    elif arch == "bloom":
+        model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4,
+                                                   pad_token_id=0, bos_token_id=None, eos_token_id=None))
+    elif arch == "falcon":
+        model = tf.FalconForCausalLM(tf.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, pad_token_id=0, bos_token_id=None,
+                                                     eos_token_id=None))
+    elif arch == "gpt_oss":
+        model = tf.GptOssForCausalLM(tf.GptOssConfig(
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+            sliding_window=512, layer_types=["full_attention"] * 2, rope_parameters={"rope_type": "default",
+                                                                                     "rope_theta": 10000.0},
+            **{**COMMON, "intermediate_size": 64}))
+        with torch.no_grad():  # random sinks large enough to matter
+            for m in model.modules():
+                if hasattr(m, "sinks"):
+                    m.sinks.normal_(0.0, 2.0)
     else:
         raise KeyError(arch)
     model.generation_config.pad_token_id = 0
@@ -43,6 +65,12 @@ def tiny(arch: str) -> tf.PreTrainedModel:
 
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "gptneox"]
+# Every architecture either works exactly (k >= length equals dense, token for token, with the decode
+# path proven to run) or is refused by `enable` with a message naming it.
+EXACT = ARCHS + ["phi3", "gpt2"]
+REFUSED = {"bloom": "does not go through transformers' attention interface",
+           "falcon": "does not go through transformers' attention interface",
+           "gpt_oss": "learned attention sinks"}
 
 
 def prompts(batch: int = 3, longest: int = 40, seed: int = 1):
@@ -75,7 +103,7 @@ def counting(config: SparQConfig) -> Counting:
     return m
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", EXACT)
 def test_k_at_least_context_equals_dense(arch):
     model = tiny(arch)
     ids, mask, _ = prompts()
@@ -216,3 +244,93 @@ def test_left_padded_batch_equals_alone_fresh_seed(arch):
         for i, n in enumerate(lengths):
             alone = greedy(model, ids[i:i + 1, -n:], mask[i:i + 1, -n:], n=6)
             assert torch.equal(batched[i], alone[0]), (arch, i, f"seed {seed}")
+
+
+@pytest.mark.parametrize("arch", sorted(REFUSED))
+def test_unsupported_architectures_are_refused(arch, monkeypatch):
+    """enable refuses, naming the architecture and why; and the refusal is needed: with the check
+    bypassed, SparQ never runs on Bloom and Falcon (a silent no-op), and on GPT-OSS its output
+    differs from dense even with k >= length (the sinks reach our attention and are ignored)."""
+    model = tiny(arch)
+    method = counting(SparQConfig(r=64, k=10_000))
+    with pytest.raises(ValueError, match=REFUSED[arch]) as err:
+        sparq.enable(model, method)
+    assert type(model).__name__ in str(err.value) and arch in str(err.value)
+    assert not sparq.is_enabled(model) and model.config._attn_implementation != "sparq"
+
+    ids, mask, _ = prompts(batch=1)
+    dense = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True).logits
+    monkeypatch.setattr(sparq.hf, "check_supported", lambda *a, **k: None)
+    with sparq.enabled(model, method):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True).logits
+    if arch == "gpt_oss":
+        assert method.calls and not torch.allclose(got[1], dense[1], atol=1e-4)
+    else:
+        assert not method.calls
+
+
+def test_enable_refuses_a_config_made_for_another_head_dim():
+    model = tiny("llama")  # head_dim 16
+    with pytest.raises(ValueError, match="made for head_dim 128.*head_dim 16"):
+        sparq.enable(model, SparQConfig.from_compression(8, head_dim=128))
+    assert not sparq.is_enabled(model)
+    sparq.enable(model, SparQConfig.from_compression(8, head_dim=16))
+    sparq.disable(model)
+    # a hand-made config has no head size: r above the model's means every dimension (documented)
+    ids, mask, _ = prompts()
+    dense = greedy(model, ids, mask, n=4)
+    with sparq.enabled(model, SparQConfig(r=128, k=10_000)):
+        assert torch.equal(greedy(model, ids, mask, n=4), dense)
+
+
+ATTN_IMPL_SCRIPT = """
+import sys, warnings
+import sparq
+assert "torch" not in sys.modules and "transformers" not in sys.modules
+import torch, transformers as tf
+torch.manual_seed(0)
+cfg = tf.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
+tf.LlamaForCausalLM(cfg).save_pretrained(sys.argv[1])
+model = tf.AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation="sparq").eval()
+assert model.config._attn_implementation == "sparq"
+ids = torch.randint(1, 96, (1, 150), generator=torch.Generator().manual_seed(1))
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    out = model.generate(ids, max_new_tokens=6, do_sample=False)
+assert any("default" in str(x.message) for x in w), [str(x.message) for x in w]
+default = sparq.SparQConfig.from_compression(8, head_dim=16)
+tags = [m._sparq_method for m in model.modules() if hasattr(m, "_sparq_method")]
+assert len(tags) == 2 and all(t.config == default for t in tags), tags
+plain = tf.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+with sparq.enabled(plain, default):
+    want = plain.generate(ids, max_new_tokens=6, do_sample=False)
+assert torch.equal(out, want), (out, want)
+print("OK")
+"""
+
+
+def test_attn_implementation_sparq_after_plain_import(tmp_path):
+    """`import sparq` (which loads neither torch nor transformers) then
+    from_pretrained(attn_implementation="sparq"): the model runs the default method, SparQ at 1/8,
+    exactly as `sparq.enabled(model, SparQConfig.from_compression(8, d))` does."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(__import__("pathlib").Path(sparq.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", ATTN_IMPL_SCRIPT, str(tmp_path / "m")], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_gemma2_soft_capping_is_refused():
+    torch.manual_seed(0)
+    model = tf.Gemma2ForCausalLM(tf.Gemma2Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                 sliding_window=8, **COMMON)).eval()
+    with pytest.raises(ValueError, match=r"Gemma2ForCausalLM \(gemma2\): attention logit soft-capping"):
+        sparq.enable(model, SparQConfig(r=2, k=4))
+    assert not sparq.is_enabled(model)

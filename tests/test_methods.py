@@ -98,8 +98,8 @@ def test_accounting_formulas(s):
     over = s * d * 2 / 16 + 2 * d * (s // 128)
     ks = math.floor((f * 2 * s * d - over) / (2 * d))
     assert sk.data_fraction(s, d) == pytest.approx((over + 2 * ks * d) / (2 * s * d))
-    sp = build_method("sparq", f, d)
-    r, kk = d // 8, max(16, math.ceil(s / 16))
+    sp = build_method("sparq", f, d)  # SparQConfig.from_compression(8, d): min_k 64
+    r, kk = d // 8, max(64, math.ceil(s / 16))
     assert sp.data_fraction(s, d) == pytest.approx((s * r + 2 * kk * d) / (2 * s * d))
     for m in (st, h, qu, sk):  # every method stays within its target (the floor aside)
         assert m.data_fraction(s, d) <= f + 1e-9

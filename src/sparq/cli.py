@@ -1,29 +1,124 @@
-"""The `sparq` command line. Thin: parse options, call the library, print."""
+"""The `sparq` command line. Thin: parse options, call the library, print.
+
+Nothing heavy is imported at module level (torch and transformers load inside the commands), so
+``sparq --help`` answers at once. Errors a user can fix print one line, ``Error: ...``, and exit
+with status 2; they never show a traceback.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(help="SparQ Attention: bandwidth-efficient decode attention for Hugging Face models.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 bench_app = typer.Typer(help="Benchmarks against the bandwidth floor.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-console = Console()
 
 ModelOpt = Annotated[str, typer.Option(help="Bundled name (smollm2, gemma3-270m), Hugging Face id or local path.")]
 DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")]
 
 
-def _threads() -> None:
+def default_threads() -> int:
+    """torch CPU threads unless --threads says otherwise: the cores not already busy (this process's
+    cores less the 1-minute load average, rounded), at least 1, at most 4.
+
+    More threads than free cores is the trap: on a 2-core machine with one core busy, plain HF
+    generation of 16 tokens took 24.5 s on 2 threads against 2.6 s on 1; on the same machine idle,
+    2 threads took 0.8 s against 1.2 s on 1. So an idle machine gets its cores, a busy one fewer.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        busy = 0.0
+    return max(1, min(4, round(cores - busy)))
+
+
+ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads [default: the cores not busy "
+                                                                "(cores less the load average), 1 to 4].")]
+
+
+class _console:
+    """rich's Console, imported on first use (keeps --help fast)."""
+
+    _c = None
+
+    def __getattr__(self, name: str):
+        if _console._c is None:
+            from rich.console import Console
+
+            _console._c = Console()
+        return getattr(_console._c, name)
+
+
+console = _console()
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr, exit status 2 (as for a usage error), no traceback."""
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _threads(n: int | None) -> None:
     import torch
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(n if n is not None else default_threads())
+
+
+def _check_model(model: str) -> None:
+    from .models import ModelUnavailable, check
+
+    try:
+        check(model)
+    except ModelUnavailable as e:
+        fail(str(e))
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        fail(f"--device {device!r} is not a torch device (use cpu or cuda, or cuda:N)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this PyTorch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA device is visible")
+            fail(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            fail(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {device}: MPS is not available here; use --device cpu")
+
+
+def _compression(text: str) -> float:
+    """--compression 8 or 1/8 (or 0.125): the compression ratio N (reads 1/N of dense data)."""
+    from .methods.registry import parse_budget
+
+    try:
+        return 1.0 / parse_budget(text)
+    except ValueError:
+        fail(f"--compression must be a ratio such as 8 or a fraction such as 1/8, got {text!r}")
+
+
+def _load(model: str, device: str):
+    """Load a model after the checks that can fail fast; library errors become one-line errors."""
+    from . import models
+
+    try:
+        return models.load(model, device=device)
+    except (OSError, ValueError) as e:  # ModelUnavailable is a ValueError
+        fail(f"cannot load model {model!r}: {' '.join(str(e).split())}")
 
 
 @app.command()
@@ -33,35 +128,67 @@ def generate(
     model: ModelOpt = "smollm2",
     method: Annotated[str, typer.Option(help="dense, sparq (the paper's), or any method spec of `sparq eval`, "
                                                "e.g. sparq-sketch:local=0, h2o, quest.")] = "sparq",
-    compression: Annotated[float, typer.Option(help="Target fraction 1/N of dense attention data.")] = 8.0,
-    r: Annotated[Optional[int], typer.Option(help="Key dimensions read in step 1 (overrides --compression).")] = None,
-    k: Annotated[Optional[int], typer.Option(help="Positions kept in step 2 (overrides --compression).")] = None,
-    local_window: Annotated[Optional[int], typer.Option(help="Recent positions always kept (part of k).")] = None,
-    reallocate: Annotated[bool, typer.Option(help="Step 3: mean-value reallocation.")] = True,
+    compression: Annotated[str, typer.Option(help="Read 1/N of dense attention data: 8 or 1/8 (the same budget "
+                                                  "as `sparq eval --budgets 1/8`).")] = "8",
+    r: Annotated[Optional[int], typer.Option(help="sparq only: key dimensions read in step 1 (k takes what is "
+                                                  "left of the budget).")] = None,
+    k: Annotated[Optional[int], typer.Option(help="sparq only: positions kept in step 2 (fixed).")] = None,
+    local_window: Annotated[Optional[int], typer.Option(help="sparq only: recent positions always kept "
+                                                             "(part of k).")] = None,
+    reallocate: Annotated[Optional[bool], typer.Option("--reallocate/--no-reallocate", help="sparq only: step 3, "
+                                                       "mean-value reallocation [default: off, as "
+                                                       "SparQConfig.from_compression].")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
     fast: Annotated[bool, typer.Option(help="Greedy decoding in the static-cache fast loop (Llama-family and Gemma 3 "
                                             "models; CUDA graphs and the SparQ kernels on a GPU); any method, CUDA-graph "
                                             "captured for dense and sparq.")] = False,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Generate from a prompt with dense or SparQ decode attention; streams the text."""
+    if (prompt is None) == (prompt_file is None):
+        fail("give exactly one of PROMPT or --prompt-file")
+    if prompt_file is not None and not prompt_file.is_file():
+        fail(f"--prompt-file {str(prompt_file)!r} does not exist" if not prompt_file.exists()
+             else f"--prompt-file {str(prompt_file)!r} is not a file")
+    try:
+        text = prompt if prompt is not None else prompt_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"--prompt-file {str(prompt_file)!r} cannot be read as UTF-8 text ({e})")
+    _check_model(model)  # before anything loads torch: a typo is answered at once
+    c = _compression(compression)
+    from .methods.registry import parse_spec
+
+    try:
+        base, _ = parse_spec(method)
+    except ValueError as e:
+        fail(f"--method: {e}")
+    given = [f"--{n}" for n, v in (("r", r), ("k", k), ("local-window", local_window)) if v is not None]
+    given += [] if reallocate is None else ["--reallocate" if reallocate else "--no-reallocate"]
+    if given and base != "sparq":
+        fail(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --method sparq only (got --method "
+             f"{method}); put other methods' options in the spec, e.g. --method sparq-sketch:local=0")
+    if fast and base not in ("dense", "sparq"):
+        fail("--fast runs dense or sparq only")
+    from . import generation
+
+    try:  # every option checked before the model loads (head_dim only scales r: any value checks them)
+        generation.make_method(method, 64, compression=c, r=r, k=k, local_window=local_window, reallocate=reallocate)
+    except ValueError as e:
+        fail(str(e))
+    _check_device(device)
+    _threads(threads)
     from transformers import TextStreamer
 
-    from . import generation, models
-
-    if (prompt is None) == (prompt_file is None):
-        raise typer.BadParameter("give exactly one of PROMPT or --prompt-file")
-    text = prompt if prompt is not None else prompt_file.read_text()
-    _threads()
-    lm, tok = models.load(model, device=device)
+    lm, tok = _load(model, device)
     if chat:
         text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     try:
-        m = generation.make_method(method, generation.head_dim_of(lm), compression=compression, r=r, k=k,
+        m = generation.make_method(method, generation.head_dim_of(lm), compression=c, r=r, k=k,
                                    local_window=local_window, reallocate=reallocate)
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        fail(str(e))
     if fast:
         from .fast import fast_generate
 
@@ -70,13 +197,16 @@ def generate(
             out, t = fast_generate(lm, enc.input_ids, enc.attention_mask, m, max_new_tokens,
                                    eos_token_id=tok.eos_token_id)
         except ValueError as e:
-            raise typer.BadParameter(str(e)) from None
+            fail(str(e))
         console.print(tok.decode(out[0], skip_special_tokens=True), markup=False, highlight=False)
         console.print(f"\n[dim]{m.label} (fast loop): prompt {enc.input_ids.shape[1]} tokens, prefill {t.prefill_s:.2f} s, "
                       f"decode {1e3 / t.ms_per_token:.1f} tokens/s[/dim]", soft_wrap=True)
         return
-    res = generation.generate(lm, tok, [text], m, max_new_tokens=max_new_tokens,
-                              streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
+    try:
+        res = generation.generate(lm, tok, [text], m, max_new_tokens=max_new_tokens,
+                                  streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
+    except ValueError as e:  # e.g. sparq.enable refusing an architecture
+        fail(str(e))
     console.print(f"\n[dim]{m.label}: prompt {res.prompt_tokens[0]} tokens, prefill {res.prefill_s:.2f} s, "
                   f"decode {res.decode_tokens_per_s:.1f} tokens/s, attention data read "
                   f"{res.fraction_read:.3f} of dense[/dim]", soft_wrap=True)
@@ -85,16 +215,22 @@ def generate(
 @app.command()
 def demo(
     model: ModelOpt = "smollm2",
-    context: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 2000,
-    compression: Annotated[float, typer.Option(help="SparQ reads 1/N of dense attention data.")] = 8.0,
+    context: Annotated[int, typer.Option(min=16, help="Prompt length in tokens.")] = 2000,
+    compression: Annotated[str, typer.Option(help="SparQ reads 1/N of dense attention data: 8 or 1/8.")] = "8",
     keys: Annotated[int, typer.Option(min=1, help="Number of passkey prompts (different keys and depths).")] = 3,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Passkey retrieval over a long prompt: dense and SparQ answers side by side."""
-    from . import generation, models
+    _check_model(model)
+    c = _compression(compression)
+    _check_device(device)
+    _threads(threads)
+    from rich.table import Table
 
-    _threads()
-    lm, tok = models.load(model, device=device)
+    from . import generation
+
+    lm, tok = _load(model, device)
     prompts, answers = [], []
     for i in range(keys):
         p, key = generation.passkey_prompt(tok, context, depth=(i + 0.5) / keys, seed=i)
@@ -105,9 +241,12 @@ def demo(
     table.add_column("key")
     runs = {}
     for name in ("dense", "sparq"):
-        method = generation.make_method(name, d, compression=compression)
+        method = generation.make_method(name, d, compression=c)
         console.print(f"[dim]running {method.label} ...[/dim]")
-        runs[name] = (method, generation.generate(lm, tok, prompts, method, max_new_tokens=8))
+        try:
+            runs[name] = (method, generation.generate(lm, tok, prompts, method, max_new_tokens=8))
+        except ValueError as e:
+            fail(str(e))
         table.add_column(f"{name} answer")
     for i, key in enumerate(answers):
         cells = []
@@ -129,9 +268,9 @@ def _int_list(text: str, name: str) -> list[int]:
     try:
         values = [int(float(x)) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{name} must be a comma-separated list of integers, got {text!r}") from None
+        fail(f"{name} must be a comma-separated list of integers, got {text!r}")
     if not values or min(values) < 1:
-        raise typer.BadParameter(f"{name} must hold positive integers, got {text!r}")
+        fail(f"{name} must hold positive integers, got {text!r}")
     return values
 
 
@@ -147,7 +286,7 @@ def bench_kernels(
     import torch
 
     if not torch.cuda.is_available():
-        raise typer.BadParameter("bench kernels needs a CUDA device")
+        fail("bench kernels needs a CUDA device")
     from .bench import bench_kernels as run
 
     result = run(r_div=r_div, k_div=k_div, local_fraction=local_fraction, reallocate=reallocate, out_dir=out_dir)
@@ -175,7 +314,7 @@ def bench_generate(
     batches, contexts = _int_list(batch, "--batch"), _int_list(context, "--context")
     comps = _int_list(compressions, "--compressions")
     if not torch.cuda.is_available():
-        raise typer.BadParameter("bench generate needs a CUDA device")
+        fail("bench generate needs a CUDA device")
     from .bench_e2e import bench_generate as run
 
     from .bench_e2e import format_table
@@ -192,6 +331,7 @@ def info() -> None:
     """Versions, device and which kernels are available."""
     import torch
     import transformers
+    from rich.table import Table
 
     import sparq
 

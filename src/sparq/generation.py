@@ -13,7 +13,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, 
 
 from . import hf
 from .config import SparQConfig
-from .methods import DecodeInputs, DecodeMethod, Dense, SparQ
+from .methods import DecodeInputs, DecodeMethod, SparQ
 
 
 @dataclass(frozen=True)
@@ -48,35 +48,48 @@ def make_method(
     method: str,
     head_dim: int,
     *,
-    compression: float = 8.0,
+    compression: float | str = 8.0,
     r: int | None = None,
     k: int | None = None,
     local_window: int | None = None,
-    reallocate: bool = True,
+    reallocate: bool | None = None,
 ) -> DecodeMethod:
-    """'dense', 'sparq' (from a compression target, explicit r/k/local_window overriding it), or
-    any spec of the method registry (e.g. 'sparq-sketch:local=0') at 1/compression of dense data."""
-    if method == "dense":
-        return Dense()
-    if method != "sparq":
-        from .methods.registry import build_method
+    """The method `sparq generate` runs: any spec of the method registry (e.g. 'sparq',
+    'sparq-sketch:local=0', 'h2o') at 1/compression of dense data, built exactly as `sparq eval`
+    builds it at that budget (`build_method`; SparQ through `SparQConfig.from_compression`).
 
-        if not compression >= 1:
-            raise ValueError(f"compression must be >= 1, got {compression}")
-        return build_method(method, 1.0 / compression, head_dim)
-    base = SparQConfig.from_compression(compression, head_dim=head_dim, reallocate=reallocate)
-    if r is None and k is None and local_window is None:
-        return SparQ(base)
-    k_fixed = k is not None
-    cfg = SparQConfig(
-        r=r if r is not None else base.r,
-        k=k if k_fixed else base.k,
+    r, k, local_window and reallocate are SparQ's explicit settings (plain 'sparq' only): an explicit
+    r keeps the budget (k takes what r leaves), an explicit k or local_window fixes that number.
+    """
+    from .methods.registry import build_method, parse_budget, parse_spec
+
+    base, opts = parse_spec(method)
+    explicit = {n: v for n, v in (("r", r), ("k", k), ("local_window", local_window), ("reallocate", reallocate))
+                if v is not None}
+    if explicit and base != "sparq":
+        raise ValueError(f"{', '.join(explicit)} appl{'ies' if len(explicit) == 1 else 'y'} to the sparq method only, "
+                         f"not {base}; give other methods' options in the spec, e.g. sparq-sketch:local=0")
+    if explicit and opts:
+        raise ValueError(f"give sparq's settings either in the spec ({method}) or as options, not both")
+    budget = parse_budget(compression)
+    if base != "sparq" or (k is None and local_window is None):
+        passed = {}
+        if r is not None:
+            passed["r"] = r
+        if reallocate is not None:
+            passed["realloc"] = reallocate
+        return build_method(method, budget, head_dim, **passed)
+    cfg = SparQConfig.from_compression(1.0 / budget, head_dim, r=r,
+                                       **({} if reallocate is None else {"reallocate": reallocate}))
+    return SparQ(SparQConfig(
+        r=cfg.r,
+        k=k if k is not None else cfg.k,
         local_window=local_window if local_window is not None else 0,
-        reallocate=reallocate,
-        k_fraction=0.0 if k_fixed else base.k_fraction,
-        local_fraction=0.0 if local_window is not None else base.local_fraction,
-    )
-    return SparQ(cfg)
+        reallocate=cfg.reallocate,
+        k_fraction=0.0 if k is not None else cfg.k_fraction,
+        local_fraction=0.0 if local_window is not None else cfg.local_fraction,
+        head_dim=head_dim,
+    ))
 
 
 def head_dim_of(model: PreTrainedModel) -> int:

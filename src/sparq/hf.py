@@ -1,7 +1,11 @@
 """Hugging Face integration: SparQ (or any DecodeMethod) for decode steps, dense prefill.
 
-No model file is patched. `enable` registers an attention function and its mask function with
-transformers' registries under the name "sparq", switches the model to it, and tags each
+No model file is patched. Importing this module registers an attention function and its mask
+function with transformers' registries under the name "sparq" (`import sparq` arranges that for
+the moment transformers' modeling code loads, so ``from_pretrained(..., attn_implementation="sparq")``
+works after a plain ``import sparq``). `enable` checks that the architecture really routes its
+attention through that registry (and has nothing our methods would ignore, such as GPT-OSS's
+attention sinks) and refuses it otherwise, switches the model to "sparq", and tags each
 attention module with the method to use. The attention function
   * runs transformers' SDPA attention for prefill (several query tokens), for layers left dense
     (sliding-window layers of Gemma 3 and the like) and for untagged modules;
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +31,7 @@ from transformers.masking_utils import sdpa_mask
 
 from .cache import SparQCache
 from .config import SparQConfig
-from .methods import DecodeInputs, DecodeMethod
+from .methods import DecodeInputs, DecodeMethod, SparQ
 from .methods.registry import as_method
 
 ATTN_NAME = "sparq"
@@ -100,10 +105,50 @@ def sparq_attention_forward(
     return out[:, None, :, :], None  # [B, 1, Hq, d]
 
 
-def _register() -> None:
-    AttentionInterface.register(ATTN_NAME, sparq_attention_forward)
+DEFAULT_COMPRESSION = 8  # what a model loaded with attn_implementation="sparq" runs: 1/8 of dense data
+_DEFAULTED = "_sparq_defaulted"
+
+
+def _attention_entry(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                     dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+    """What transformers calls under the name "sparq". A module `enable` switched on goes straight
+    to `sparq_attention_forward`. A module of a model loaded with ``attn_implementation="sparq"``
+    and never passed to `enable` gets the default method first (SparQ at 1/DEFAULT_COMPRESSION,
+    `SparQConfig.from_compression`), without the incremental cache that `enable` adds."""
+    if getattr(module, _CTX_ATTR, None) is None and not getattr(module, _DEFAULTED, False):
+        _adopt_default(module, query.shape[-1], kwargs)
+    return sparq_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+def _adopt_default(module: nn.Module, head_dim: int, kwargs: dict[str, Any]) -> None:
+    if kwargs.get("s_aux") is not None or _has_sinks(module):
+        raise ValueError(f"attn_implementation='sparq': {type(module).__name__} has learned attention sinks, which "
+                         f"sparq's methods would ignore (the output would silently differ from dense)")
+    if not _stays_dense(module) and hasattr(module, "layer_idx"):
+        setattr(module, _METHOD_ATTR, SparQ(SparQConfig.from_compression(DEFAULT_COMPRESSION, head_dim)))
+        if not _warned:
+            _warned.append(True)
+            warnings.warn(f"sparq: this model was loaded with attn_implementation='sparq' and not passed to "
+                          f"sparq.enable: running the default, SparQ at 1/{DEFAULT_COMPRESSION} "
+                          f"(SparQConfig.from_compression({DEFAULT_COMPRESSION}, head_dim={head_dim})), without the "
+                          f"incremental cache; sparq.enable(model, config) chooses the method and adds the cache",
+                          stacklevel=2)
+    setattr(module, _DEFAULTED, True)
+
+
+_warned: list[bool] = []
+
+
+def register() -> None:
+    """Register "sparq" with transformers' attention and mask registries (idempotent; importing
+    `sparq.hf` does it). After it, ``from_pretrained(..., attn_implementation="sparq")`` loads a
+    model that runs the default method (see `_attention_entry`); `enable` picks another."""
+    AttentionInterface.register(ATTN_NAME, _attention_entry)
     # The mask function must be registered too, or padded batches silently get no mask.
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+_register = register  # the old private name
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -117,6 +162,45 @@ def _stays_dense(module: nn.Module) -> bool:
         or bool(getattr(module, "is_sliding", False))
         or getattr(module, "sliding_window", None) is not None
     )
+
+
+def _has_sinks(module: nn.Module) -> bool:
+    """Learned attention-sink logits (GPT-OSS's `sinks`, passed to the attention function as
+    `s_aux`): a softmax column our methods do not have."""
+    return isinstance(getattr(module, "sinks", None), Tensor)
+
+
+def check_supported(model: PreTrainedModel, modules: list[nn.Module] | None = None) -> None:
+    """ValueError naming the architecture and why, where `enable` would be a silent no-op or silently
+    wrong: the model class does not route attention through transformers' attention interface (its
+    `_supports_attention_backend` flag is off: Bloom, Falcon, MPT and other older code paths never
+    call a registered function, so SparQ would never run), its attention has learned sinks
+    (GPT-OSS), or it uses attention logit soft-capping (Gemma 2)."""
+    name = type(model).__name__
+    arch = getattr(model.config, "model_type", None) or name
+    if not getattr(type(model), "_supports_attention_backend", False):
+        raise ValueError(
+            f"sparq does not support {name} ({arch}): its attention does not go through transformers' attention "
+            f"interface (the class's _supports_attention_backend is False), so SparQ would never run. Supported "
+            f"architectures are those that do, e.g. Llama, Mistral, Qwen2/3, Gemma 3, GPT-NeoX, Phi-3 (README: "
+            f"'What the Hugging Face path supports')")
+    text_config = model.config.get_text_config(decoder=True)
+    if getattr(text_config, "attn_logit_softcapping", None):
+        raise ValueError(f"sparq does not support {name} ({arch}): attention logit soft-capping (Gemma 2 style) is "
+                         f"not implemented by sparq's methods")
+    sinks = [m for m in (modules if modules is not None else _attention_modules(model)) if _has_sinks(m)]
+    if sinks:
+        raise ValueError(f"sparq does not support {name} ({arch}): its attention has learned attention sinks "
+                         f"({type(sinks[0]).__name__}.sinks), which sparq's methods would ignore, so decoding "
+                         f"would silently differ from dense attention")
+
+
+def _head_dim(model: PreTrainedModel, modules: list[nn.Module]) -> int:
+    d = getattr(modules[0], "head_dim", None) if modules else None
+    if isinstance(d, int) and d > 0:
+        return d
+    c = model.config.get_text_config(decoder=True)
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
 def cache_arg(model: nn.Module) -> str:
@@ -142,20 +226,23 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
 def enable(model: PreTrainedModel, config: SparQConfig | DecodeMethod) -> PreTrainedModel:
     """Switch the model's decode steps to SparQ (or another DecodeMethod); prefill stays dense.
 
-    Calling it again replaces the method. Returns the model for chaining.
+    Calling it again replaces the method. Returns the model for chaining. Raises ValueError,
+    naming the architecture and the reason, for a model where SparQ would never run or would be
+    wrong (see `check_supported`), and for a `SparQConfig.from_compression` config made for
+    another head size.
     """
     method = as_method(config)  # the same shorthand the fast loop takes
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    text_config = model.config.get_text_config(decoder=True)
-    if getattr(text_config, "attn_logit_softcapping", None):
-        raise ValueError("sparq does not support models with attention logit soft-capping")
-    if hasattr(model, _CTX_ATTR):
-        disable(model)
-    _register()
+    check_supported(model)
     modules = [m for m in _attention_modules(model) if not _stays_dense(m)]
     if not modules:
         raise ValueError(f"found no attention layers to switch in {type(model).__name__}")
+    if isinstance(method, SparQ):
+        method.config.check_head_dim(_head_dim(model, modules), f"{type(model).__name__}")
+    if hasattr(model, _CTX_ATTR):
+        disable(model)
+    register()
     previous = model.config._attn_implementation
     hook = model.register_forward_pre_hook(_pre_forward, with_kwargs=True)
     ctx = _Context(previous, hook, modules)
@@ -176,7 +263,7 @@ def disable(model: PreTrainedModel) -> PreTrainedModel:
         return model
     ctx.hook.remove()
     for m in model.modules():
-        for attr in (_METHOD_ATTR, _CTX_ATTR):
+        for attr in (_METHOD_ATTR, _CTX_ATTR, _DEFAULTED):
             if attr in m.__dict__:
                 delattr(m, attr)
     model.set_attn_implementation(ctx.previous_impl or "sdpa")
@@ -195,3 +282,6 @@ def enabled(model: PreTrainedModel, config: SparQConfig | DecodeMethod) -> Itera
         yield model
     finally:
         disable(model)
+
+
+register()  # on import: `from_pretrained(..., attn_implementation="sparq")` works from here on

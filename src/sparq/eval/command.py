@@ -1,8 +1,9 @@
 """`sparq eval`: compare decode methods on one model, offline, with one command.
 
-The lead registers `eval_command` in the typer CLI; meanwhile ``python -m sparq.eval`` runs it.
+Registered as `sparq eval` in the typer CLI; ``python -m sparq.eval`` runs it too.
 With no arguments it runs the "quick" preset on the bundled SmolLM2-135M (about 10 minutes on
-2 CPU cores); ``--preset full`` is the committed evaluation.
+2 CPU cores) into ``runs/eval/<model>/`` (never the committed ``results/eval/``: pass
+``--out results/eval`` to rebuild those); ``--preset full`` is the committed evaluation.
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ def eval_command(
     methods: Optional[str] = typer.Option(
         None, help="Comma list of method specs: dense,sparq,sparq-sketch,streaming,h2o,quest,topk; "
                    "options as name:key=value, e.g. sparq-sketch:bits=1:local=0.5 or sparq:r=16."),
-    budgets: Optional[str] = typer.Option(None, help="Comma list of target fractions of dense data, e.g. 1/2,1/4,1/8,1/16."),
+    budgets: Optional[str] = typer.Option(None, help="Comma list of target fractions of dense data, e.g. 1/2,1/4,1/8,1/16 "
+                                                     "(or compression ratios: 2,4,8,16)."),
     preset: str = typer.Option("quick", help="quick (about 10 min on 2 CPU cores) or full."),
-    out: Path = typer.Option(Path("results/eval"), help="Output folder; results go to OUT/<model>/."),
+    out: Path = typer.Option(Path("runs/eval"), help="Output folder; results go to OUT/<model>/ (the committed "
+                                                     "evaluation is under results/eval)."),
     lengths: Optional[str] = typer.Option(None, help="Needle context lengths in tokens, e.g. 1000,2000,3000."),
     depths: Optional[str] = typer.Option(None, help="Needle depths in [0, 1], e.g. 0.1,0.5,0.9."),
     items: Optional[int] = typer.Option(None, help="Items per needle cell (other tasks scale from it)."),
@@ -58,63 +61,89 @@ def eval_command(
                                                         "(default: prose of Python's bundled language reference)."),
     batch_size: int = typer.Option(6, help="Prompts per prefill/decode batch (left padded)."),
     seed: int = typer.Option(0, help="Seed for generated tasks."),
-    threads: int = typer.Option(2, help="torch CPU threads."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads [default: the cores not busy, 1 to 4]."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     report_only: bool = typer.Option(False, help="Only rebuild tables and plots from the records."),
 ) -> None:
     """Score methods x budgets on tasks; resumable; writes records.jsonl, results.{json,csv,md} and PNGs."""
-    import torch
-
-    from ..methods import build_method, parse_budget
+    from ..cli import _check_device, _check_model, _threads, fail
+    from ..methods import budget_label, build_method
     from . import report as rep
-    from .runner import evaluate, head_dim_of, load_records
+    from .runner import current, evaluate, head_dim_of, load_records, settings_keys
     from .tasks import TASKS, TaskSizes, load_text, make_qa_sample
 
     if preset not in PRESETS:
-        raise typer.BadParameter(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        fail(f"--preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     p_tasks, p_methods, p_budgets, p_sizes = PRESETS[preset]
     task_list = _list(tasks or p_tasks)
     method_list = _list(methods or p_methods)
-    budget_list = _list(budgets or p_budgets)
+    try:
+        budget_list = list(dict.fromkeys(budget_label(b) for b in _list(budgets or p_budgets)))
+    except ValueError as e:
+        fail(f"--budgets: {e}")
     for t in task_list:
         if t not in TASKS:
-            raise typer.BadParameter(f"unknown task {t!r}; known: {', '.join(TASKS)}")
-    for b in budget_list:
-        parse_budget(b)
+            fail(f"--tasks: unknown task {t!r}; known: {', '.join(TASKS)}")
     for m in method_list:
-        build_method(m, budget_list[0], 64)  # validates names and options early
-    sizes = replace(TaskSizes(), **p_sizes)
-    if lengths:
-        sizes = replace(sizes, lengths=_ints(lengths))
-    if depths:
-        sizes = replace(sizes, depths=_floats(depths))
+        try:
+            build_method(m, budget_list[0], 64)  # validates names and options early
+        except ValueError as e:
+            fail(f"--methods: {e}")
+    try:
+        sizes = replace(TaskSizes(), **p_sizes)
+        if lengths:
+            sizes = replace(sizes, lengths=_ints(lengths))
+        if depths:
+            sizes = replace(sizes, depths=_floats(depths))
+    except ValueError as e:
+        fail(f"--lengths/--depths must be comma lists of numbers ({e})")
     if items:
         sizes = replace(sizes, items=items)
+    for f, name in ((qa_file, "--qa-file"), (text_file, "--text-file")):
+        if f is not None and not Path(f).is_file():
+            fail(f"{name}: no such file {str(f)!r}")
+
+    if not report_only:
+        _check_model(model)
+        _check_device(device)
 
     out_dir = Path(out) / re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
+    if "qa" in task_list and qa_file is None:
+        qa_file = out_dir / "qa_sample.jsonl"
+        if not qa_file.exists() and not report_only:
+            make_qa_sample(qa_file, load_text(text_file), seed=seed)
+            typer.echo(f"qa: no --qa-file given; generated a seeded sample at {qa_file}", err=True)
+    sample = out_dir / "qa_sample.jsonl"
+    qa_for_key = qa_file if qa_file is not None else (sample if sample.exists() else None)
+    settings = settings_keys(model, list(TASKS), sizes, seed=seed, batch_size=batch_size, device=device,
+                             text_file=text_file, qa_file=qa_for_key if Path(qa_for_key or "").is_file() else None)
     meta = {"model": model, "preset": preset, "tasks": task_list, "methods": method_list, "budgets": budget_list,
             "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in sizes.__dict__.items()},
-            "seed": seed, "text": str(text_file) if text_file else "pydoc_data.topics (Python language reference prose)"}
+            "seed": seed, "batch_size": batch_size, "device": device, "settings": settings,
+            "text": str(text_file) if text_file else "pydoc_data.topics (Python language reference prose)"}
     if report_only:
-        rows = rep.report(load_records(out_dir / "records.jsonl"), out_dir, meta)
+        everything = load_records(out_dir / "records.jsonl")
+        mine = current(everything, settings)
+        if not mine:  # never overwrite a report with an empty one
+            fail(f"no records of these settings in {out_dir / 'records.jsonl'} ({len(everything)} records of other "
+                 f"settings, or from before settings were recorded); nothing written")
+        rows = rep.report(mine, out_dir, meta)
         typer.echo(rep.markdown(rows))
         return
 
-    torch.set_num_threads(threads)
-    if "qa" in task_list and qa_file is None:
-        qa_file = out_dir / "qa_sample.jsonl"
-        if not qa_file.exists():
-            make_qa_sample(qa_file, load_text(text_file), seed=seed)
-            typer.echo(f"qa: no --qa-file given; generated a seeded sample at {qa_file}", err=True)
-    from ..models import load
+    _threads(threads)
+    from ..cli import _load
 
     t0 = time.time()
-    lm, tok = load(model, device=device)
+    lm, tok = _load(model, device)
     typer.echo(f"{model}: head_dim {head_dim_of(lm)}; tasks {task_list}; methods {method_list}; budgets {budget_list}",
                err=True)
-    records = evaluate(lm, tok, model, task_list, method_list, budget_list, out_dir, sizes, seed=seed,
-                       batch_size=batch_size, qa_file=qa_file, text_file=text_file,
-                       log=lambda s: typer.echo(s, err=True))
+    try:
+        records = evaluate(lm, tok, model, task_list, method_list, budget_list, out_dir, sizes, seed=seed,
+                           batch_size=batch_size, qa_file=qa_file, text_file=text_file,
+                           log=lambda s: typer.echo(s, err=True))
+    except ValueError as e:  # e.g. sparq.enable refusing the architecture
+        fail(str(e))
     meta["wall_s"] = round(time.time() - t0, 1)
     rows = rep.report(records, out_dir, meta)
     typer.echo(rep.markdown(rows))

@@ -10,8 +10,10 @@ layers, are not counted).
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
+import sys
 from collections import defaultdict
 from fractions import Fraction
 from pathlib import Path
@@ -50,6 +52,21 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def method_order(m: str) -> tuple:
+    """dense first, then each method at its defaults followed by its variants ("name:opt=...")."""
+    return (m != "dense", m.split(":")[0], ":" in m, m)
+
+
+def _style(m: str, variant_index: int) -> tuple[Any, str, str, str]:
+    """(colour, marker, line style, marker face) of a method's line: a variant ("name:opt=...") takes
+    its method's colour with a dashed or dotted line and hollow markers, so every spec that ran
+    has its own line."""
+    color, marker, ls = STYLE.get(m.split(":")[0], (None, "o", "-"))
+    if ":" not in m:
+        return color, marker, ls, "full"
+    return color, marker, ("--", ":", "-.")[variant_index % 3], "none"
+
+
 def _task_order(t: str) -> int:
     return TASKS.index(t) if t in TASKS else len(TASKS)
 
@@ -81,7 +98,7 @@ def markdown(rows: list[dict[str, Any]], main_methods: tuple[str, ...] | None = 
         out.append(f"#### {task} ({rs[0]['metric']}; {'higher' if HIGHER_IS_BETTER[task] else 'lower'} is better)\n")
         out.append("| method | " + " | ".join(budgets) + " |")
         out.append("|---|" + "---|" * len(budgets))
-        methods = sorted({r["method"] for r in rs}, key=lambda m: (m != "dense", ":" in m, m))
+        methods = sorted({r["method"] for r in rs}, key=method_order)
         if main_methods is not None:
             methods = [m for m in methods if m in main_methods]
         for m in methods:
@@ -122,15 +139,18 @@ def plot(rows: list[dict[str, Any]], records: list[dict[str, Any]], out_dir: Pat
     for task in tasks:
         rs = [r for r in rows if r["task"] == task]
         fig, ax = plt.subplots(figsize=(6, 4))
-        # one line per method at its default settings (ablation variants, "name:opt=..", are in the tables)
-        for m in sorted({r["method"] for r in rs if ":" not in r["method"]}, key=lambda m: (m not in STYLE, m)):
+        # one line per method spec that ran, variants ("name:opt=...") included
+        variants: dict[str, int] = defaultdict(int)
+        for m in sorted({r["method"] for r in rs}, key=method_order):
             pts = sorted([r for r in rs if r["method"] == m], key=lambda r: r["fraction"])
-            if m == "dense":
-                ax.axhline(pts[0]["score"], color="black", ls="--", lw=1, label="dense")
+            if m.split(":")[0] == "dense":
+                ax.axhline(pts[0]["score"], color="black", ls="--", lw=1, label=m)
                 continue
-            color, marker, ls = STYLE.get(m, (None, "o", "-"))
+            color, marker, ls, face = _style(m, variants[m.split(":")[0]])
+            if ":" in m:
+                variants[m.split(":")[0]] += 1
             ax.plot([p["fraction"] for p in pts], [p["score"] for p in pts], color=color, marker=marker,
-                    ms=5, lw=1.6, ls=ls, label=m)
+                    ms=5, lw=1.6 if ":" not in m else 1.2, ls=ls, fillstyle=face, label=m)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("fraction of dense attention data read")
         ax.set_ylabel(rs[0]["metric"])
@@ -144,7 +164,7 @@ def plot(rows: list[dict[str, Any]], records: list[dict[str, Any]], out_dir: Pat
         paths.append(p)
     needle = [r for r in records if r["task"] == "passkey" and (r["budget"] == heat_budget or r["method"] == "dense")]
     if needle:
-        methods = sorted({r["method"] for r in needle if ":" not in r["method"]}, key=lambda m: (m != "dense", m))
+        methods = sorted({r["method"] for r in needle}, key=method_order)
         lengths = sorted({r["meta_length"] for r in needle})
         depths = sorted({r["meta_depth"] for r in needle})
         fig, axes = plt.subplots(1, len(methods), figsize=(2.3 * len(methods), 2.6), squeeze=False)
@@ -154,7 +174,7 @@ def plot(rows: list[dict[str, Any]], records: list[dict[str, Any]], out_dir: Pat
             ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
             ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{dp:g}" for dp in depths], fontsize=7)
-            ax.set_title(m if m == "dense" else f"{m} @{heat_budget}", fontsize=8)
+            ax.set_title(m if m == "dense" else f"{m} @{heat_budget}", fontsize=8 if len(m) < 20 else 6)
             for i, row in enumerate(grid):
                 for j, v in enumerate(row):
                     if not math.isnan(v):
@@ -173,7 +193,11 @@ def report(records: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -
     rows = summarize(records)
     write_tables(rows, out_dir, meta)
     if rows:
-        plot(rows, records, out_dir)
+        if importlib.util.find_spec("matplotlib") is None:
+            print("sparq eval: matplotlib is not installed, so no PNG plots (pip install 'sparq-attention[plot]')",
+                  file=sys.stderr)
+        else:
+            plot(rows, records, out_dir)
     return rows
 
 
@@ -181,7 +205,7 @@ def budget_table(rows: list[dict[str, Any]], budget: str, methods: list[str] | N
     """Tasks x methods at one budget: score (% of dense), with the mean fraction actually read."""
     tasks = sorted({r["task"] for r in rows}, key=_task_order)
     if methods is None:
-        methods = sorted({r["method"] for r in rows if ":" not in r["method"]}, key=lambda m: (m != "dense", m))
+        methods = sorted({r["method"] for r in rows}, key=method_order)
     head = "| task | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods) + "\n"
     lines = []
     for t in tasks:

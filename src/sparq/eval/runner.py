@@ -4,16 +4,23 @@ For each batch of items (left padded), the prompt is prefilled once, densely, in
 `SparQCache`; each (method, budget) then decodes from its own deep copy of that cache (greedy,
 or teacher forced for perplexity), with the method applied at every decode step. Every
 (model, task, method, budget, item) result is appended as one JSON line to
-``<out>/records.jsonl`` and skipped when the run is started again.
+``<out>/records.jsonl`` and skipped when the run is started again with identical settings.
+
+A record carries ``settings`` (a hash of everything else that changes its result: model, the
+task's sizes, seed, text or QA file by content, batch size, device; see `settings_key`) and
+``config`` (the built method's full repr, so a changed default or option is a different method).
+A rerun only skips records whose settings and config both match; records of other settings stay
+in the file but are neither skipped nor reported.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +31,7 @@ from .. import hf
 from ..cache import SparQCache
 from ..methods import DecodeMethod, Dense, build_method, parse_budget
 from ..methods.h2o import H2O
-from .tasks import Item, TaskSizes, build_items, load_text, score_generation
+from .tasks import TASKS, Item, TaskSizes, build_items, load_text, score_generation
 
 
 @dataclass(frozen=True)
@@ -55,8 +62,65 @@ def plan_runs(methods: list[str], budgets: list[str]) -> list[Run]:
     return runs
 
 
+def _file_id(path: str | Path | None) -> str | None:
+    """A file by its content (sha1), so a moved copy matches and an edited one does not."""
+    if path is None:
+        return None
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+# The task sizes each task's items depend on (the rest of TaskSizes cannot change its records).
+TASK_SIZES = {
+    "passkey": ("lengths", "depths", "items"),
+    "kv": ("items", "kv_pairs"),
+    "repetition": ("items", "repetition_context", "repetition_tokens"),
+    "perplexity": ("items", "ppl_context", "ppl_tokens"),
+    "qa": ("qa_items",),
+}
+TEXT_TASKS = ("repetition", "perplexity")
+
+
+def settings_key(model_name: str, task: str, sizes: TaskSizes, *, seed: int, batch_size: int, device: str,
+                 text_file: str | Path | None = None, qa_file: str | Path | None = None) -> str:
+    """A short hash of every setting besides the method that changes one task's records: the model,
+    the task's sizes (the preset acts through them), the seed, the context text (repetition,
+    perplexity) or QA file (qa) by content, the batch size (padding) and the device type (which
+    also fixes the dtype in `sparq.models.load`). CPU threads are left out on purpose: they only
+    change floating-point summation order (as another machine would), and their default follows
+    the machine's load, so keying on them would recompute whole runs for nothing."""
+    fields = TASK_SIZES.get(task, tuple(asdict(sizes)))
+    blob = {"model": model_name, "task": task, "sizes": {f: getattr(sizes, f) for f in fields}, "seed": seed,
+            "batch_size": batch_size, "device": str(device).split(":")[0],
+            "text": _file_id(text_file) if task in TEXT_TASKS else None,
+            "qa": _file_id(qa_file) if task == "qa" else None}
+    return hashlib.sha1(json.dumps(blob, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def settings_keys(model_name: str, tasks: list[str], sizes: TaskSizes, **kw: Any) -> dict[str, str]:
+    """settings_key for each task."""
+    return {t: settings_key(model_name, t, sizes, **kw) for t in tasks}
+
+
 def record_key(r: dict[str, Any]) -> tuple:
-    return (r["model"], r["task"], r["method"], r["budget"], r["item"])
+    """What makes two records the same result: a resume skips a run only on an equal key."""
+    return (r.get("settings"), r.get("config"), r["model"], r["task"], r["method"], r["budget"], r["item"])
+
+
+def current(records: list[dict[str, Any]], settings: dict[str, str],
+            configs: dict[tuple[str, str], str] | None = None) -> list[dict[str, Any]]:
+    """The records of these settings (task -> settings_key). configs maps (method spec, budget) to the config this run
+    built: those runs keep only records of that config. Where a (task, method, budget, item) still
+    has several configs (a spec not in this run, whose default changed between runs), the last
+    one written."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        if r.get("settings") is None or r.get("settings") != settings.get(r["task"]):
+            continue
+        want = (configs or {}).get((r["method"], r["budget"]))
+        if want is not None and r.get("config") != want:
+            continue
+        latest[(r["model"], r["task"], r["method"], r["budget"], r["item"])] = r
+    return list(latest.values())
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
@@ -151,16 +215,28 @@ def evaluate(
     text_file: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run everything not yet in ``out_dir/records.jsonl``; return all records for this model."""
+    """Run everything not yet in ``out_dir/records.jsonl`` with these exact settings; return the
+    records of these settings (see `current`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rec_path = out_dir / "records.jsonl"
     records = load_records(rec_path)
+    # every task's key, so the report also shows other tasks run earlier with these same settings
+    settings = settings_keys(model_name, list(dict.fromkeys([*TASKS, *tasks])), sizes, seed=seed,
+                             batch_size=batch_size, device=model.device.type, text_file=text_file, qa_file=qa_file)
     done = {record_key(r) for r in records}
+    other = sum(r.get("settings") not in settings.values() for r in records)
+    if other:
+        log(f"{rec_path}: {other} records of other settings (model, sizes, seed, files, batch size or device) "
+            f"are ignored")
     d = head_dim_of(model)
     for b in budgets:
         parse_budget(b)
     runs = plan_runs(methods, budgets)
     built = {run.key: build_method(run.spec, 1.0 if run.budget == "1" else run.budget, d) for run in runs}
+    config = {key: repr(m) for key, m in built.items()}
+
+    def key_of(task: str, run: Run, item: str) -> tuple:
+        return (settings[task], config[run.key], model_name, task, run.spec, run.budget, item)
     text_cache: dict[str, str] = {}
 
     def text() -> str:
@@ -171,15 +247,13 @@ def evaluate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for task in tasks:
         items = build_items(task, tokenizer, sizes, seed, text, qa_file)
-        todo = [(it, run) for it in items for run in runs
-                if (model_name, task, run.spec, run.budget, it.item_id) not in done]
+        todo = [(it, run) for it in items for run in runs if key_of(task, run, it.item_id) not in done]
         if not todo:
             log(f"{task}: all {len(items) * len(runs)} results already in {rec_path}")
             continue
         bar = tqdm(total=len(todo), desc=f"{model_name} {task}", unit="result")
         for batch in _batches(items, batch_size):
-            need = [run for run in runs if any((model_name, task, run.spec, run.budget, it.item_id) not in done
-                                               for it in batch)]
+            need = [run for run in runs if any(key_of(task, run, it.item_id) not in done for it in batch)]
             if not need:
                 continue
             ids, mask = _left_pad([it.prompt_ids for it in batch], pad)
@@ -203,10 +277,11 @@ def evaluate(
                 t_dec = time.time() - t0
                 with rec_path.open("a", encoding="utf-8") as fh:
                     for i, it in enumerate(batch):
-                        if (model_name, task, run.spec, run.budget, it.item_id) in done:
+                        if key_of(task, run, it.item_id) in done:
                             continue
                         rec: dict[str, Any] = {
                             "model": model_name, "task": task, "method": run.spec, "budget": run.budget,
+                            "settings": settings[task], "config": config[run.key],
                             "item": it.item_id, "fraction": fracs[i], "label": method.label,
                             "length": len(it.prompt_ids), **{f"meta_{k}": v for k, v in it.meta.items()},
                             "prefill_s": round(t_prefill, 3), "decode_s": round(t_dec, 3), "batch": len(batch),
@@ -224,7 +299,7 @@ def evaluate(
             del cache
         bar.close()
     hf.disable(model)
-    return [r for r in records if r["model"] == model_name]
+    return current(records, settings, {(run.spec, run.budget): config[run.key] for run in runs})
 
 
 def _stopper(batch: list[Item], tokenizer: Any) -> Callable[[torch.Tensor], bool] | None:

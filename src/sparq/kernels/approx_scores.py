@@ -23,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
 
 
 @triton.jit

@@ -98,12 +98,6 @@ class Tuning:
 DEFAULT_TUNING = Tuning()
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _score_block(r: int, elt: int, interp: bool, tuning: Tuning) -> int:
     """Positions per step-1 tile: the [r_pad, block] tile of Kᵀ must fit shared memory (the
     H200/H100 limit is 227 KB; a 256 x 512 bf16 tile alone is 256 KB), so keep it <= 64 KB."""

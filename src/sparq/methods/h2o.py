@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._common import NEG_INF, grouped, lengths_of, ranks, rows_for
+from . import _check
 from .base import DecodeInputs, DecodeMethod
 
 PREFILL_KEY = "h2o_prefill_scores"  # [B, Hkv, S] accumulated over the prefill, shared by budgets
@@ -62,6 +63,11 @@ class H2O(DecodeMethod):
     recent_fraction: float = 0.5
     min_k: int = 16
     name = "h2o"
+
+    def __post_init__(self) -> None:
+        _check.fraction("H2O", self.fraction)
+        _check.number("H2O", "recent_fraction", self.recent_fraction, 0.0, 1.0)
+        _check.integer("H2O", "min_k", self.min_k, 1)
 
     def k_for(self, length: int, head_dim: int) -> int:
         return rows_for(self.fraction, length, head_dim, per_row=2 * head_dim + 1, min_k=self.min_k)

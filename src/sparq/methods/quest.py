@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ._common import NEG_INF, attend_kept, grouped, lengths_of, ranks, rows_for
+from . import _check
 from .base import DecodeInputs, DecodeMethod
 
 
@@ -50,6 +51,11 @@ class Quest(DecodeMethod):
     page_size: int = 0
     min_k: int = 16
     name = "quest"
+
+    def __post_init__(self) -> None:
+        _check.fraction("Quest", self.fraction)
+        _check.integer("Quest", "page_size (0 = automatic)", self.page_size, 0)
+        _check.integer("Quest", "min_k", self.min_k, 1)
 
     @property
     def page(self) -> int:

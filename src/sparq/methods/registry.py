@@ -5,16 +5,20 @@ A spec string names a method and optional settings, ``name[:key=value]...``, for
 builds it for a target fraction of dense attention's data (e.g. 1/8).
 
 Every method spends (about) the same bytes at the same target: its k is solved from its own
-accounting after its overheads (see each method's module). ``min_k`` (default 16) is the floor
-on rows kept, the same for all methods, so very short contexts may read a little more.
+accounting after its overheads (see each method's module). ``min_k`` is the floor on rows kept
+(16 for the baselines; SparQ's comes from `SparQConfig.from_compression`, 64), so very short
+contexts may read a little more. Every option is checked where it is parsed: a bad value raises
+ValueError naming the option and its allowed range.
 """
 
 from __future__ import annotations
 
+import difflib
 from fractions import Fraction
 from typing import Any, Callable
 
 from ..config import SparQConfig
+from . import _check
 from .base import DecodeMethod
 from .dense import Dense
 from .h2o import H2O
@@ -28,15 +32,33 @@ METHODS = ("dense", "sparq", "sparq-sketch", "streaming", "h2o", "quest", "topk"
 
 
 def parse_budget(text: str | float) -> float:
-    """"1/8" or "0.125" or 0.125 -> 0.125 (must lie in (0, 1])."""
-    value = float(Fraction(str(text).strip())) if isinstance(text, str) else float(text)
-    if not 0 < value <= 1:
-        raise ValueError(f"a budget must be a fraction in (0, 1], got {text!r}")
-    return value
+    """A target fraction of dense attention's data, in (0, 1].
+
+    "1/8", "0.125" and 0.125 mean 1/8; so do "8" and 8 (a plain number above 1 is a compression
+    ratio N, read as 1/N, as `sparq generate --compression 8` takes it). "1" is dense. A written
+    fraction above 1 ("3/2") is an error.
+    """
+    hint = "a fraction of dense data such as 1/8 or 0.125, or a compression ratio such as 8"
+    try:
+        value = Fraction(str(text).strip()) if isinstance(text, str) else Fraction(text)
+    except (ValueError, TypeError, ZeroDivisionError):
+        raise ValueError(f"a budget must be {hint}; got {text!r}") from None
+    if isinstance(text, bool) or value <= 0 or (value > 1 and "/" in str(text)):
+        raise ValueError(f"a budget must be {hint}; got {text!r}")
+    if value > 1:
+        value = 1 / value
+    return float(value)
+
+
+def budget_label(text: str | float) -> str:
+    """The canonical spelling of a budget, as records and tables use it: "8", "0.125", "1/8" -> "1/8"."""
+    return str(Fraction(parse_budget(text)).limit_denominator(1 << 20))
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     """"sparq-sketch:bits=1:local=0" -> ("sparq-sketch", {"bits": "1", "local": "0"})."""
+    if not isinstance(spec, str):
+        raise TypeError(f"a method spec must be a string, got {type(spec).__name__}")
     name, *parts = spec.strip().split(":")
     opts: dict[str, str] = {}
     for part in parts:
@@ -45,58 +67,73 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
         key, value = part.split("=", 1)
         opts[key.strip()] = value.strip()
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+        close = difflib.get_close_matches(name, METHODS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"unknown method {name!r}{hint}; known: {', '.join(METHODS)}")
     return name, opts
 
 
-def _bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).lower()
-    if s in ("1", "true", "on", "yes"):
-        return True
-    if s in ("0", "false", "off", "no"):
-        return False
-    raise ValueError(f"expected a boolean, got {v!r}")
+def _min_k(name: str, o: dict[str, Any]) -> int:
+    return _check.integer(f"{name} option", "min_k", o.pop("min_k", 16), 1)
 
 
 def _sparq(f: float, d: int, o: dict[str, Any]) -> DecodeMethod:
-    min_k = int(o.pop("min_k", 16))
-    local = float(o.pop("local", 0.25))
-    realloc = _bool(o.pop("realloc", True))
-    if f >= 1:  # the whole budget: every position kept, exactly dense attention
-        o.pop("r", None)
-        cfg = SparQConfig(r=d, k=max(1, min_k), reallocate=realloc, k_fraction=1.0, local_fraction=local)
-    elif "r" in o:  # an explicit r: k takes what is left of the budget
-        r = min(int(o.pop("r")), d)
-        k_frac = max(f - r / (2 * d), 1e-6)
-        cfg = SparQConfig(r=r, k=max(1, min_k), reallocate=realloc, k_fraction=min(1.0, k_frac),
-                          local_fraction=local)
-    else:  # the paper's even split: r = d * f, k = S * f / 2
-        cfg = SparQConfig.from_compression(1.0 / f, d, min_k=max(1, min_k), local_fraction=local,
-                                           reallocate=realloc)
-    return SparQ(cfg)
+    """SparQ at f = 1/N: `SparQConfig.from_compression(N, d)` with its documented defaults (min_k 64,
+    local window k/4, reallocation off); the spec's options are passed through."""
+    opt = "sparq option"
+    kw: dict[str, Any] = {}
+    if "r" in o:  # an explicit r: k takes what is left of the budget
+        kw["r"] = _check.integer(opt, "r", o.pop("r"), 1)
+    if "min_k" in o:
+        kw["min_k"] = _check.integer(opt, "min_k", o.pop("min_k"), 1)
+    if "local" in o:
+        kw["local_fraction"] = _check.number(opt, "local", o.pop("local"), 0.0, 1.0)
+    if "realloc" in o:
+        kw["reallocate"] = _check.boolean(opt, "realloc", o.pop("realloc"))
+    return SparQ(SparQConfig.from_compression(1.0 / f, d, **kw))
 
 
 def _sketch(f: float, d: int, o: dict[str, Any]) -> DecodeMethod:
+    opt = "sparq-sketch option"
     return SparQSketch(
         fraction=f,
-        bits=int(o.pop("bits", default_bits(f))),
-        block=int(o.pop("block", 128)),
-        local_fraction=float(o.pop("local", 0.25)),
-        reallocate=_bool(o.pop("realloc", True)),
-        min_k=int(o.pop("min_k", 16)),
+        bits=_check.integer(opt, "bits", o.pop("bits", default_bits(f)), 1, 8),
+        block=_check.integer(opt, "block", o.pop("block", 128), 1),
+        local_fraction=_check.number(opt, "local", o.pop("local", 0.25), 0.0, 1.0),
+        reallocate=_check.boolean(opt, "realloc", o.pop("realloc", True)),
+        min_k=_min_k("sparq-sketch", o),
     )
+
+
+def _streaming(f: float, d: int, o: dict[str, Any]) -> DecodeMethod:
+    return Streaming(f, sinks=_check.integer("streaming option", "sinks", o.pop("sinks", 16), 0),
+                     min_k=_min_k("streaming", o))
+
+
+def _h2o(f: float, d: int, o: dict[str, Any]) -> DecodeMethod:
+    return H2O(f, recent_fraction=_check.number("h2o option", "recent", o.pop("recent", 0.5), 0.0, 1.0),
+               min_k=_min_k("h2o", o))
+
+
+def _quest(f: float, d: int, o: dict[str, Any]) -> DecodeMethod:
+    return Quest(f, page_size=_check.integer("quest option", "page (tokens per page; 0 = automatic)",
+                                             o.pop("page", 0), 0),
+                 min_k=_min_k("quest", o))
 
 
 _BUILDERS: dict[str, Callable[[float, int, dict[str, Any]], DecodeMethod]] = {
     "dense": lambda f, d, o: Dense(),
     "sparq": _sparq,
     "sparq-sketch": _sketch,
-    "streaming": lambda f, d, o: Streaming(f, sinks=int(o.pop("sinks", 16)), min_k=int(o.pop("min_k", 16))),
-    "h2o": lambda f, d, o: H2O(f, recent_fraction=float(o.pop("recent", 0.5)), min_k=int(o.pop("min_k", 16))),
-    "quest": lambda f, d, o: Quest(f, page_size=int(o.pop("page", 0)), min_k=int(o.pop("min_k", 16))),
-    "topk": lambda f, d, o: TopK(f, min_k=int(o.pop("min_k", 16))),
+    "streaming": _streaming,
+    "h2o": _h2o,
+    "quest": _quest,
+    "topk": lambda f, d, o: TopK(f, min_k=_min_k("topk", o)),
+}
+OPTIONS = {  # the options each method's spec takes (for messages and docs)
+    "dense": (), "sparq": ("r", "min_k", "local", "realloc"),
+    "sparq-sketch": ("bits", "block", "local", "realloc", "min_k"), "streaming": ("sinks", "min_k"),
+    "h2o": ("recent", "min_k"), "quest": ("page", "min_k"), "topk": ("min_k",),
 }
 
 
@@ -105,13 +142,14 @@ def build_method(name: str, budget: float | str, head_dim: int, **opts: Any) -> 
     ("sparq-sketch:bits=1"); keyword options override the spec's."""
     base, spec_opts = parse_spec(name)
     merged: dict[str, Any] = {**spec_opts, **opts}
+    unknown = sorted(set(merged) - set(OPTIONS[base]))
+    if unknown:
+        known = ", ".join(OPTIONS[base]) or "none"
+        raise ValueError(f"unknown option(s) for {base}: {', '.join(unknown)} (it takes: {known})")
     f = parse_budget(budget)
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
-    method = _BUILDERS[base](f, head_dim, merged)
-    if merged:
-        raise ValueError(f"unknown option(s) for {base}: {', '.join(sorted(merged))}")
-    return method
+    return _BUILDERS[base](f, head_dim, merged)
 
 
 def as_method(method: DecodeMethod | SparQConfig) -> DecodeMethod:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .. import reference
 from ._common import NEG_INF, grouped, lengths_of, ranks, rows_for
+from . import _check
 from .base import DecodeInputs, DecodeMethod
 
 
@@ -80,6 +81,16 @@ class SparQSketch(DecodeMethod):
     reallocate: bool = True
     min_k: int = 16
     name = "sparq-sketch"
+
+    def __post_init__(self) -> None:
+        o = "SparQSketch"
+        _check.fraction(o, self.fraction)
+        _check.integer(o, "bits", self.bits, 1, 8)
+        _check.integer(o, "block", self.block, 1)
+        _check.number(o, "local_fraction", self.local_fraction, 0.0, 1.0)
+        if not isinstance(self.reallocate, bool):
+            raise TypeError(f"SparQSketch reallocate must be a bool, got {self.reallocate!r}")
+        _check.integer(o, "min_k", self.min_k, 1)
 
     def sketch_elements(self, length: int, head_dim: int) -> float:
         n_full = length // self.block

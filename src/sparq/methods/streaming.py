@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._common import attend_kept, lengths_of, ranks, rows_for
+from . import _check
 from .base import DecodeInputs, DecodeMethod
 
 
@@ -23,6 +24,11 @@ class Streaming(DecodeMethod):
     sinks: int = 16
     min_k: int = 16
     name = "streaming"
+
+    def __post_init__(self) -> None:
+        _check.fraction("Streaming", self.fraction)
+        _check.integer("Streaming", "sinks", self.sinks, 0)
+        _check.integer("Streaming", "min_k", self.min_k, 1)
 
     def k_for(self, length: int, head_dim: int) -> int:
         return rows_for(self.fraction, length, head_dim, min_k=self.min_k)

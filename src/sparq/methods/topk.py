@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._common import attend_kept, lengths_of, rows_for, topk_mask, true_probs
+from . import _check
 from .base import DecodeInputs, DecodeMethod
 
 
@@ -20,6 +21,10 @@ class TopK(DecodeMethod):
     fraction: float
     min_k: int = 16
     name = "topk"
+
+    def __post_init__(self) -> None:
+        _check.fraction("TopK", self.fraction)
+        _check.integer("TopK", "min_k", self.min_k, 1)
 
     def k_for(self, length: int, head_dim: int) -> int:
         return rows_for(self.fraction, length, head_dim, min_k=self.min_k)
