@@ -96,7 +96,6 @@ def test_explicit_sparq_settings_with_another_method(tmp_path):
     _error(["generate", "hi", *m, "--method", "dense", "--k", "4", "--no-reallocate"],
            "--k, --no-reallocate apply to --method sparq only")
     _error(["generate", "hi", *m, "--method", "sparq-sketch:bits=0"], "bits must be an integer in [1, 8]")
-    _error(["generate", "hi", *m, "--fast", "--method", "h2o"], "--fast runs dense or sparq only")
 
 
 def test_compression_takes_a_ratio_or_a_fraction(tmp_path):

@@ -169,8 +169,6 @@ def generate(
     if given and base != "sparq":
         fail(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --method sparq only (got --method "
              f"{method}); put other methods' options in the spec, e.g. --method sparq-sketch:local=0")
-    if fast and base not in ("dense", "sparq"):
-        fail("--fast runs dense or sparq only")
     from . import generation
 
     try:  # every option checked before the model loads (head_dim only scales r: any value checks them)
