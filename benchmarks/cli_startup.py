@@ -22,9 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 CASES = {
-    # what the console script runs (sparq.__main__ imports sparq.cli); `-m sparq.cli` also works on old versions
-    "sparq --help": [sys.executable, "-m", "sparq.cli", "--help"],
-    "sparq generate --help": [sys.executable, "-m", "sparq.cli", "generate", "--help"],
+    # what the console script runs (sparq.__main__ imports sparq.tools.cli); `-m sparq.tools.cli` also works on old versions
+    "sparq --help": [sys.executable, "-m", "sparq.tools.cli", "--help"],
+    "sparq generate --help": [sys.executable, "-m", "sparq.tools.cli", "generate", "--help"],
     "import sparq": [sys.executable, "-c", "import sparq"],
     "import sparq; sparq.SparQConfig": [sys.executable, "-c", "import sparq; sparq.SparQConfig(r=8, k=64)"],
     "import torch (for scale)": [sys.executable, "-c", "import torch"],

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import sparq
 from sparq import SparQConfig
-from sparq.bench_e2e import bench_generate, format_row
+from sparq.tools.bench_generate import bench_generate, format_row
 from sparq.fast import FastDecoder
 from sparq.methods import Dense, SparQ
 

@@ -20,7 +20,7 @@ def profile(shapes):
     """Device time per kernel of one eager SparQ step (torch.profiler), for the given shapes."""
     from torch.profiler import ProfilerActivity, profile as tprofile
 
-    from sparq.bench import random_cache, sparq_bytes
+    from sparq.tools.bench_kernels import random_cache, sparq_bytes
     from sparq.config import SparQConfig
     from sparq.kernels.dispatch import DecodePlan
 
@@ -53,7 +53,7 @@ def profile(shapes):
 
 
 def _setup(label, batch, hq, hkv, seq, d, dtype, k_div=16):
-    from sparq.bench import random_cache
+    from sparq.tools.bench_kernels import random_cache
     from sparq.config import SparQConfig
 
     cfg = SparQConfig(r=d // 8, k=seq // k_div, k_fraction=1 / k_div, local_fraction=0.25)
@@ -69,7 +69,7 @@ def sweep(shapes, variants, tag="sweep"):
     import triton
     from triton.testing import do_bench
 
-    from sparq.bench import _graphed
+    from sparq.tools.bench_kernels import _graphed
     from sparq.kernels import dispatch
 
     rows = []
@@ -136,7 +136,7 @@ def main():
         rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_kernels.py", "-p", "no:cacheprovider"],
                              env=dict(os.environ, PYTHONPATH="src"))
         print(f"tests rc={rc} in {time.time() - t:.0f}s", flush=True)
-    from sparq.bench import DEFAULT_SHAPES, LONG_SHAPES, bench_kernels
+    from sparq.tools.bench_kernels import DEFAULT_SHAPES, LONG_SHAPES, bench_kernels
 
     shapes = DEFAULT_SHAPES
     if args.shapes == "quick":

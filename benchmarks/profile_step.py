@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sparq import SparQConfig
-from sparq.bench_e2e import build_model
+from sparq.tools.bench_generate import build_model
 from sparq.fast import FastDecoder
 from sparq.methods import Dense
 

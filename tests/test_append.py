@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparq import kernels
-from sparq.kernel_cache import KernelCacheLayer
+from sparq.caches.static import KernelCacheLayer
 
 pytestmark = pytest.mark.skipif(not kernels.available("cpu") and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 on the CPU, or a GPU")

@@ -8,7 +8,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from sparq.cli import app
+from sparq.tools.cli import app
 
 runner = CliRunner()
 
@@ -99,7 +99,7 @@ def test_explicit_sparq_settings_with_another_method(tmp_path):
 
 
 def test_compression_takes_a_ratio_or_a_fraction(tmp_path):
-    from sparq.cli import _compression
+    from sparq.tools.cli import _compression
 
     assert _compression("8") == _compression("1/8") == _compression("0.125") == 8.0
     _error(["generate", "hi", "--model", str(tmp_path), "--compression", "x"], "--compression must be a ratio such as 8")
@@ -118,7 +118,7 @@ def test_eval_errors(tmp_path):
 
 
 def test_threads_option_and_default(monkeypatch):
-    from sparq import cli
+    from sparq.tools import cli
 
     for cmd in ("generate", "demo", "eval"):
         assert "--threads" in runner.invoke(app, [cmd, "--help"]).output

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sparq.eval import report, tasks
-from sparq.eval.runner import _left_pad, decode, evaluate, load_records, prefill
-from sparq.eval.tasks import Item, TaskSizes
+from sparq.tools.eval import report, tasks
+from sparq.tools.eval.runner import _left_pad, decode, evaluate, load_records, prefill
+from sparq.tools.eval.tasks import Item, TaskSizes
 from sparq.methods import Dense
 
 TEXT = " ".join(
@@ -187,7 +187,7 @@ def test_eval_command_end_to_end(tiny, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from sparq.eval.command import eval_command
+    from sparq.tools.eval.command import eval_command
 
     model, tok = tiny
     model.save_pretrained(tmp_path / "m")
@@ -224,7 +224,7 @@ def _write(p: Path, s: str) -> Path:
 def test_settings_key_covers_every_setting_of_a_task():
     from dataclasses import replace
 
-    from sparq.eval.runner import settings_key
+    from sparq.tools.eval.runner import settings_key
 
     base = dict(seed=0, batch_size=6, device="cpu")
     key = {t: settings_key("m", t, SMALL, **base) for t in tasks.TASKS}
@@ -243,7 +243,7 @@ def test_settings_key_covers_every_setting_of_a_task():
 
 
 def test_settings_key_reads_files_by_content(tmp_path):
-    from sparq.eval.runner import settings_key
+    from sparq.tools.eval.runner import settings_key
 
     a, b = _write(tmp_path / "a.txt", "one text"), _write(tmp_path / "b.txt", "another text")
     kw = dict(seed=0, batch_size=6, device="cpu")
@@ -294,7 +294,7 @@ def test_resume_only_matches_identical_settings(tiny, tmp_path):
 def test_eval_writes_outside_the_committed_results_by_default():
     import inspect
 
-    from sparq.eval.command import eval_command
+    from sparq.tools.eval.command import eval_command
 
     default = inspect.signature(eval_command).parameters["out"].default.default
     assert default == Path("runs/eval")

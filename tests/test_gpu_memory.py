@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparq
-from sparq.cache import SparQCache
+from sparq.caches.dynamic import SparQCache
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -391,7 +391,7 @@ def test_many_ties_keep_exactly_k(det):
 
 
 def test_kernel_cache_prefill_append_matches_reference():
-    from sparq.kernel_cache import KernelCacheLayer
+    from sparq.caches.static import KernelCacheLayer
     from sparq.kernels.dispatch import sparq_decode
 
     dtype = torch.float16
@@ -430,7 +430,7 @@ def test_budgets_on_device_match_config():
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_graph_capture_of_decode_step():
-    from sparq.kernel_cache import KernelCacheLayer
+    from sparq.caches.static import KernelCacheLayer
 
     dtype = torch.bfloat16
     batch, hkv, hq, d, cap = 2, 4, 16, 128, 5003

@@ -30,7 +30,7 @@ HEAVY = ("torch", "transformers", "torch.distributed.tensor", "triton", "matplot
 
 
 def test_import_sparq_and_the_cli_module_load_nothing_heavy():
-    res = _run("import sys, sparq, sparq.cli, sparq.eval.command\n"
+    res = _run("import sys, sparq, sparq.tools.cli, sparq.tools.eval.command\n"
                f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]", res.stdout
@@ -74,7 +74,7 @@ def test_a_broken_dependency_is_not_swallowed():
 def test_help_answers_without_loading_torch():
     res = _run("import sys\n"
                "from typer.testing import CliRunner\n"
-               "from sparq.cli import app\n"
+               "from sparq.tools.cli import app\n"
                "r = CliRunner().invoke(app, ['--help'])\n"
                "assert r.exit_code == 0 and 'generate' in r.output, r.output\n"
                "print('torch' in sys.modules)")

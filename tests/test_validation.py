@@ -8,7 +8,7 @@ import math
 import pytest
 
 from sparq import SparQConfig
-from sparq.generation import make_method
+from sparq.tools.generation import make_method
 from sparq.methods import H2O, Quest, SparQ, SparQSketch, Streaming, TopK, budget_label, build_method, parse_budget
 
 

@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "sparq_attention": "api",
     "dense_attention": "api",
-    "SparQCache": "cache",
+    "SparQCache": "caches.dynamic",
     "FastDecoder": "fast",
     "fast_generate": "fast",
     "enable": "hf",
@@ -32,8 +32,7 @@ _LAZY = {
     "register": "hf",
 }
 _SUBMODULES = frozenset({
-    "api", "bench", "bench_e2e", "cache", "cli", "config", "eval", "fast", "generation", "hf", "kernel_cache",
-    "kernels", "methods", "models", "reference",
+    "api", "caches", "config", "fast", "hf", "kernels", "methods", "models", "reference", "tools",
 })
 
 __all__ = [
@@ -43,7 +42,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from .api import dense_attention, sparq_attention
-    from .cache import SparQCache
+    from .caches.dynamic import SparQCache
     from .fast import FastDecoder, fast_generate
     from .hf import disable, enable, enabled, is_enabled, register
 

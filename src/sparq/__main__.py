@@ -7,7 +7,7 @@ import sys
 
 def main() -> None:
     try:
-        from .cli import app
+        from .tools.cli import app
     except ModuleNotFoundError as e:
         if e.name in ("typer", "click", "rich"):
             sys.exit(f"sparq: the command line needs the 'cli' extra ({e.name} is not installed): "

@@ -121,7 +121,7 @@ def sparq_attention(
     Returns [B, Hq, d] in query's dtype; see `sparq.reference` for the exact semantics.
 
     CUDA fp16/bf16 inputs run on the Triton kernels (`sparq.kernels`). For speed pass the cache
-    layout of `sparq.kernel_cache`: key_t [B, Hkv, d, S] (K transposed, contiguous along S) and
+    layout of `sparq.caches.static`: key_t [B, Hkv, d, S] (K transposed, contiguous along S) and
     value_sum fp32 [B, Hkv, d] (sum of V over the valid positions). Without them the kernel path
     builds both itself, reading the whole cache (correct, but slower than dense attention).
     plans: the cache's `sparq.kernels.dispatch.PlanCache` (launch plans and workspaces owned by

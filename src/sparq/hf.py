@@ -29,7 +29,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, DynamicCach
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .cache import SparQCache
+from .caches.dynamic import SparQCache
 from .config import SparQConfig
 from .methods import DecodeInputs, DecodeMethod, SparQ
 from .methods.registry import as_method

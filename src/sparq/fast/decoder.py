@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from ..config import SparQConfig
-from ..kernel_cache import KernelCacheLayer
+from ..caches.static import KernelCacheLayer
 from ..kernels.plans import PlanCache
 from ..methods import DecodeInputs, DecodeMethod, Dense
 from ..methods.registry import as_method

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from . import hf
-from .config import SparQConfig
-from .methods import DecodeInputs, DecodeMethod, SparQ
+from .. import hf
+from ..config import SparQConfig
+from ..methods import DecodeInputs, DecodeMethod, SparQ
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def make_method(
     r, k, local_window and reallocate are SparQ's explicit settings (plain 'sparq' only): an explicit
     r keeps the budget (k takes what r leaves), an explicit k or local_window fixes that number.
     """
-    from .methods.registry import build_method, parse_budget, parse_spec
+    from ..methods.registry import build_method, parse_budget, parse_spec
 
     base, opts = parse_spec(method)
     explicit = {n: v for n, v in (("r", r), ("k", k), ("local_window", local_window), ("reallocate", reallocate))

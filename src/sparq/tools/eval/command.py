@@ -1,6 +1,6 @@
 """`sparq eval`: compare decode methods on one model, offline, with one command.
 
-Registered as `sparq eval` in the typer CLI; ``python -m sparq.eval`` runs it too.
+Registered as `sparq eval` in the typer CLI; ``python -m sparq.tools.eval`` runs it too.
 With no arguments it runs the "quick" preset on the bundled SmolLM2-135M (about 10 minutes on
 2 CPU cores) into ``runs/eval/<model>/`` (never the committed ``results/eval/``: pass
 ``--out results/eval`` to rebuild those); ``--preset full`` is the committed evaluation.
@@ -67,7 +67,7 @@ def eval_command(
 ) -> None:
     """Score methods x budgets on tasks; resumable; writes records.jsonl, results.{json,csv,md} and PNGs."""
     from ..cli import _check_device, _check_model, _threads, fail
-    from ..methods import budget_label, build_method
+    from ...methods import budget_label, build_method
     from . import report as rep
     from .runner import current, evaluate, head_dim_of, load_records, settings_keys
     from .tasks import TASKS, TaskSizes, load_text, make_qa_sample
@@ -150,7 +150,7 @@ def eval_command(
     typer.echo(f"results: {out_dir}/results.{{json,csv,md}} and PNGs ({meta['wall_s']} s)", err=True)
 
 
-def main() -> None:  # python -m sparq.eval
+def main() -> None:  # python -m sparq.tools.eval
     app = typer.Typer(add_completion=False)
     app.command()(eval_command)
     app(sys.argv[1:])

@@ -305,6 +305,6 @@ def build_items(task: str, tokenizer: PreTrainedTokenizerBase, sizes: TaskSizes,
         return perplexity_items(tokenizer, sizes, seed, text())
     if task == "qa":
         if qa_file is None:
-            raise ValueError("the qa task reads a JSONL file: pass --qa-file (see sparq.eval.tasks.read_qa_jsonl)")
+            raise ValueError("the qa task reads a JSONL file: pass --qa-file (see sparq.tools.eval.tasks.read_qa_jsonl)")
         return qa_items(tokenizer, sizes, qa_file)
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")

@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cache_state import DerivedState
+from .state import DerivedState
 
 
 class KernelCacheLayer:
     """One layer's buffers; see the module docstring. K and V are this cache's own; Kᵀ, the V sum
-    and the lengths are the layer's `cache_state.DerivedState`, the same code transformers' cache
+    and the lengths are the layer's `caches.state.DerivedState`, the same code transformers' cache
     (`SparQCache`) derives its state with."""
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
@@ -31,7 +31,7 @@ class KernelCacheLayer:
         # Dense attention never reads Kᵀ: keep_key_t=False saves that third of the memory.
         self.derived = DerivedState(batch, num_kv_heads, head_dim, max_len, dtype, device, keep_key_t=keep_key_t)
         self.max_len = max_len
-        from . import kernels
+        from .. import kernels
 
         # one-launch append (kernels.append) where the Triton kernels run; decided once, not per step
         self._kernel_append = head_dim in kernels.SUPPORTED_HEAD_DIMS and kernels.available(device)
@@ -95,7 +95,7 @@ class KernelCacheLayer:
             value = value[:, :, 0]
         pos_src = self.lengths if positions is None else positions
         if self._fused_append(key):
-            from .kernels.append import append_token
+            from ..kernels.append import append_token
 
             append_token(key, value, self.key, self.derived.key_t_buf, self.value, self.derived.value_sum, pos_src)
         else:

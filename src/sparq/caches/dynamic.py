@@ -30,12 +30,12 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from .cache_state import DerivedState, valid_runs
+from .state import DerivedState, valid_runs
 
 
 @dataclass
 class SparQLayerState:
-    derived: DerivedState     # Kᵀ, V sum and valid runs (cache_state: the same code as the static cache)
+    derived: DerivedState     # Kᵀ, V sum and valid runs (caches.state: the same code as the static cache)
     valid_buf: Tensor         # [B, capacity] bool: columns [0, length) hold the mask
     length: int
     runs: bool = False        # each row's valid positions are one run ending at the newest one
@@ -110,7 +110,7 @@ class SparQCache(DynamicCache):
 
     def __init__(self, *args: Any, keep_key_t: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        from .kernels.plans import PlanCache
+        from ..kernels.plans import PlanCache
 
         self.keep_key_t = keep_key_t
         self.sparq_layers: dict[int, SparQLayerState] = {}

@@ -27,10 +27,10 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from .. import hf
-from ..cache import SparQCache
-from ..methods import DecodeMethod, Dense, build_method, parse_budget
-from ..methods.h2o import H2O
+from ... import hf
+from ...caches.dynamic import SparQCache
+from ...methods import DecodeMethod, Dense, build_method, parse_budget
+from ...methods.h2o import H2O
 from .tasks import TASKS, Item, TaskSizes, build_items, load_text, score_generation
 
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .config import SparQConfig
-from .fast import FastDecoder, kv_bytes_per_token
-from .methods import Dense
+from ..config import SparQConfig
+from ..fast import FastDecoder, kv_bytes_per_token
+from ..methods import Dense
 
 # Random-weight model shapes (no download): built from a config on the GPU.
 SHAPES = {
@@ -63,7 +63,7 @@ def build_model(name: str, max_positions: int, dtype: torch.dtype = torch.bfloat
         with torch.device("cuda"):
             model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
         return model.eval()
-    from .models import resolve
+    from ..models import resolve
 
     return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype).cuda().eval()
 
@@ -90,7 +90,7 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
     """Run the grid; returns {"device", "versions", "rows", ...} and writes it as JSON under out_dir."""
     import triton
 
-    from .bench import measure_read_bandwidth
+    from .bench_kernels import measure_read_bandwidth
 
     if not torch.cuda.is_available():
         raise RuntimeError("bench generate needs a CUDA device")

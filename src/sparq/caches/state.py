@@ -8,8 +8,8 @@ Both decode caches keep, beside K and V, the same derived state per layer:
     the run [starts[b], starts[b] + lengths[b]), which is what the kernels take.
 `DerivedState` writes it at prefill (`write`: a chunk of positions, masked by validity), extends it
 on a decode step (`append_column`: one position per row, no host sync) and forgets it (`reset`).
-The static kernel cache (`kernel_cache.KernelCacheLayer`) holds one over its fixed capacity and its
-own K/V buffers; transformers' growing cache (`cache.SparQCache`) holds one per layer that grows
+The static kernel cache (`caches.static.KernelCacheLayer`) holds one over its fixed capacity and its
+own K/V buffers; transformers' growing cache (`caches.dynamic.SparQCache`) holds one per layer that grows
 with the sequence (capacity doubling, so a step writes one column in place) and rebuilds it from K,
 V and the attention mask after a crop, reorder or reset. The fused Triton append
 (`kernels.append`) writes the same buffers as `append_column`.

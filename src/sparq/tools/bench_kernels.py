@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .config import SparQConfig
+from ..config import SparQConfig
 
 # (label, B, Hq, Hkv, S, d, dtype)
 DEFAULT_SHAPES = [
@@ -104,7 +104,7 @@ def sparq_bytes(batch, num_kv_heads, seq, head_dim, elt, cfg: SparQConfig) -> in
 def random_cache(batch: int, hq: int, hkv: int, seq: int, d: int, dtype: torch.dtype):
     """A full `KernelCacheLayer` of random K/V (written straight into the buffers, no second copy
     in memory) and a random query [B, Hq, d], on the current CUDA device."""
-    from .kernel_cache import KernelCacheLayer
+    from ..caches.static import KernelCacheLayer
 
     cache = KernelCacheLayer(batch, hkv, d, seq, dtype, "cuda")
     cache.key.normal_()
@@ -128,7 +128,7 @@ def bench_kernels(shapes=None, *, r_div: int = 8, k_div: int = 16, local_fractio
     import triton
     from triton.testing import do_bench
 
-    from .kernels.dispatch import DecodePlan
+    from ..kernels.dispatch import DecodePlan
 
     if not torch.cuda.is_available():
         raise RuntimeError("bench_kernels needs a CUDA device")

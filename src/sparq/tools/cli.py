@@ -75,7 +75,7 @@ def _threads(n: int | None) -> None:
 
 
 def _check_model(model: str) -> None:
-    from .models import ModelUnavailable, check
+    from ..models import ModelUnavailable, check
 
     try:
         check(model)
@@ -103,7 +103,7 @@ def _check_device(device: str) -> None:
 
 def _compression(text: str) -> float:
     """--compression 8 or 1/8 (or 0.125): the compression ratio N (reads 1/N of dense data)."""
-    from .methods.registry import parse_budget
+    from ..methods.registry import parse_budget
 
     try:
         return 1.0 / parse_budget(text)
@@ -113,7 +113,7 @@ def _compression(text: str) -> float:
 
 def _load(model: str, device: str):
     """Load a model after the checks that can fail fast; library errors become one-line errors."""
-    from . import models
+    from .. import models
 
     try:
         return models.load(model, device=device)
@@ -158,7 +158,7 @@ def generate(
         fail(f"--prompt-file {str(prompt_file)!r} cannot be read as UTF-8 text ({e})")
     _check_model(model)  # before anything loads torch: a typo is answered at once
     c = _compression(compression)
-    from .methods.registry import parse_spec
+    from ..methods.registry import parse_spec
 
     try:
         base, _ = parse_spec(method)
@@ -188,7 +188,7 @@ def generate(
     except ValueError as e:
         fail(str(e))
     if fast:
-        from .fast import fast_generate
+        from ..fast import fast_generate
 
         enc = tok([text], return_tensors="pt")
         try:
@@ -285,7 +285,7 @@ def bench_kernels(
 
     if not torch.cuda.is_available():
         fail("bench kernels needs a CUDA device")
-    from .bench import bench_kernels as run
+    from .bench_kernels import bench_kernels as run
 
     result = run(r_div=r_div, k_div=k_div, local_fraction=local_fraction, reallocate=reallocate, out_dir=out_dir)
     console.print(f"wrote {result.get('path')}")
@@ -303,7 +303,7 @@ def bench_generate(
     auto: Annotated[int, typer.Option(min=0, help="Also run the autotune policy (dense or SparQ 1/N, whichever "
                                                   "is measured faster); 0 = off.")] = 8,
     tp: Annotated[bool, typer.Option("--tp", help="Tensor parallelism over the GPUs of a torchrun launch "
-                                               "(torchrun --nproc-per-node N -m sparq.cli bench generate --tp).")] = False,
+                                               "(torchrun --nproc-per-node N -m sparq.tools.cli bench generate --tp).")] = False,
     out_dir: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("benchmarks/results"),
 ) -> None:
     """Decode tokens/s of dense vs SparQ in one static-cache CUDA-graph loop, with floors and memory (CUDA)."""
@@ -313,9 +313,9 @@ def bench_generate(
     comps = _int_list(compressions, "--compressions")
     if not torch.cuda.is_available():
         fail("bench generate needs a CUDA device")
-    from .bench_e2e import bench_generate as run
+    from .bench_generate import bench_generate as run
 
-    from .bench_e2e import format_table
+    from .bench_generate import format_table
 
     result = run(model, batches, contexts, new_tokens, comps, auto=auto or None, ragged=ragged, tensor_parallel=tp,
                  out_dir=out_dir)
@@ -354,7 +354,7 @@ def info() -> None:
 
 def _kernel_status() -> str:
     try:
-        from . import kernels
+        from .. import kernels
     except Exception as e:  # noqa: BLE001 - report, never crash `info`
         return f"unavailable ({type(e).__name__}: {e})"
     import torch
