@@ -49,6 +49,7 @@ from . import select as _select
 from .approx_scores import score_transposed_keys
 from .gather_attention import _combine_kernel, _gather_attention_kernel
 from .plans import PlanCache
+from .sketch_scores import score_sketch, sketch_budgets
 from .select import _budgets_kernel, _compact_kernel, _emit_kernel, _resolve_kernel, _sample_kernel
 
 
@@ -152,7 +153,8 @@ class DecodePlan:
         self.chunk_e = triton.cdiv(triton.cdiv(s_cap, want_e), self.emit_block) * self.emit_block
         self.n_split_e = triton.cdiv(s_cap, self.chunk_e)
         # step 2 geometry over the kept-index list
-        self.k_max = max(1, config.k_for(s_cap))
+        # (a sketch plan's k can drop by one as a block finishes: its bound is the max over lengths)
+        self.k_max = max(1, config.k_bound(s_cap) if hasattr(config, "k_bound") else config.k_for(s_cap))
         self.block_n = 16 if interp else (tuning.gather_block or (32 if head_dim >= 256 else 64))
         n_blocks2 = triton.cdiv(self.k_max, self.block_n)
         target2 = (tuning.gather_blocks_per_sm or tuning.blocks_per_sm) * sm
@@ -230,7 +232,8 @@ class DecodePlan:
 
     def run(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor | None = None,
             *, scale: float | None = None, key_t: torch.Tensor | None = None, value_sum: torch.Tensor | None = None,
-            starts: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+            starts: torch.Tensor | None = None, out: torch.Tensor | None = None,
+            sketch=None) -> torch.Tensor:
         """One SparQ decode step. Same semantics as `sparq.reference.sparq_reference`.
 
         query [B, Hq, d]; key, value [B, Hkv, S, d] with S <= capacity (last dim contiguous);
@@ -239,6 +242,10 @@ class DecodePlan:
         along S) and value_sum fp32 [B, Hkv, d] (sum of V over the valid positions) come from the
         cache; without key_t the step transposes K and without value_sum it sums V: both read the
         whole cache (correct, slow).
+
+        A plan made for a `sketch_scores.SketchConfig` runs `sparq-sketch` (`SparQSketch.attend`'s
+        semantics) instead: step 1 reads `sketch` (the layer's `sketch_state.SketchState`, required;
+        key_t is not used) and the budgets are the sketch method's.
         """
         config = self.config
         batch, num_q_heads, head_dim = query.shape
@@ -257,7 +264,10 @@ class DecodePlan:
             starts = starts.to(torch.int32)
         if key.stride(-1) != 1 or value.stride(-1) != 1:
             raise ValueError("key and value must be contiguous along head_dim")
-        if key_t is None:
+        is_sketch = hasattr(config, "k_bound")
+        if is_sketch and sketch is None:
+            raise ValueError("a sketch plan needs the layer's SketchState (sketch=...)")
+        if not is_sketch and key_t is None:
             key_t = key.transpose(-1, -2).contiguous()
         if config.reallocate and value_sum is None:
             pos = torch.arange(seq_len, device=device)[None, :]
@@ -270,12 +280,16 @@ class DecodePlan:
         has_starts = starts is not None
         starts_arg = starts if has_starts else lengths  # any int32 [B] tensor; unread without HAS_STARTS
 
-        _budgets_kernel[(batch,)](
-            lengths, self.fracs, self.k_b, self.local_b, self.counts, int(config.k), int(config.local_window),
-            num_kv_heads, H2_PAD=triton.next_power_of_2(2 * num_kv_heads), num_warps=1,
-        )
-        # step 1
-        score_transposed_keys(self, query, key_t, lengths, starts_arg, has_starts, scale)
+        if is_sketch:  # budgets and step 1 of sparq-sketch (sketch_scores.py)
+            sketch_budgets(self, lengths)
+            score_sketch(self, query, key, sketch, lengths, starts_arg, has_starts, scale)
+        else:
+            _budgets_kernel[(batch,)](
+                lengths, self.fracs, self.k_b, self.local_b, self.counts, int(config.k), int(config.local_window),
+                num_kv_heads, H2_PAD=triton.next_power_of_2(2 * num_kv_heads), num_warps=1,
+            )
+            # step 1
+            score_transposed_keys(self, query, key_t, lengths, starts_arg, has_starts, scale)
         # step 2a
         g_pad = triton.next_power_of_2(g)
         s_cap = self.capacity

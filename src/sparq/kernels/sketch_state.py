@@ -90,7 +90,9 @@ def _sketch_append_kernel(
     n_full = p // BLOCK  # finished blocks before this position
     code_row = codes_ptr + bh.to(tl.int64) * s_cap * W
     rng = bh.to(tl.int64) * n_blk_cap * D
-    if (p + 1) % BLOCK == 0:  # this position finishes block n_full: its range, then its codes
+    if p >= s_cap:  # no room: nothing to code (the caller's cache is full)
+        pass
+    elif (p + 1) % BLOCK == 0:  # this position finishes block n_full: its range, then its codes
         first = 0
         if HAS_STARTS:
             first = tl.load(starts_ptr + b)
@@ -200,7 +202,7 @@ class SketchState:
         key_new [B, Hkv, d] (or [B, Hkv, 1, d]; any batch/head strides); key: the K buffer
         [B, Hkv, S, d] already holding the new key (read only when it finishes a block);
         positions int [B] on the device: the new key's LOGICAL position (the row's length before
-        it); starts as in `prefill`. Requires positions < capacity.
+        it); starts as in `prefill`. A row with positions >= capacity is left as it is.
         """
         if key_new.dim() == 4:
             key_new = key_new[:, :, 0]
