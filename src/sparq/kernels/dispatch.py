@@ -18,6 +18,9 @@ smaller plan. `tuning` is a value (`Tuning`), never a module global changed at r
   _compact_kernel                       (deterministic only) the kept-index list in position order
   _gather_attention_kernel              split-K attention over kept rows + alpha (gather_attention)
   _combine_kernel                       merge splits, reallocation, output
+A plan made for a `sketch_scores.SketchConfig` runs `sparq-sketch` instead: `_sketch_budgets_kernel`
+(the sketch method's k_b, local_b) and `_sketch_scores_kernel` (step 1 from the layer's packed
+`sketch_state.SketchState`, no Kᵀ) replace the first three launches; the rest is unchanged.
 Everything has static shapes (sized from the plan's capacity); lengths (and the optional per-row
 start offsets of a left-padded cache) stay device tensors, so the step has no host synchronisation
 and can be captured in a CUDA graph.

@@ -106,7 +106,7 @@ def _sketch_budgets_kernel(len_ptr, frac_ptr, k_ptr, local_ptr, count_ptr, min_k
     n_full = (ln // BLOCK).to(tl.float64)
     over = tl.where(n_full == 0.0, n * d, n * d * BITS / 16 + 2 * d * n_full)
     k = tl.floor((f * 2 * n * d - over) / (2 * d) + 1e-9)
-    k = tl.minimum(n, tl.maximum(tl.maximum(k, min_k.to(tl.float64)), 1.0))
+    k = tl.minimum(n, tl.maximum(tl.maximum(k, n * 0.0 + min_k), 1.0))  # (min_k may arrive as a constexpr 1)
     k = tl.where(f >= 1.0, n, k)
     x = l_frac * k
     fl = tl.floor(x)

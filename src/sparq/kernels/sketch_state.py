@@ -215,7 +215,8 @@ class SketchState:
             key_new, key, self.codes, self.lo, self.hi, pos, starts.to(torch.int32) if has_starts else pos,
             key_new.stride(0), key_new.stride(1), key.stride(0), key.stride(1), key.stride(2),
             h, self.capacity, self.n_blocks,
-            D=d, BITS=self.bits, BLOCK=self.block, HAS_STARTS=has_starts, num_warps=4,
+            D=d, BITS=self.bits, BLOCK=self.block, HAS_STARTS=has_starts,
+            num_warps=8 if self.block * d >= 16384 else 4,  # the finishing block sits in registers
         )
 
     def dequantised(self, lengths: torch.Tensor) -> torch.Tensor:
