@@ -133,6 +133,20 @@ def _dot_f32(a, b, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _emit_tile(acc, s, s_ok, out_base, g_ok, m_i, l_i, s0, s_cap, BLOCK_S: tl.constexpr):
+    """Store one tile's logits acc [G_PAD, BLOCK_S] (positions past the chunk as -inf) and fold
+    them into the running split statistics (max, sum of exp)."""
+    logit = tl.where(s_ok[None, :], acc, float("-inf"))
+    if s0 + BLOCK_S <= s_cap:
+        tl.store(out_base + s[None, :], logit, mask=g_ok[:, None])
+    else:
+        tl.store(out_base + s[None, :], logit, mask=g_ok[:, None] & (s[None, :] < s_cap))
+    m_new = tl.maximum(m_i, tl.max(logit, axis=1))
+    l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
+    return m_new, l_i
+
+
+@triton.jit
 def _sketch_scores_kernel(
     q_ptr, codes_ptr, lo_ptr, hi_ptr, key_ptr, len_ptr, starts_ptr,
     logits_ptr, m_ptr, l_ptr,
@@ -163,7 +177,7 @@ def _sketch_scores_kernel(
     offs_d = tl.arange(0, D)
     offs_s = tl.arange(0, BLOCK_S)
     offs_w = tl.arange(0, W)
-    shifts = (tl.arange(0, PER) * BITS)[None, None, :]
+    shifts = (tl.arange(0, PER) * BITS)[None, :, None]
     g_ok = offs_g < G
     q = tl.load(q_ptr + (bh * G + offs_g)[:, None] * D + offs_d[None, :], mask=g_ok[:, None], other=0.0)
     q = q.to(tl.float32) * scale  # [G_PAD, D]
@@ -180,34 +194,32 @@ def _sketch_scores_kernel(
     end = tl.minimum(start + CHUNK, length)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    for s0 in range(start, end, BLOCK_S):
-        s = s0 + offs_s
-        s_ok = s < end
-        if n_full == 0:  # no finished block yet: the exact keys
+    if n_full == 0:  # no finished block yet: the exact keys
+        for s0 in range(start, end, BLOCK_S):
+            s = s0 + offs_s
+            s_ok = s < end
             k = tl.load(k_base + s.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], mask=s_ok[:, None], other=0.0)
             acc = _dot_f32(q, tl.trans(k), SPLIT_K)
-        else:
+            m_i, l_i = _emit_tile(acc, s, s_ok, out_base, g_ok, m_i, l_i, s0, s_cap, BLOCK_S)
+    else:  # the sketch; the loop has no branch, so its code loads can be pipelined
+        for s0 in range(start, end, BLOCK_S):
+            s = s0 + offs_s
+            s_ok = s < end
             r = tl.minimum(s0 // BLOCK, n_full - 1)  # own block, or the last finished one
             lo = tl.load(lo_ptr + rng + r * D + offs_d).to(tl.float32)
             hi = tl.load(hi_ptr + rng + r * D + offs_d).to(tl.float32)
             step = tl.math.div_rn(hi - lo, tl.full([D], LEVELS, tl.float32))
             a = q * step[None, :]  # step 0: the channel is lo whatever its code
             base = tl.sum(q * lo[None, :], axis=1)  # [G_PAD]
-            words = tl.load(code_row + s.to(tl.int64)[:, None] * W + offs_w[None, :], mask=s_ok[:, None], other=0)
-            c = tl.reshape((words[:, :, None] >> shifts) & LEVELS, (BLOCK_S, D))
+            # words [W, BLOCK_S] -> codes [D, BLOCK_S] (dim j = w * PER + i): the dot's B operand as is
+            words = tl.load(code_row + s.to(tl.int64)[None, :] * W + offs_w[:, None], mask=s_ok[None, :], other=0)
+            c = tl.reshape((words[:, None, :] >> shifts) & LEVELS, (D, BLOCK_S))
             if SPLIT_C:
                 cf = c.to(tl.float16)
             else:
                 cf = c.to(tl.float32)
-            acc = _dot_f32(a, tl.trans(cf), SPLIT_C) + base[:, None]
-        logit = tl.where(s_ok[None, :], acc, float("-inf"))
-        if s0 + BLOCK_S <= s_cap:
-            tl.store(out_base + s[None, :], logit, mask=g_ok[:, None])
-        else:
-            tl.store(out_base + s[None, :], logit, mask=g_ok[:, None] & (s[None, :] < s_cap))
-        m_new = tl.maximum(m_i, tl.max(logit, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
-        m_i = m_new
+            acc = _dot_f32(a, cf, SPLIT_C) + base[:, None]
+            m_i, l_i = _emit_tile(acc, s, s_ok, out_base, g_ok, m_i, l_i, s0, s_cap, BLOCK_S)
     stat = (bh * G + offs_g) * n_split + split
     tl.store(m_ptr + stat, m_i, mask=g_ok)
     tl.store(l_ptr + stat, l_i, mask=g_ok)
@@ -230,6 +242,8 @@ def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState
     batch, num_kv_heads, _, head_dim = key.shape
     if (sketch.batch, sketch.num_kv_heads, sketch.head_dim) != (batch, num_kv_heads, head_dim):
         raise ValueError("the sketch does not belong to this cache")
+    if sketch.capacity < key.shape[2] or (sketch.bits, sketch.block) != (ws.config.bits, ws.config.block):
+        raise ValueError("the sketch is smaller than the K buffer or coded with other bits / block than the plan's")
     g = ws.g
     split_c = query.device.type == "cuda" or key.dtype != torch.float32
     split_k = key.dtype != torch.float32
