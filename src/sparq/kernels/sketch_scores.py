@@ -122,12 +122,17 @@ def _sketch_budgets_kernel(len_ptr, frac_ptr, k_ptr, local_ptr, count_ptr, min_k
 
 @triton.jit
 def _dot_f32(a, b, SPLIT: tl.constexpr):
-    """a [M, K] fp32 @ b [K, N] at ~fp32 precision. SPLIT: b's values are exact in its 16-bit
-    dtype, a goes in as hi + lo parts of that dtype (two tensor-core dots, fp32 sums)."""
-    if SPLIT:
+    """a [M, K] fp32 @ b [K, N] at ~fp32 precision. SPLIT = n > 0: b's values are exact in its
+    16-bit dtype and a goes in as n parts of that dtype (n tensor-core dots, fp32 sums): 2 parts
+    carry 22 bits of a in fp16, 3 parts 24 bits in bf16. SPLIT = 0: fp32 FMA dot."""
+    if SPLIT > 0:
         a_hi = a.to(b.dtype)
-        a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
-        return tl.dot(a_hi, b) + tl.dot(a_lo, b)
+        rest = a - a_hi.to(tl.float32)
+        a_mid = rest.to(b.dtype)
+        acc = tl.dot(a_hi, b) + tl.dot(a_mid, b)
+        if SPLIT > 2:
+            acc += tl.dot((rest - a_mid.to(tl.float32)).to(b.dtype), b)
+        return acc
     else:
         return tl.dot(a, b.to(tl.float32), input_precision="ieee")
 
@@ -227,8 +232,9 @@ def _sketch_scores_kernel(
 
 def sketch_block_s(ws, sketch: SketchState) -> int:
     """Positions per scorer tile: a power of two dividing both the sketch block (one range per
-    tile) and the plan's chunk (ws.block_s), at most 128 (the [BLOCK_S, d] code tile in registers)."""
-    return min(sketch.block, ws.block_s, 128)
+    tile) and the plan's chunk (ws.block_s), at most 128 (64 for d > 128: the [d, BLOCK_S] code tile
+    lives in registers)."""
+    return min(sketch.block, ws.block_s, 128 if sketch.head_dim <= 128 else 64)
 
 
 def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState, lengths: torch.Tensor,
@@ -245,8 +251,10 @@ def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState
     if sketch.capacity < key.shape[2] or (sketch.bits, sketch.block) != (ws.config.bits, ws.config.block):
         raise ValueError("the sketch is smaller than the K buffer or coded with other bits / block than the plan's")
     g = ws.g
-    split_c = query.device.type == "cuda" or key.dtype != torch.float32
-    split_k = key.dtype != torch.float32
+    # codes: fp16 operands on the GPU (2 parts of q * step); fp32 keys in the interpreter stay fp32.
+    # exact keys (rows shorter than a block): as stored, q in 2 fp16 or 3 bf16 parts
+    split_c = 2 if query.device.type == "cuda" or key.dtype != torch.float32 else 0
+    split_k = {torch.float16: 2, torch.bfloat16: 3}.get(key.dtype, 0)
     _sketch_scores_kernel[(batch * num_kv_heads, ws.n_split1)](
         query, sketch.codes, sketch.lo, sketch.hi, key, lengths, starts,
         ws.logits, ws.split_m, ws.split_l,
