@@ -70,8 +70,8 @@ def run_shape(label, batch, hq, hkv, seq, d, dtype, fraction, block, with_paper=
         plan = DecodePlan(batch, hq, hkv, d, seq, cfg, q.device, dtype)
         row["k"]["paper"] = cfg.k_for(seq)
         row["floor_bytes"]["paper"] = heads * (seq * cfg.r * elt + 2 * cfg.k_for(seq) * d * elt + 4 * d)
-        row["us"]["paper"] = _bench(lambda: plan.run(q, cache.key, cache.value, cache.lengths, key_t=cache.key_t,
-                                                      value_sum=cache.value_sum, out=out))
+        row["us"]["paper"] = _bench(lambda plan=plan, c=cache: plan.run(q, c.key, c.value, c.lengths, key_t=c.key_t,
+                                                                         value_sum=c.value_sum, out=out))
         del plan
     cache.key_t = None  # the sketch method does not keep Kᵀ
     torch.cuda.empty_cache()
@@ -92,27 +92,25 @@ def run_shape(label, batch, hq, hkv, seq, d, dtype, fraction, block, with_paper=
         row["floor_bytes"][name] = heads * (seq * d * bits // 8 + (seq // block) * 2 * d * elt + 2 * k * d * elt + 4 * d)
         row["state_bytes_per_token_per_kv_head"] = row.get("state_bytes_per_token_per_kv_head", {})
         row["state_bytes_per_token_per_kv_head"][name] = st.bytes_per_position()
-        row["us"][name] = _bench(lambda: plan.run(q, cache.key, cache.value, cache.lengths, value_sum=cache.value_sum,
-                                                  out=out, sketch=st))
+        row["us"][name] = _bench(lambda plan=plan, c=cache, st=st: plan.run(q, c.key, c.value, c.lengths,
+                                                                             value_sum=c.value_sum, out=out, sketch=st))
         # step 1 alone (the scorer + budgets), to see where the time goes
         from sparq.kernels.sketch_scores import score_sketch, sketch_budgets
 
-        def step1():
-            sketch_budgets(plan, cache.lengths)
-            score_sketch(plan, q, cache.key, st, cache.lengths, cache.lengths, False, 1 / math.sqrt(d))
+        def step1(plan=plan, c=cache, st=st):
+            sketch_budgets(plan, c.lengths)
+            score_sketch(plan, q, c.key, st, c.lengths, c.lengths, False, 1 / math.sqrt(d))
         row["us"][f"{name}-step1"] = _bench(step1)
         row["floor_bytes"][f"{name}-step1"] = heads * (seq * d * bits // 8 + (seq // block) * 2 * d * elt
                                                        + 4 * (hq // hkv) * seq)
         del plan, st
         torch.cuda.empty_cache()
-    del cache, q, out
-    torch.cuda.empty_cache()
-    return row
+    return row  # the cache is freed here (main empties torch's allocator cache before the next shape)
 
 
 def read_bandwidth() -> float:
     x = torch.empty(1 << 30, dtype=torch.float16, device="cuda").normal_()
-    t = _bench(lambda: x.amax())
+    t = _bench(lambda x=x: x.amax())
     del x
     return (2 << 30) / (t * 1e-6) / 1e12
 
@@ -139,6 +137,7 @@ def main() -> None:
     for shape in shapes:
         row = run_shape(*shape, fraction=args.fraction, block=args.block, with_paper=not args.no_paper)
         rows.append(row)
+        torch.cuda.empty_cache()
         us = row["us"]
         dense = min(v for k, v in us.items() if k.startswith("dense-"))
         row["best_dense_us"] = dense

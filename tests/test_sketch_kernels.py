@@ -335,16 +335,22 @@ def test_step_after_appends():
     m = SparQSketch(0.3, bits=2, block=block, min_k=4)
     st = SketchState(batch, hkv, d, seq, bits=2, block=block, dtype=torch.float32, device=DEVICE)
     st.prefill(k, lengths.to(DEVICE), starts.to(DEVICE))
-    plan = DecodePlan(batch, hq, hkv, d, seq, SketchConfig.from_method(m, d), DEVICE, torch.float32)
+    from sparq.kernels.dispatch import sparq_decode
+    from sparq.kernels.plans import PlanCache
+
+    plans = PlanCache(growth=False)  # the cache-owned plan, as the decode loops will hold it
+    cfg = SketchConfig.from_method(m, d)
     rows = torch.arange(batch)
     for _ in range(5):  # 29 -> 34 crosses 32, 13 -> 18 finishes the first block
         new = k[rows, :, starts + lengths].to(DEVICE)
         st.append(new.contiguous(), k, lengths.to(DEVICE), starts.to(DEVICE))
         lengths = lengths + 1
         q = torch.randn(batch, hq, d, generator=gen).to(DEVICE)
-        out = plan.run(q, k, v, lengths.to(DEVICE), starts=starts.to(DEVICE), sketch=st)
+        out = sparq_decode(q, k, v, cfg, lengths.to(DEVICE), starts=starts.to(DEVICE), plans=plans, sketch=st)
+        plan = plans.get(q, k, cfg)
         check_logits(q, k, lengths, starts, 2, block, plan)
         compare(q, k, v, lengths, starts, m, plan, out)
+    assert plans.created == 1
 
 
 def test_wrong_logits_are_caught():

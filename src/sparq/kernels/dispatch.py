@@ -351,11 +351,12 @@ def sparq_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, co
                  lengths: torch.Tensor | None = None, *, scale: float | None = None,
                  key_t: torch.Tensor | None = None, value_sum: torch.Tensor | None = None,
                  starts: torch.Tensor | None = None, plans: PlanCache | None = None,
-                 tuning: Tuning = DEFAULT_TUNING, out: torch.Tensor | None = None) -> torch.Tensor:
+                 tuning: Tuning = DEFAULT_TUNING, out: torch.Tensor | None = None, sketch=None) -> torch.Tensor:
     """One SparQ decode step on the kernels (see `DecodePlan.run`), planned by `plans` (the cache's
-    `PlanCache`) or, without one, by a plan made for this call alone (freed when it returns)."""
+    `PlanCache`) or, without one, by a plan made for this call alone (freed when it returns).
+    config may be a `sketch_scores.SketchConfig` (then `sketch` is the layer's SketchState)."""
     plan = plans.get(query, key, config) if plans is not None else DecodePlan(
         query.shape[0], query.shape[1], key.shape[1], query.shape[2], key.shape[2], config, query.device,
         query.dtype, tuning)
     return plan.run(query, key, value, lengths, scale=scale, key_t=key_t, value_sum=value_sum,
-                    starts=starts, out=out)
+                    starts=starts, out=out, sketch=sketch)
