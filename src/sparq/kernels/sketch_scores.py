@@ -219,8 +219,8 @@ def _sketch_scores_kernel(
             # words [W, BLOCK_S] -> codes [D, BLOCK_S] (dim j = w * PER + i): the dot's B operand as is
             words = tl.load(code_row + s.to(tl.int64)[None, :] * W + offs_w[:, None], mask=s_ok[None, :], other=0)
             c = tl.reshape((words[:, None, :] >> shifts) & LEVELS, (D, BLOCK_S))
-            if SPLIT_C:
-                cf = c.to(tl.float16)
+            if SPLIT_C:  # 0x6400 | c is the fp16 bit pattern of 1024 + c: no (quarter-rate) I2F
+                cf = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
             else:
                 cf = c.to(tl.float32)
             acc = _dot_f32(a, cf, SPLIT_C) + base[:, None]
