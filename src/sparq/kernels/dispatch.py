@@ -18,6 +18,9 @@ smaller plan. `tuning` is a value (`Tuning`), never a module global changed at r
   _compact_kernel                       (deterministic only) the kept-index list in position order
   _gather_attention_kernel              split-K attention over kept rows + alpha (gather_attention)
   _combine_kernel                       merge splits, reallocation, output
+A plan made for a `sketch_scores.SketchConfig` runs `sparq-sketch` instead: `_sketch_budgets_kernel`
+(the sketch method's k_b, local_b) and `_sketch_scores_kernel` (step 1 from the layer's packed
+`sketch_state.SketchState`, no Kᵀ) replace the first three launches; the rest is unchanged.
 Everything has static shapes (sized from the plan's capacity); lengths (and the optional per-row
 start offsets of a left-padded cache) stay device tensors, so the step has no host synchronisation
 and can be captured in a CUDA graph.
@@ -49,6 +52,7 @@ from . import select as _select
 from .approx_scores import score_transposed_keys
 from .gather_attention import _combine_kernel, _gather_attention_kernel
 from .plans import PlanCache
+from .sketch_scores import score_sketch, sketch_budgets
 from .select import _budgets_kernel, _compact_kernel, _emit_kernel, _resolve_kernel, _sample_kernel
 
 
@@ -146,7 +150,8 @@ class DecodePlan:
         self.chunk_e = triton.cdiv(triton.cdiv(s_cap, want_e), self.emit_block) * self.emit_block
         self.n_split_e = triton.cdiv(s_cap, self.chunk_e)
         # step 2 geometry over the kept-index list
-        self.k_max = max(1, config.k_for(s_cap))
+        # (a sketch plan's k can drop by one as a block finishes: its bound is the max over lengths)
+        self.k_max = max(1, config.k_bound(s_cap) if hasattr(config, "k_bound") else config.k_for(s_cap))
         self.block_n = 16 if interp else (tuning.gather_block or (32 if head_dim >= 256 else 64))
         n_blocks2 = triton.cdiv(self.k_max, self.block_n)
         target2 = (tuning.gather_blocks_per_sm or tuning.blocks_per_sm) * sm
@@ -224,7 +229,8 @@ class DecodePlan:
 
     def run(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor | None = None,
             *, scale: float | None = None, key_t: torch.Tensor | None = None, value_sum: torch.Tensor | None = None,
-            starts: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+            starts: torch.Tensor | None = None, out: torch.Tensor | None = None,
+            sketch=None) -> torch.Tensor:
         """One SparQ decode step. Same semantics as `sparq.reference.sparq_reference`.
 
         query [B, Hq, d]; key, value [B, Hkv, S, d] with S <= capacity (last dim contiguous);
@@ -233,6 +239,10 @@ class DecodePlan:
         along S) and value_sum fp32 [B, Hkv, d] (sum of V over the valid positions) come from the
         cache; without key_t the step transposes K and without value_sum it sums V: both read the
         whole cache (correct, slow).
+
+        A plan made for a `sketch_scores.SketchConfig` runs `sparq-sketch` (`SparQSketch.attend`'s
+        semantics) instead: step 1 reads `sketch` (the layer's `sketch_state.SketchState`, required;
+        key_t is not used) and the budgets are the sketch method's.
         """
         config = self.config
         batch, num_q_heads, head_dim = query.shape
@@ -251,7 +261,10 @@ class DecodePlan:
             starts = starts.to(torch.int32)
         if key.stride(-1) != 1 or value.stride(-1) != 1:
             raise ValueError("key and value must be contiguous along head_dim")
-        if key_t is None:
+        is_sketch = hasattr(config, "k_bound")
+        if is_sketch and sketch is None:
+            raise ValueError("a sketch plan needs the layer's SketchState (sketch=...)")
+        if not is_sketch and key_t is None:
             key_t = key.transpose(-1, -2).contiguous()
         if config.reallocate and value_sum is None:
             pos = torch.arange(seq_len, device=device)[None, :]
@@ -264,12 +277,16 @@ class DecodePlan:
         has_starts = starts is not None
         starts_arg = starts if has_starts else lengths  # any int32 [B] tensor; unread without HAS_STARTS
 
-        _budgets_kernel[(batch,)](
-            lengths, self.fracs, self.k_b, self.local_b, self.counts, int(config.k), int(config.local_window),
-            num_kv_heads, H2_PAD=triton.next_power_of_2(2 * num_kv_heads), num_warps=1,
-        )
-        # step 1
-        score_transposed_keys(self, query, key_t, lengths, starts_arg, has_starts, scale)
+        if is_sketch:  # budgets and step 1 of sparq-sketch (sketch_scores.py)
+            sketch_budgets(self, lengths)
+            score_sketch(self, query, key, sketch, lengths, starts_arg, has_starts, scale)
+        else:
+            _budgets_kernel[(batch,)](
+                lengths, self.fracs, self.k_b, self.local_b, self.counts, int(config.k), int(config.local_window),
+                num_kv_heads, H2_PAD=triton.next_power_of_2(2 * num_kv_heads), num_warps=1,
+            )
+            # step 1
+            score_transposed_keys(self, query, key_t, lengths, starts_arg, has_starts, scale)
         # step 2a
         g_pad = triton.next_power_of_2(g)
         s_cap = self.capacity
@@ -328,11 +345,12 @@ def sparq_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, co
                  lengths: torch.Tensor | None = None, *, scale: float | None = None,
                  key_t: torch.Tensor | None = None, value_sum: torch.Tensor | None = None,
                  starts: torch.Tensor | None = None, plans: PlanCache | None = None,
-                 tuning: Tuning = DEFAULT_TUNING, out: torch.Tensor | None = None) -> torch.Tensor:
+                 tuning: Tuning = DEFAULT_TUNING, out: torch.Tensor | None = None, sketch=None) -> torch.Tensor:
     """One SparQ decode step on the kernels (see `DecodePlan.run`), planned by `plans` (the cache's
-    `PlanCache`) or, without one, by a plan made for this call alone (freed when it returns)."""
+    `PlanCache`) or, without one, by a plan made for this call alone (freed when it returns).
+    config may be a `sketch_scores.SketchConfig` (then `sketch` is the layer's SketchState)."""
     plan = plans.get(query, key, config) if plans is not None else DecodePlan(
         query.shape[0], query.shape[1], key.shape[1], query.shape[2], key.shape[2], config, query.device,
         query.dtype, tuning)
     return plan.run(query, key, value, lengths, scale=scale, key_t=key_t, value_sum=value_sum,
-                    starts=starts, out=out)
+                    starts=starts, out=out, sketch=sketch)

@@ -1,0 +1,162 @@
+"""GPU micro-benchmark: one `sparq-sketch` decode step on the kernels (1 and 2 bits) against the
+paper's SparQ step (DecodePlan over Kᵀ) and the best dense SDPA backend, same run, same cache.
+
+Usage (GPU machine, repository root; ~1-2 minutes on an H200):
+  PYTHONPATH=src python benchmarks/sketch_bench.py [--shapes all|quick] [--fraction 0.125]
+Prints a table and writes sketch-<device>-<UTC time>.json to $OUT (or benchmarks/results): device,
+versions, per shape the medians (us, `triton.testing.do_bench` of the CUDA-graphed step, L2 flushed
+between runs), k of each method and the floor bytes (what each method must read per step).
+
+Budgets at the same target fraction f of dense data (the methods' own accounting):
+  paper   r = d * f, k = S * f / 2, local window k / 4, reallocation on (as `sparq bench kernels`)
+  sketch  SparQSketch(f, bits, block 128): k = rows_for(f, S, d, overhead = sketch), local k / 4,
+          reallocation on (the method's default)
+Floors (bytes per KV head and step): dense 2 S d e; paper S r e + 2 k d e + 4 d;
+sketch S d bits / 8 + (S / block) 2 d e + 2 k d e + 4 d (e = element bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+SHAPES = [  # label, B, Hq, Hkv, S, d, dtype
+    ("MHA 32/32 d=128", 1, 32, 32, 4096, 128, torch.float16),
+    ("MHA 32/32 d=128", 8, 32, 32, 65536, 128, torch.float16),
+    ("MHA 32/32 d=128", 32, 32, 32, 16384, 128, torch.float16),
+    ("GQA 32/8 d=128", 1, 32, 8, 32768, 128, torch.bfloat16),
+    ("GQA 32/8 d=128", 8, 32, 8, 32768, 128, torch.bfloat16),
+    ("GQA 32/8 d=128", 16, 32, 8, 65536, 128, torch.bfloat16),
+]
+
+
+def _graphed(fn):
+    from sparq.bench import _graphed as g
+
+    return g(fn)
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(_graphed(fn), warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def run_shape(label, batch, hq, hkv, seq, d, dtype, fraction, block, with_paper=True):
+    from sparq.bench import _dense_candidates, random_cache
+    from sparq.config import SparQConfig
+    from sparq.kernels.dispatch import DecodePlan
+    from sparq.kernels.sketch_scores import SketchConfig
+    from sparq.kernels.sketch_state import SketchState
+    from sparq.methods.sketch import SparQSketch
+
+    elt = torch.finfo(dtype).bits // 8
+    cache, q = random_cache(batch, hq, hkv, seq, d, dtype)
+    out = torch.empty_like(q)
+    row = {"shape": label, "B": batch, "Hq": hq, "Hkv": hkv, "S": seq, "d": d, "dtype": str(dtype).split(".")[-1],
+           "us": {}, "k": {}, "floor_bytes": {}}
+    heads = batch * hkv
+    row["floor_bytes"]["dense"] = heads * 2 * seq * d * elt
+    dense = _dense_candidates(q, cache.key, cache.value, hq != hkv)
+    for name, fn in dense.items():
+        row["us"][f"dense-{name}"] = _bench(fn)
+    if with_paper:
+        cfg = SparQConfig(r=max(1, round(d * fraction)), k=16, k_fraction=fraction / 2, local_fraction=0.25)
+        plan = DecodePlan(batch, hq, hkv, d, seq, cfg, q.device, dtype)
+        row["k"]["paper"] = cfg.k_for(seq)
+        row["floor_bytes"]["paper"] = heads * (seq * cfg.r * elt + 2 * cfg.k_for(seq) * d * elt + 4 * d)
+        row["us"]["paper"] = _bench(lambda plan=plan, c=cache: plan.run(q, c.key, c.value, c.lengths, key_t=c.key_t,
+                                                                         value_sum=c.value_sum, out=out))
+        del plan
+    cache.key_t = None  # the sketch method does not keep Kᵀ
+    torch.cuda.empty_cache()
+    for bits in (1, 2):
+        m = SparQSketch(fraction, bits=bits, block=block)
+        st = SketchState(batch, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=q.device)
+        for b in range(batch):  # row by row: the PyTorch prefill's fp32 temporaries stay small
+            st_b = SketchState(1, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=q.device)
+            st_b.prefill(cache.key[b:b + 1], cache.lengths[b:b + 1])
+            st.codes[b].copy_(st_b.codes[0])
+            st.lo[b].copy_(st_b.lo[0])
+            st.hi[b].copy_(st_b.hi[0])
+            del st_b
+        plan = DecodePlan(batch, hq, hkv, d, seq, SketchConfig.from_method(m, d), q.device, dtype)
+        k = m.k_for(seq, d)
+        name = f"sketch{bits}b"
+        row["k"][name] = k
+        row["floor_bytes"][name] = heads * (seq * d * bits // 8 + (seq // block) * 2 * d * elt + 2 * k * d * elt + 4 * d)
+        row["state_bytes_per_token_per_kv_head"] = row.get("state_bytes_per_token_per_kv_head", {})
+        row["state_bytes_per_token_per_kv_head"][name] = st.bytes_per_position()
+        row["us"][name] = _bench(lambda plan=plan, c=cache, st=st: plan.run(q, c.key, c.value, c.lengths,
+                                                                             value_sum=c.value_sum, out=out, sketch=st))
+        # step 1 alone (the scorer + budgets), to see where the time goes
+        from sparq.kernels.sketch_scores import score_sketch, sketch_budgets
+
+        def step1(plan=plan, c=cache, st=st):
+            sketch_budgets(plan, c.lengths)
+            score_sketch(plan, q, c.key, st, c.lengths, c.lengths, False, 1 / math.sqrt(d))
+        row["us"][f"{name}-step1"] = _bench(step1)
+        row["floor_bytes"][f"{name}-step1"] = heads * (seq * d * bits // 8 + (seq // block) * 2 * d * elt
+                                                       + 4 * (hq // hkv) * seq)
+        del plan, st
+        torch.cuda.empty_cache()
+    return row  # the cache is freed here (main empties torch's allocator cache before the next shape)
+
+
+def read_bandwidth() -> float:
+    x = torch.empty(1 << 30, dtype=torch.float16, device="cuda").normal_()
+    t = _bench(lambda x=x: x.amax())
+    del x
+    return (2 << 30) / (t * 1e-6) / 1e12
+
+
+def main() -> None:
+    import triton
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="all", choices=["all", "quick"])
+    ap.add_argument("--fraction", type=float, default=0.125)
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--no-paper", action="store_true")
+    args = ap.parse_args()
+    shapes = SHAPES if args.shapes == "all" else [SHAPES[0], SHAPES[3]]
+    device = torch.cuda.get_device_name(0)
+    bw = read_bandwidth()
+    print(f"{device}  torch {torch.__version__}  triton {triton.__version__}  read {bw:.2f} TB/s  f={args.fraction:g}",
+          flush=True)
+    rows = []
+    t0 = time.time()
+    hdr = (f"{'shape':17s} {'B':>3s} {'S':>6s} | {'dense':>8s} {'paper':>8s} {'sk1b':>8s} {'sk2b':>8s} | "
+           f"{'x paper':>7s} {'x sk1':>6s} {'x sk2':>6s} | {'sk2 step1':>9s} {'sk2 %floor':>10s}")
+    print(hdr)
+    for shape in shapes:
+        row = run_shape(*shape, fraction=args.fraction, block=args.block, with_paper=not args.no_paper)
+        rows.append(row)
+        torch.cuda.empty_cache()
+        us = row["us"]
+        dense = min(v for k, v in us.items() if k.startswith("dense-"))
+        row["best_dense_us"] = dense
+        paper = us.get("paper", float("nan"))
+        floor2 = row["floor_bytes"]["sketch2b"] / (bw * 1e12) * 1e6
+        print(f"{row['shape']:17s} {row['B']:3d} {row['S']:6d} | {dense:8.1f} {paper:8.1f} {us['sketch1b']:8.1f} "
+              f"{us['sketch2b']:8.1f} | {dense / paper:6.2f}x {dense / us['sketch1b']:5.2f}x {dense / us['sketch2b']:5.2f}x"
+              f" | {us['sketch2b-step1']:9.1f} {100 * floor2 / us['sketch2b']:9.0f}%", flush=True)
+    result = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+              "read_bandwidth_TBps": bw, "fraction": args.fraction, "block": args.block,
+              "timing": "triton.testing.do_bench median of the CUDA-graphed step (L2 flushed), us",
+              "rows": rows, "seconds": time.time() - t0}
+    out_dir = os.environ.get("OUT", "benchmarks/results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"sketch-{device.replace(' ', '_')}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Step 1 of `sparq-sketch` on the kernels: approximate logits from the packed key sketch.
+
+Same contract as `approx_scores.score_transposed_keys` (approx_scores.py module docstring): fills
+`ws.logits [BH, g, capacity]` (fp32 logits times the softmax scale), `ws.split_m`, `ws.split_l` per
+split of `ws.chunk1` positions, so `DecodePlan`'s selection, gather and combine run unchanged.
+The logits are those of `methods/sketch.py`: q . k_hat * scale with k_hat = `key_sketch(...)`
+(all d dims of the dequantised 1/2-bit sketch kept by `sketch_state.SketchState`; a row with no
+finished block yet is scored from its exact keys, read from the K buffer).
+
+Per tile of BLOCK_S positions (BLOCK_S divides the sketch block, so one tile has one range):
+  q . (lo + c * step) = q . lo + (q * step) . c
+so the codes c (small integers, exact in fp16) go to the tensor cores as they are and the range is
+folded into the query once per tile. q * step is fp32; it is split into fp16 hi + lo parts
+(two dots, fp32 accumulation) so the logits keep ~fp32 precision (one fp16 dot would round the
+query-range product to 11 bits; limit: |q * scale * step| < 65504).
+
+`SketchConfig` is the plan's budget for the sketch method: k_b, local_b per row as
+`SparQSketch.k_for` / `local_for` give them. No `SparQConfig` reproduces them (the sketch's
+overhead subtracts floor(length / block) from k, and k jumps when the first block finishes), so
+the plan runs `_sketch_budgets_kernel` (float64, the same operations as `rows_for`) instead of
+`_budgets_kernel` and sizes its kept-index list with `SketchConfig.k_bound`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ..methods.sketch import SparQSketch
+from .sketch_state import SketchState
+
+
+@dataclass(frozen=True)
+class SketchConfig:
+    """The plan-side settings of `SparQSketch` for one head_dim (hashable: part of a plan's identity).
+
+    Quacks like `SparQConfig` where `DecodePlan` and `select.selection_sizes` look (`k_for(length)`,
+    `local_for(length)`, `reallocate`, `k_fraction`, `local_fraction`, `r`), with the sketch
+    method's budgets."""
+
+    fraction: float
+    bits: int
+    block: int
+    head_dim: int
+    local_fraction: float = 0.25
+    reallocate: bool = True
+    min_k: int = 16
+
+    @classmethod
+    def from_method(cls, method: SparQSketch, head_dim: int) -> "SketchConfig":
+        return cls(float(method.fraction), int(method.bits), int(method.block), int(head_dim),
+                   float(method.local_fraction), bool(method.reallocate), int(method.min_k))
+
+    @property
+    def method(self) -> SparQSketch:
+        return SparQSketch(self.fraction, bits=self.bits, block=self.block, local_fraction=self.local_fraction,
+                           reallocate=self.reallocate, min_k=self.min_k)
+
+    # what DecodePlan reads of a SparQConfig: no dims are selected (r = 1 keeps the unused
+    # workspaces of the paper's step 1 minimal); the budget fractions go to the budgets kernel
+    r = 1
+    k = 1
+    local_window = 0
+
+    @property
+    def k_fraction(self) -> float:
+        return self.fraction
+
+    def k_for(self, length: int) -> int:
+        return self.method.k_for(int(length), self.head_dim)
+
+    def local_for(self, length: int) -> int:
+        m = self.method
+        return m.local_for(m.k_for(int(length), self.head_dim))
+
+    def k_bound(self, capacity: int) -> int:
+        """max of k_for over lengths 1..capacity (k drops by one when a block finishes, so
+        k_for(capacity) is not always the largest). Same float64 operations as `rows_for`."""
+        if self.fraction >= 1:
+            return int(capacity)
+        n = np.arange(1, capacity + 1, dtype=np.float64)
+        d = float(self.head_dim)
+        n_full = np.floor(n / self.block)
+        over = np.where(n_full == 0, n * d, n * d * self.bits / 16 + 2 * d * n_full)
+        k = np.floor((self.fraction * 2 * n * d - over) / (2 * d) + 1e-9)
+        k = np.minimum(n, np.maximum(np.maximum(self.min_k, k), 1))
+        return int(k.max())
+
+
+@triton.jit
+def _sketch_budgets_kernel(len_ptr, frac_ptr, k_ptr, local_ptr, count_ptr, min_k, num_kv_heads,
+                           D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, H2_PAD: tl.constexpr):
+    """SparQSketch.k_for / local_for of row b in float64, op for op as `rows_for` (so the budgets
+    equal the reference's for every length), and zero its KV heads' list counters.
+    Reads 4 + 16 bytes, writes 8 + 8 * Hkv bytes."""
+    b = tl.program_id(0)
+    ln = tl.load(len_ptr + b)
+    n = ln.to(tl.float64)
+    f = tl.load(frac_ptr)
+    l_frac = tl.load(frac_ptr + 1)
+    d = n * 0.0 + D
+    n_full = (ln // BLOCK).to(tl.float64)
+    over = tl.where(n_full == 0.0, n * d, n * d * BITS / 16 + 2 * d * n_full)
+    k = tl.floor((f * 2 * n * d - over) / (2 * d) + 1e-9)
+    k = tl.minimum(n, tl.maximum(tl.maximum(k, n * 0.0 + min_k), 1.0))  # (min_k may arrive as a constexpr 1)
+    k = tl.where(f >= 1.0, n, k)
+    x = l_frac * k
+    fl = tl.floor(x)
+    frac = x - fl
+    even = (fl - 2.0 * tl.floor(fl * 0.5)) == 0.0
+    rounded = tl.where(frac > 0.5, fl + 1.0, tl.where(frac < 0.5, fl, tl.where(even, fl, fl + 1.0)))  # half to even
+    local = tl.minimum(k, rounded)
+    tl.store(k_ptr + b, k.to(tl.int32))
+    tl.store(local_ptr + b, local.to(tl.int32))
+    offs = tl.arange(0, H2_PAD)
+    tl.store(count_ptr + b * num_kv_heads * 2 + offs, tl.zeros([H2_PAD], tl.int32), mask=offs < num_kv_heads * 2)
+
+
+@triton.jit
+def _dot_f32(a, b, SPLIT: tl.constexpr):
+    """a [M, K] fp32 @ b [K, N] at ~fp32 precision. SPLIT = n > 0: b's values are exact in its
+    16-bit dtype and a goes in as n parts of that dtype (n tensor-core dots, fp32 sums): 2 parts
+    carry 22 bits of a in fp16, 3 parts 24 bits in bf16. SPLIT = 0: fp32 FMA dot."""
+    if SPLIT > 0:
+        a_hi = a.to(b.dtype)
+        rest = a - a_hi.to(tl.float32)
+        a_mid = rest.to(b.dtype)
+        acc = tl.dot(a_hi, b) + tl.dot(a_mid, b)
+        if SPLIT > 2:
+            acc += tl.dot((rest - a_mid.to(tl.float32)).to(b.dtype), b)
+        return acc
+    else:
+        return tl.dot(a, b.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
+def _emit_tile(acc, s, s_ok, out_base, g_ok, m_i, l_i, s0, s_cap, BLOCK_S: tl.constexpr):
+    """Store one tile's logits acc [G_PAD, BLOCK_S] (positions past the chunk as -inf) and fold
+    them into the running split statistics (max, sum of exp)."""
+    logit = tl.where(s_ok[None, :], acc, float("-inf"))
+    if s0 + BLOCK_S <= s_cap:
+        tl.store(out_base + s[None, :], logit, mask=g_ok[:, None])
+    else:
+        tl.store(out_base + s[None, :], logit, mask=g_ok[:, None] & (s[None, :] < s_cap))
+    m_new = tl.maximum(m_i, tl.max(logit, axis=1))
+    l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
+    return m_new, l_i
+
+
+@triton.jit
+def _sketch_scores_kernel(
+    q_ptr, codes_ptr, lo_ptr, hi_ptr, key_ptr, len_ptr, starts_ptr,
+    logits_ptr, m_ptr, l_ptr,
+    stride_kb, stride_kh, stride_ks,
+    num_kv_heads, s_cap, code_cap, n_blk_cap, n_split, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, HAS_STARTS: tl.constexpr,
+    SPLIT_C: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Sketch logits of one (batch, KV head) over one chunk of the sequence (split-S).
+
+    Reads, per position of the chunk below the row's length, d * bits / 8 bytes of codes, plus
+    2 * d * elt bytes of range per tile of BLOCK_S positions and g * d * elt of query; a row
+    with no finished block (length < block) reads its exact keys instead, d * elt per position.
+    Writes 4 * g bytes of logits per position (the last tile's positions >= length as -inf) and
+    8 * g bytes of split statistics.
+    """
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    length = tl.load(len_ptr + b)
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    PER: tl.constexpr = 32 // BITS
+    W: tl.constexpr = D // PER
+
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_w = tl.arange(0, W)
+    shifts = (tl.arange(0, PER) * BITS)[None, :, None]
+    g_ok = offs_g < G
+    q = tl.load(q_ptr + (bh * G + offs_g)[:, None] * D + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+    q = q.to(tl.float32) * scale  # [G_PAD, D]
+
+    n_full = length // BLOCK
+    code_row = codes_ptr + bh.to(tl.int64) * code_cap * W
+    rng = bh.to(tl.int64) * n_blk_cap * D
+    k_base = key_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    if HAS_STARTS:  # left padding: logical position s is row starts[b] + s of K
+        k_base += tl.load(starts_ptr + b).to(tl.int64) * stride_ks
+    out_base = logits_ptr + (bh * G + offs_g).to(tl.int64)[:, None] * s_cap  # [G_PAD, 1]
+
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, length)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    if n_full == 0:  # no finished block yet: the exact keys
+        for s0 in range(start, end, BLOCK_S):
+            s = s0 + offs_s
+            s_ok = s < end
+            k = tl.load(k_base + s.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+            acc = _dot_f32(q, tl.trans(k), SPLIT_K)
+            m_i, l_i = _emit_tile(acc, s, s_ok, out_base, g_ok, m_i, l_i, s0, s_cap, BLOCK_S)
+    else:  # the sketch; the loop has no branch, so its code loads can be pipelined
+        for s0 in range(start, end, BLOCK_S):
+            s = s0 + offs_s
+            s_ok = s < end
+            r = tl.minimum(s0 // BLOCK, n_full - 1)  # own block, or the last finished one
+            lo = tl.load(lo_ptr + rng + r * D + offs_d).to(tl.float32)
+            hi = tl.load(hi_ptr + rng + r * D + offs_d).to(tl.float32)
+            step = tl.math.div_rn(hi - lo, tl.full([D], LEVELS, tl.float32))
+            a = q * step[None, :]  # step 0: the channel is lo whatever its code
+            base = tl.sum(q * lo[None, :], axis=1)  # [G_PAD]
+            # words [W, BLOCK_S] -> codes [D, BLOCK_S] (dim j = w * PER + i): the dot's B operand as is
+            words = tl.load(code_row + s.to(tl.int64)[None, :] * W + offs_w[:, None], mask=s_ok[None, :], other=0)
+            c = tl.reshape((words[:, None, :] >> shifts) & LEVELS, (D, BLOCK_S))
+            if SPLIT_C:  # 0x6400 | c is the fp16 bit pattern of 1024 + c: no (quarter-rate) I2F
+                cf = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+            else:
+                cf = c.to(tl.float32)
+            acc = _dot_f32(a, cf, SPLIT_C) + base[:, None]
+            m_i, l_i = _emit_tile(acc, s, s_ok, out_base, g_ok, m_i, l_i, s0, s_cap, BLOCK_S)
+    stat = (bh * G + offs_g) * n_split + split
+    tl.store(m_ptr + stat, m_i, mask=g_ok)
+    tl.store(l_ptr + stat, l_i, mask=g_ok)
+
+
+def sketch_block_s(ws, sketch: SketchState) -> int:
+    """Positions per scorer tile: a power of two dividing both the sketch block (one range per
+    tile) and the plan's chunk (ws.block_s), at most 128 (64 for d > 128: the [d, BLOCK_S] code tile
+    lives in registers)."""
+    return min(sketch.block, ws.block_s, 128 if sketch.head_dim <= 128 else 64)
+
+
+def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState, lengths: torch.Tensor,
+                 starts: torch.Tensor, has_starts: bool, scale: float) -> None:
+    """Step 1 from the sketch into the plan's workspace (one launch).
+
+    Bytes read per KV head: length * d * bits / 8 (codes) + 2 * d * elt per tile (ranges) +
+    g * d * elt (query); rows shorter than one block read length * d * elt of exact keys instead.
+    Written: 4 * g * length (fp32 logits) + 8 * g * n_split (split statistics).
+    """
+    batch, num_kv_heads, _, head_dim = key.shape
+    if (sketch.batch, sketch.num_kv_heads, sketch.head_dim) != (batch, num_kv_heads, head_dim):
+        raise ValueError("the sketch does not belong to this cache")
+    if sketch.capacity < key.shape[2] or (sketch.bits, sketch.block) != (ws.config.bits, ws.config.block):
+        raise ValueError("the sketch is smaller than the K buffer or coded with other bits / block than the plan's")
+    g = ws.g
+    # codes: fp16 operands on the GPU (2 parts of q * step); fp32 keys in the interpreter stay fp32.
+    # exact keys (rows shorter than a block): as stored, q in 2 fp16 or 3 bf16 parts
+    split_c = 2 if query.device.type == "cuda" or key.dtype != torch.float32 else 0
+    split_k = {torch.float16: 2, torch.bfloat16: 3}.get(key.dtype, 0)
+    _sketch_scores_kernel[(batch * num_kv_heads, ws.n_split1)](
+        query, sketch.codes, sketch.lo, sketch.hi, key, lengths, starts,
+        ws.logits, ws.split_m, ws.split_l,
+        key.stride(0), key.stride(1), key.stride(2),
+        num_kv_heads, ws.capacity, sketch.capacity, sketch.n_blocks, ws.n_split1, float(scale),
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=head_dim, BITS=sketch.bits, BLOCK=sketch.block,
+        CHUNK=ws.chunk1, BLOCK_S=sketch_block_s(ws, sketch), HAS_STARTS=has_starts,
+        SPLIT_C=split_c, SPLIT_K=split_k, num_warps=ws.score_warps,
+    )
+
+
+def sketch_budgets(ws, lengths: torch.Tensor) -> None:
+    """k_b, local_b of the sketch method into the plan (and the list counters zeroed)."""
+    cfg = ws.config
+    _sketch_budgets_kernel[(ws.batch,)](
+        lengths, ws.fracs, ws.k_b, ws.local_b, ws.counts, int(cfg.min_k), ws.num_kv_heads,
+        D=cfg.head_dim, BITS=cfg.bits, BLOCK=cfg.block, H2_PAD=triton.next_power_of_2(2 * ws.num_kv_heads),
+        num_warps=1,
+    )

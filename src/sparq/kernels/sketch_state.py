@@ -1,0 +1,240 @@
+"""The packed key sketch of one layer, kept incrementally for the sketch scorer (`sketch_scores`).
+
+The sketch is `methods/sketch.py`'s `key_sketch`, stored instead of recomputed: per KV head, every
+valid position's key quantised per channel to `bits` bits (1 or 2) with the (min, max) of a block
+of `block` consecutive valid positions, counted from the row's first valid token (left padding:
+row b's valid positions are [starts[b], starts[b] + lengths[b]) of the K buffer; the sketch is
+indexed by the LOGICAL position s = buffer position - starts[b]).
+- a finished block (all `block` positions present) is coded with its own range, once, and never
+  rewritten;
+- the newest, unfinished block is coded (clamped) with the previous finished block's range;
+- a row with no finished block yet (length < block) has no codes: the scorer reads its exact keys.
+Code of x with range (lo, hi): step = (hi - lo) / (2^bits - 1) (fp32), c = clamp(round_half_even(
+(x - lo) / step), 0, 2^bits - 1) (step 0: x - lo); the scorer dequantises lo + c * step (lo if step 0).
+
+Layout (chosen for the scorer's loads):
+  codes  int32 [B, Hkv, capacity, W], W = d * bits / 32 words per position, dim j of a position in
+         word j // (32 / bits) at bit (j % (32 / bits)) * bits. One position's codes are W
+         consecutive words (16 B at d = 128, 1 bit; 32 B at 2 bits), a tile of positions one
+         contiguous run: 16-byte vector loads, and 32-bit words unpack with one shift and one mask
+         per element (no byte extraction).
+  lo, hi key dtype [B, Hkv, capacity // block, d]: per finished block and channel. They are a min
+         and a max of the keys, so the key dtype holds them exactly (bf16/fp16: 2 bytes each).
+Bytes per position per KV head: d * bits / 8 (codes) + 4 * d / block (ranges, 16-bit keys):
+d = 128, block = 128: 1 bit 16 + 4 = 20 B, 2 bits 32 + 4 = 36 B (the fp16 K and V rows: 512 B,
+so +3.9% / +7.0% of the KV cache; the transposed fp16 copy of the paper's step 1 is +50%).
+
+Operations: `prefill` builds everything from the K buffer (PyTorch, O(S), no host sync);
+`append` codes one new position per row in place (one Triton launch per layer, no host sync):
+the new position's codes with the last finished block's range, and when this position finishes
+a block, that block's range from its exact keys (read from the K buffer) and its codes, once
+(O(block * d), amortised O(d) per step).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_half_even(x):
+    """torch.round (half to even) for x >= 0 in fp32, exact: x - floor(x) has no rounding."""
+    f = tl.floor(x)
+    frac = x - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where((frac > 0.5) | ((frac == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _encode(x, lo, hi, LEVELS: tl.constexpr):
+    """Codes (int32) of x fp32 with the range lo, hi (fp32, x's shape), as key_sketch computes them
+    (IEEE divisions: the same codes as the PyTorch prefill, bit for bit)."""
+    step = tl.math.div_rn(hi - lo, tl.full(hi.shape, LEVELS, tl.float32))
+    safe = tl.where(step > 0, step, 1.0)
+    c = _round_half_even(tl.maximum(tl.math.div_rn(x - lo, safe), 0.0))
+    return tl.minimum(c, LEVELS).to(tl.int32)
+
+
+@triton.jit
+def _pack(c, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """[N, D] int32 codes -> [N, D * BITS / 32] int32 words (disjoint bit fields: sum == or)."""
+    PER: tl.constexpr = 32 // BITS
+    shifts = (tl.arange(0, PER) * BITS)[None, None, :]
+    return tl.sum(tl.reshape(c, (N, D // PER, PER)) << shifts, axis=2)
+
+
+@triton.jit
+def _sketch_append_kernel(
+    knew_ptr, key_ptr, codes_ptr, lo_ptr, hi_ptr, pos_ptr, starts_ptr,
+    stride_nb, stride_nh, stride_kb, stride_kh, stride_ks,
+    num_kv_heads, s_cap, n_blk_cap,
+    D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, HAS_STARTS: tl.constexpr,
+):
+    """Codes the new position p = pos[b] (logical) of one (row, KV head).
+
+    p does not finish a block: reads the new key (d * elt) and the last finished block's range
+    (2 * d * elt), writes d * bits / 8 bytes of codes (nothing while the row has no finished block).
+    p finishes block j: reads block j's exact keys from the K buffer (BLOCK * d * elt), writes its
+    range (2 * d * elt) and its codes (BLOCK * d * bits / 8).
+    """
+    bh = tl.program_id(0)
+    b = bh // num_kv_heads
+    h = bh % num_kv_heads
+    p = tl.load(pos_ptr + b)
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    W: tl.constexpr = D * BITS // 32
+    offs_d = tl.arange(0, D)
+    offs_w = tl.arange(0, W)
+    n_full = p // BLOCK  # finished blocks before this position
+    code_row = codes_ptr + bh.to(tl.int64) * s_cap * W
+    rng = bh.to(tl.int64) * n_blk_cap * D
+    if p >= s_cap:  # no room: nothing to code (the caller's cache is full)
+        pass
+    elif (p + 1) % BLOCK == 0:  # this position finishes block n_full: its range, then its codes
+        first = 0
+        if HAS_STARTS:
+            first = tl.load(starts_ptr + b)
+        offs_n = tl.arange(0, BLOCK)
+        rows = (first + n_full * BLOCK + offs_n).to(tl.int64)
+        x = tl.load(key_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+                    + rows[:, None] * stride_ks + offs_d[None, :])
+        lo = tl.min(x, axis=0)
+        hi = tl.max(x, axis=0)
+        tl.store(lo_ptr + rng + n_full * D + offs_d, lo)
+        tl.store(hi_ptr + rng + n_full * D + offs_d, hi)
+        xf = x.to(tl.float32)
+        c = _encode(xf, tl.broadcast_to(lo.to(tl.float32)[None, :], xf.shape),
+                    tl.broadcast_to(hi.to(tl.float32)[None, :], xf.shape), LEVELS)
+        words = _pack(c, BLOCK, D, BITS)
+        pos = (n_full * BLOCK + offs_n).to(tl.int64)
+        tl.store(code_row + pos[:, None] * W + offs_w[None, :], words)
+    elif n_full > 0:  # unfinished block: clamped codes with the last finished block's range
+        x = tl.load(knew_ptr + b * stride_nb + h * stride_nh + offs_d).to(tl.float32)
+        lo = tl.load(lo_ptr + rng + (n_full - 1) * D + offs_d).to(tl.float32)
+        hi = tl.load(hi_ptr + rng + (n_full - 1) * D + offs_d).to(tl.float32)
+        c = _encode(x, lo, hi, LEVELS)
+        PER: tl.constexpr = 32 // BITS
+        words = tl.sum(tl.reshape(c, (W, PER)) << (tl.arange(0, PER) * BITS)[None, :], axis=1)
+        tl.store(code_row + p.to(tl.int64) * W + offs_w, words)
+
+
+class SketchState:
+    """One layer's packed key sketch for caches of up to `capacity` positions (module docstring).
+
+    codes int32 [B, Hkv, capacity, d * bits / 32]; lo, hi [B, Hkv, capacity // block, d] in the key
+    dtype. Entries of positions >= a row's length, of an unfinished first block and of blocks not
+    finished are unspecified (never read).
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, capacity: int, *, bits: int = 2,
+                 block: int = 128, dtype: torch.dtype = torch.float16, device: torch.device | str = "cuda") -> None:
+        if bits not in (1, 2):
+            raise ValueError(f"bits must be 1 or 2, got {bits}")
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"block must be a power of two >= 16, got {block}")
+        if (head_dim * bits) % 32:
+            raise ValueError(f"head_dim * bits must be a multiple of 32, got {head_dim} * {bits}")
+        self.batch, self.num_kv_heads, self.head_dim, self.capacity = batch, num_kv_heads, head_dim, capacity
+        self.bits, self.block, self.dtype = bits, block, dtype
+        self.device = torch.device(device)
+        self.words = head_dim * bits // 32
+        self.n_blocks = max(1, capacity // block)
+        self.codes = torch.zeros(batch, num_kv_heads, capacity, self.words, dtype=torch.int32, device=self.device)
+        self.lo = torch.zeros(batch, num_kv_heads, self.n_blocks, head_dim, dtype=dtype, device=self.device)
+        self.hi = torch.zeros_like(self.lo)
+
+    def bytes_per_position(self) -> float:
+        """State bytes per position per KV head (codes + amortised ranges)."""
+        return self.words * 4 + 2 * self.head_dim * self.lo.element_size() / self.block
+
+    def prefill(self, key: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor | None = None) -> None:
+        """Build the sketch of key [B, Hkv, S, d] (S <= capacity), row b valid at
+        [starts[b], starts[b] + lengths[b]). PyTorch, O(S * d), no host sync."""
+        b, h, s, d = key.shape
+        if (b, h, d) != (self.batch, self.num_kv_heads, self.head_dim) or s > self.capacity:
+            raise ValueError(f"key {tuple(key.shape)} does not fit this sketch")
+        dev = key.device
+        lengths = lengths.to(dev).long()
+        first = starts.to(dev).long() if starts is not None else torch.zeros_like(lengths)
+        cap, blk = self.capacity, self.block
+        pos = torch.arange(cap, device=dev)
+        ok = pos[None, :] < lengths[:, None]  # [B, cap] logical positions present
+        src = (first[:, None] + pos[None, :]).clamp(max=s - 1)
+        x = key.gather(2, src[:, None, :, None].expand(b, h, cap, d)).float()  # logical order
+        n_full = lengths // blk  # [B]
+        nb = self.n_blocks
+        in_full = pos[None, :] < (n_full * blk)[:, None]
+        big = torch.finfo(torch.float32).max
+        if cap < nb * blk:  # capacity below one block: nothing is ever finished
+            x_pad = torch.nn.functional.pad(x, (0, 0, 0, nb * blk - cap))
+            in_pad = torch.nn.functional.pad(in_full, (0, nb * blk - cap))
+        else:
+            x_pad, in_pad = x, in_full
+        xb = x_pad[:, :, : nb * blk].reshape(b, h, nb, blk, d)
+        fin = in_pad[:, : nb * blk].reshape(b, 1, nb, blk, 1)
+        lo = xb.masked_fill(~fin, big).amin(3)
+        hi = xb.masked_fill(~fin, -big).amax(3)
+        done = (torch.arange(nb, device=dev)[None, :] < n_full[:, None])[:, None, :, None]
+        self.lo.copy_(torch.where(done, lo, 0.0).to(self.dtype))
+        self.hi.copy_(torch.where(done, hi, 0.0).to(self.dtype))
+        # the range each position is coded with: its own block's, or the last finished one's
+        r = torch.minimum(pos[None, :] // blk, (n_full - 1).clamp_min(0)[:, None]).clamp(max=nb - 1)
+        r4 = r[:, None, :, None].expand(b, h, cap, d)
+        lo_p, hi_p = self.lo.float().gather(2, r4), self.hi.float().gather(2, r4)
+        levels = 2**self.bits - 1
+        step = (hi_p - lo_p) / levels
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        codes = ((x - lo_p) / safe).round().clamp(0, levels).long()
+        coded = ok & (n_full > 0)[:, None]
+        codes = codes.masked_fill(~coded[:, None, :, None], 0)
+        per = 32 // self.bits
+        shifts = torch.arange(per, device=dev) * self.bits
+        words = (codes.reshape(b, h, cap, self.words, per) << shifts).sum(-1)
+        words = torch.where(words >= 2**31, words - 2**32, words)
+        self.codes.copy_(words.to(torch.int32))
+
+    def append(self, key_new: torch.Tensor, key: torch.Tensor, positions: torch.Tensor,
+               starts: torch.Tensor | None = None) -> None:
+        """Code one new position per row in place, one launch, no host sync.
+
+        key_new [B, Hkv, d] (or [B, Hkv, 1, d]; any batch/head strides); key: the K buffer
+        [B, Hkv, S, d] already holding the new key (read only when it finishes a block);
+        positions int [B] on the device: the new key's LOGICAL position (the row's length before
+        it); starts as in `prefill`. A row with positions >= capacity is left as it is.
+        """
+        if key_new.dim() == 4:
+            key_new = key_new[:, :, 0]
+        if key_new.stride(-1) != 1 or key.stride(-1) != 1:
+            raise ValueError("key_new and key must be contiguous along head_dim")
+        b, h, d = key_new.shape
+        has_starts = starts is not None
+        pos = positions.to(torch.int32)
+        _sketch_append_kernel[(b * h,)](
+            key_new, key, self.codes, self.lo, self.hi, pos, starts.to(torch.int32) if has_starts else pos,
+            key_new.stride(0), key_new.stride(1), key.stride(0), key.stride(1), key.stride(2),
+            h, self.capacity, self.n_blocks,
+            D=d, BITS=self.bits, BLOCK=self.block, HAS_STARTS=has_starts,
+            num_warps=8 if self.block * d >= 16384 else 4,  # the finishing block sits in registers
+        )
+
+    def dequantised(self, lengths: torch.Tensor) -> torch.Tensor:
+        """The keys as the scorer sees them, [B, Hkv, capacity, d] fp32 in logical order, rows
+        with no finished block and positions >= length zero (for tests; what key_sketch returns
+        on the coded rows)."""
+        b, h, cap, d = self.batch, self.num_kv_heads, self.capacity, self.head_dim
+        dev = self.codes.device
+        lengths = lengths.to(dev).long()
+        per = 32 // self.bits
+        shifts = torch.arange(per, device=dev, dtype=torch.int32) * self.bits
+        codes = ((self.codes[..., None] >> shifts) & (2**self.bits - 1)).reshape(b, h, cap, d).float()
+        pos = torch.arange(cap, device=dev)
+        n_full = lengths // self.block
+        r = torch.minimum(pos[None, :] // self.block, (n_full - 1).clamp_min(0)[:, None]).clamp(max=self.n_blocks - 1)
+        r4 = r[:, None, :, None].expand(b, h, cap, d)
+        lo, hi = self.lo.float().gather(2, r4), self.hi.float().gather(2, r4)
+        step = (hi - lo) / (2**self.bits - 1)
+        deq = torch.where(step > 0, lo + codes * step, lo)
+        coded = (pos[None, :] < lengths[:, None]) & (n_full > 0)[:, None]
+        return deq.masked_fill(~coded[:, None, :, None], 0.0)
