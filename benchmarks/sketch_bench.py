@@ -36,7 +36,7 @@ SHAPES = [  # label, B, Hq, Hkv, S, d, dtype
 
 
 def _graphed(fn):
-    from sparq.bench import _graphed as g
+    from sparq.tools.bench_kernels import _graphed as g
 
     return g(fn)
 
@@ -48,7 +48,7 @@ def _bench(fn) -> float:
 
 
 def run_shape(label, batch, hq, hkv, seq, d, dtype, fraction, block, with_paper=True):
-    from sparq.bench import _dense_candidates, random_cache
+    from sparq.tools.bench_kernels import _dense_candidates, random_cache
     from sparq.config import SparQConfig
     from sparq.kernels.dispatch import DecodePlan
     from sparq.kernels.sketch_scores import SketchConfig

@@ -159,7 +159,7 @@ def test_finished_block_is_never_rewritten():
 
 @pytest.mark.parametrize("fraction, bits, block, d, min_k", [
     (1 / 8, 2, 16, 64, 16), (1 / 16, 1, 32, 128, 1), (0.3, 2, 128, 32, 4), (1.0, 1, 16, 32, 16),
-    (1 / 8, 1, 64, 128, 0),
+    (1 / 8, 1, 64, 128, 2),
 ])
 def test_budgets_kernel_equals_method(fraction, bits, block, d, min_k):
     """k_b, local_b from the device kernel equal SparQSketch.k_for / local_for for every length
