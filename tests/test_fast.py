@@ -237,7 +237,13 @@ def test_snapshot_restores_a_window_ring():
 def test_the_cache_keeps_what_the_method_needs(method, key_t):
     dec = FastDecoder(tiny("llama"), method, batch=2, max_len=16)
     assert all((c.key_t is not None) == key_t for c in dec.cache)
-    assert (dec.method.graph_safe) == (not isinstance(method, SparQSketch))
+    # the sketch only for the sketch method (where the kernels run: here under the interpreter)
+    from sparq import kernels
+
+    sketched = isinstance(method, SparQSketch) and kernels.available(dec.device)
+    assert all((c.sketch is not None) == sketched for c in dec.cache)
+    assert all(c.derived.sketch_spec == method.sketch_spec for c in dec.cache)
+    assert dec.method.graph_safe  # dense, SparQ and (on the kernels) the sketch
 
 
 def static_methods(head_dim: int):
@@ -309,3 +315,46 @@ def test_h2o_state_lives_in_the_decoder():
     other.prefill(aligned, lengths)
     with pytest.raises(ValueError, match="h2o records the prefill"):
         other.use(h2o)
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_sketch_runs_on_the_kernels_in_both_loops(monkeypatch, bits):
+    """sparq-sketch keeps its packed sketch incrementally in both caches and scores on the kernels
+    (here under the Triton interpreter) through sparq.enabled + generate (left padding: per-row
+    starts) and FastDecoder; both give the tokens of the method's PyTorch path (the sketch rebuilt
+    from K each step). 1 bit at head_dim 16 (16 bits a position, not whole 32-bit words) is a
+    configuration the kernels do not keep: both loops then run the PyTorch path, same tokens."""
+    from sparq import kernels
+    from sparq.kernels import dispatch
+
+    if not kernels.available(torch.device("cpu")):
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1)")
+    model = tiny("llama")
+    ids, mask = long_prompts()
+    aligned, lengths = left_aligned(ids, mask)
+    method = SparQSketch(1 / 8, bits=bits, block=16, local_fraction=0.0)  # a block finishes while decoding
+    calls = {"padded": 0, "aligned": 0}
+    real = dispatch.DecodePlan.run
+
+    def counting(self, *args, **kwargs):
+        assert kwargs.get("sketch") is not None
+        calls["padded" if kwargs.get("starts") is not None else "aligned"] += 1
+        return real(self, *args, **kwargs)
+
+    class TorchPath(SparQSketch):  # the same method with the kept sketch ignored
+        def attend(self, x):
+            x.sketch = None
+            return super().attend(x)
+
+    torch_path = TorchPath(1 / 8, bits=bits, block=16, local_fraction=0.0)
+    with sparq.enabled(model, torch_path):
+        expected = greedy(model, ids, mask, n=17)
+    monkeypatch.setattr(dispatch.DecodePlan, "run", counting)
+    with sparq.enabled(model, method):
+        hf = greedy(model, ids, mask, n=17)
+    fast, _ = FastDecoder(model, method, batch=3, max_len=170, prefill_chunk=64).generate(aligned, lengths, 17)
+    if bits == 2:
+        assert calls["padded"] > 0 and calls["aligned"] > 0, calls
+    else:
+        assert calls == {"padded": 0, "aligned": 0}, calls
+    assert torch.equal(hf, expected) and torch.equal(fast, expected)

@@ -89,18 +89,19 @@ def sparq_attention_forward(
         if isinstance(cache, SparQCache):
             # Valid positions for the prefill's last token = the real (non-padding) tokens.
             valid = _valid_positions(attention_mask, batch, seq_len, key.device)
-            s = cache.sparq_state(module.layer_idx, key, value, valid, rebuild=True)
+            s = cache.sparq_state(module.layer_idx, key, value, valid, rebuild=True, method=method)
             method.observe_prefill(query, key, value, valid, scale, s.state)
         return out
 
     valid = _valid_positions(attention_mask, batch, seq_len, key.device)
     x = DecodeInputs(query=query[:, :, 0, :], key=key, value=value, valid=valid, scale=scale)
     if isinstance(cache, SparQCache):
-        s = cache.sparq_state(module.layer_idx, key, value, valid)
+        s = cache.sparq_state(module.layer_idx, key, value, valid, method=method)
         x.key_t, x.value_sum, x.state, x.plans = s.key_t, s.value_sum, s.state, cache.plans
         if s.lengths is not None:  # one valid run per row: the kernels read the cache in place
             x.lengths = s.lengths
             x.starts = s.starts if s.left_padded else None
+            x.sketch = s.sketch
     out = method.attend(x)  # [B, Hq, d]
     return out[:, None, :, :], None  # [B, 1, Hq, d]
 

@@ -59,6 +59,10 @@ class SparQLayerState:
         return self.derived.starts if self.runs else None
 
     @property
+    def sketch(self):
+        return self.derived.sketch if self.runs else None
+
+    @property
     def valid(self) -> Tensor:
         return self.valid_buf[:, : self.length]
 
@@ -67,12 +71,13 @@ class SparQLayerState:
         return self.valid_buf.shape[-1]
 
 
-def build_state(key: Tensor, value: Tensor, valid: Tensor, keep_key_t: bool) -> SparQLayerState:
+def build_state(key: Tensor, value: Tensor, valid: Tensor, keep_key_t: bool,
+                sketch_spec: tuple[int, int] | None = None) -> SparQLayerState:
     """Everything from scratch: O(S) work, done at prefill or after the cache changed under us."""
     batch, heads, seq_len, head_dim = key.shape
     capacity = seq_len + max(64, seq_len // 4)  # room to decode before the first regrowth
     derived = DerivedState(batch, heads, head_dim, capacity, key.dtype, key.device, keep_key_t=keep_key_t,
-                           growable=True)
+                           growable=True, sketch_spec=sketch_spec)
     derived.write(key, value, 0, valid)
     valid_buf = valid.new_zeros(batch, capacity)
     valid_buf[:, :seq_len] = valid
@@ -82,6 +87,9 @@ def build_state(key: Tensor, value: Tensor, valid: Tensor, keep_key_t: bool) -> 
         starts, lengths, s.left_padded = runs
         derived.set_runs(lengths, starts)
         s.runs = True
+        derived.build_sketch(key)
+    else:  # no single valid run per row: the kernels (and the kept sketch) do not apply
+        derived.sketch = None
     return s
 
 
@@ -89,6 +97,8 @@ def extend_state(s: SparQLayerState, key: Tensor, value: Tensor, new_valid: Tens
     """Append the newest position (key/value are the whole cache, the last row is new)."""
     n = s.length
     s.derived.append_column(key[:, :, -1, :], value[:, :, -1, :], n, valid=new_valid)
+    if s.runs and s.derived.sketch is not None:  # the new key at its logical position (the run's length)
+        s.derived.append_sketch(key[:, :, -1, :], key, s.derived.lengths)
     if s.valid_buf.shape[-1] <= n:  # double the mask's room too (amortised O(1) per step)
         buf = s.valid_buf.new_zeros(s.valid_buf.shape[0], 2 * s.valid_buf.shape[-1])
         buf[:, :n] = s.valid_buf[:, :n]
@@ -114,19 +124,25 @@ class SparQCache(DynamicCache):
 
         self.keep_key_t = keep_key_t
         self.sparq_layers: dict[int, SparQLayerState] = {}
-        self.plans = PlanCache()  # the kernels' launch plans for this cache (all layers)
+        self.plans = PlanCache(min_capacity=256)  # the kernels' launch plans (all layers)
 
     def sparq_state(self, layer_idx: int, key: Tensor, value: Tensor, valid: Tensor,
-                    rebuild: bool = False) -> SparQLayerState:
-        """The layer's state, lined up with `key`/`value` (the whole cache after this step's update)."""
+                    rebuild: bool = False, method: Any = None) -> SparQLayerState:
+        """The layer's state, lined up with `key`/`value` (the whole cache after this step's update).
+        `method` (a DecodeMethod) decides what is kept: Kᵀ if it reads it (`needs_key_t`; always
+        without a method), its packed key sketch if it scores with one (`sketch_spec`)."""
+        keep_key_t = self.keep_key_t and (method is None or method.needs_key_t)
+        sketch_spec = None if method is None else method.sketch_spec
         s = self.sparq_layers.get(layer_idx)
+        if s is not None and (s.derived.sketch_spec != sketch_spec or (s.derived.key_t_buf is not None) != keep_key_t):
+            s = None  # another method ran on this cache before: derive its state afresh
         # Every operation that rewrites K/V (crop, reorder, reset, batch edits) drops the state
         # and a prefill rebuilds it, so lining up by length and batch is enough: no per-step
         # comparison of masks (that would be a host sync per layer and step on CUDA).
         if not rebuild and s is not None and s.length == key.shape[2] - 1 and s.valid.shape[0] == key.shape[0]:
             extend_state(s, key, value, valid[:, -1])
         else:
-            s = build_state(key, value, valid, self.keep_key_t)
+            s = build_state(key, value, valid, keep_key_t, sketch_spec)
             self.sparq_layers[layer_idx] = s
         return s
 

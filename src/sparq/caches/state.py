@@ -5,7 +5,10 @@ Both decode caches keep, beside K and V, the same derived state per layer:
     r whole rows contiguous along the sequence (only methods that need it: `needs_key_t`);
   * value_sum [B, Hkv, d] fp32: the sum of V over the valid positions, for step 3's mean;
   * lengths [B] int32 and, for left-padded rows, starts [B] int32: row b's valid positions are
-    the run [starts[b], starts[b] + lengths[b]), which is what the kernels take.
+    the run [starts[b], starts[b] + lengths[b]), which is what the kernels take;
+  * sketch (only methods that score with one: `sketch_spec` = (bits, block)): the packed 1-2 bit
+    per-channel key sketch with per-block ranges (`kernels.sketch_state.SketchState`), where the
+    kernels can keep it (else the method computes its sketch in PyTorch).
 `DerivedState` writes it at prefill (`write`: a chunk of positions, masked by validity), extends it
 on a decode step (`append_column`: one position per row, no host sync) and forgets it (`reset`).
 The static kernel cache (`caches.static.KernelCacheLayer`) holds one over its fixed capacity and its
@@ -14,8 +17,9 @@ with the sequence (capacity doubling, so a step writes one column in place) and 
 V and the attention mask after a crop, reorder or reset. The fused Triton append
 (`kernels.append`) writes the same buffers as `append_column`.
 
-Memory per position and KV head: d * elt bytes of Kᵀ when kept (+50% of the K/V cache); per row
-and KV head 4 * d bytes of V sum and 8 bytes of run bounds.
+Memory per position and KV head: d * elt bytes of Kᵀ when kept (+50% of the K/V cache), or
+d * bits / 8 + 4 * d / block bytes of sketch (d = 128, block 128: 20 B at 1 bit, 36 B at 2 bits,
++3.9% / +7.0% of fp16 K and V); per row and KV head 4 * d bytes of V sum and 8 bytes of run bounds.
 """
 
 from __future__ import annotations
@@ -28,9 +32,22 @@ class DerivedState:
     """Kᵀ (optional), the fp32 V sum and the valid runs of one layer; see the module docstring."""
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str, *, keep_key_t: bool, growable: bool = False) -> None:
+                 device: torch.device | str, *, keep_key_t: bool, growable: bool = False,
+                 sketch_spec: tuple[int, int] | None = None) -> None:
         device = torch.device(device)
         self.growable = growable
+        self.sketch_spec = sketch_spec
+        self.sketch = None  # kernels.sketch_state.SketchState where the kernels can keep one
+        if sketch_spec is not None:
+            from ..kernels import triton_importable
+
+            if triton_importable():
+                from ..kernels.sketch_state import SketchState, sketch_supported
+
+                bits, block = sketch_spec
+                if sketch_supported(head_dim, bits, block, dtype, device):
+                    self.sketch = SketchState(batch, num_kv_heads, head_dim, capacity, bits=bits, block=block,
+                                              dtype=dtype, device=device)
         self.key_t_buf = (torch.zeros(batch, num_kv_heads, head_dim, capacity, dtype=dtype, device=device)
                           if keep_key_t else None)
         self.value_sum = torch.zeros(batch, num_kv_heads, head_dim, dtype=torch.float32, device=device)
@@ -66,6 +83,8 @@ class DerivedState:
             buf = self.key_t_buf.new_zeros(*self.key_t_buf.shape[:-1], new_cap)
             buf[..., :used] = self.key_t_buf[..., :used]
             self.key_t_buf = buf
+        if self.sketch is not None:
+            self.sketch.grow(new_cap, used)
         self.capacity = new_cap
 
     def write(self, key: Tensor, value: Tensor, start: int, valid: Tensor) -> None:
@@ -82,6 +101,18 @@ class DerivedState:
             k = torch.where(mask, key.to(self.key_t_buf.dtype), 0)
             self.key_t_buf[..., start:end] = k.transpose(-1, -2)
 
+    def build_sketch(self, key: Tensor) -> None:
+        """After a prefill: the sketch of the K buffer key [B, Hkv, S, d] over the valid runs
+        (O(S * d), no host sync). Needs the runs (`set_runs`) first."""
+        if self.sketch is not None:
+            self.sketch.prefill(key, self.lengths, self.starts)
+
+    def append_sketch(self, key_new: Tensor, key: Tensor, logical_pos: Tensor) -> None:
+        """Code one new position per row (key_new [B, Hkv, d]) at its logical position (the row's
+        length before it), the K buffer `key` already holding it. One launch, no host sync."""
+        if self.sketch is not None:
+            self.sketch.append(key_new, key, logical_pos, self.starts)
+
     def set_runs(self, lengths: Tensor, starts: Tensor | None = None) -> None:
         self.lengths.copy_(lengths.to(device=self.lengths.device, dtype=torch.int32))
         self.starts = None if starts is None else starts.to(device=self.lengths.device, dtype=torch.int32)
@@ -91,6 +122,8 @@ class DerivedState:
         """One position per row: key, value [B, Hkv, d] at pos (an int, or int [B] on the device).
         old_value [B, Hkv, d]: the V row this write replaces (a full static row), taken out of the
         sum; valid [B] bool: rows whose new position is padding add nothing. No host sync."""
+        if isinstance(pos, int):  # a growing cache: room for the new column (Kᵀ and sketch)
+            self.reserve(pos + 1, pos)
         v = value.float()
         if valid is not None:
             v = v.masked_fill(~valid[:, None, None], 0.0)
@@ -98,7 +131,6 @@ class DerivedState:
         if self.key_t_buf is None:
             return
         if isinstance(pos, int):
-            self.reserve(pos + 1, pos)
             self.key_t_buf[..., pos] = key.to(self.key_t_buf.dtype)
         else:
             b, h, d = key.shape

@@ -23,13 +23,16 @@ class KernelCacheLayer:
     (`SparQCache`) derives its state with."""
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str, *, keep_key_t: bool = True):
+                 dtype: torch.dtype, device: torch.device | str, *, keep_key_t: bool = True,
+                 sketch_spec: tuple[int, int] | None = None):
         device = torch.device(device)
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.key = torch.zeros(shape, dtype=dtype, device=device)
         self.value = torch.zeros(shape, dtype=dtype, device=device)
         # Dense attention never reads Kᵀ: keep_key_t=False saves that third of the memory.
-        self.derived = DerivedState(batch, num_kv_heads, head_dim, max_len, dtype, device, keep_key_t=keep_key_t)
+        # A sketch-scored method keeps its packed key sketch instead (sketch_spec = (bits, block)).
+        self.derived = DerivedState(batch, num_kv_heads, head_dim, max_len, dtype, device, keep_key_t=keep_key_t,
+                                    sketch_spec=sketch_spec)
         self.max_len = max_len
         from .. import kernels
 
@@ -39,6 +42,15 @@ class KernelCacheLayer:
     @property
     def key_t(self) -> Tensor | None:
         return self.derived.key_t
+
+    @property
+    def sketch(self):
+        """The packed key sketch (`kernels.sketch_state.SketchState`), or None."""
+        return self.derived.sketch
+
+    def finish_prefill(self) -> None:
+        """After the last prefill chunk: build what is derived from the whole prompt (the sketch)."""
+        self.derived.build_sketch(self.key)
 
     @property
     def value_sum(self) -> Tensor:
@@ -64,6 +76,7 @@ class KernelCacheLayer:
         self.value.zero_()
         self.derived.reset()
         self.write_prefill(key, value, 0, lengths)
+        self.finish_prefill()
 
     def write_prefill(self, key: Tensor, value: Tensor, start: int, lengths: Tensor) -> None:
         """Write prefill positions [start, start + L) of every row from key, value [B, Hkv, L, d]
@@ -100,6 +113,8 @@ class KernelCacheLayer:
             append_token(key, value, self.key, self.derived.key_t_buf, self.value, self.derived.value_sum, pos_src)
         else:
             self._append_torch(key, value, pos_src)
+        if self.derived.sketch is not None:  # rows are left-aligned: logical = buffer position
+            self.derived.append_sketch(key, self.key, pos_src)
         if advance:
             self.lengths.add_((self.lengths < self.max_len).to(torch.int32))
 

@@ -76,7 +76,8 @@ class FastDecoder:
     has a static-cache path (or a SparQConfig, for SparQ)."""
 
     def __init__(self, model: nn.Module, method: DecodeMethod | SparQConfig, *, batch: int, max_len: int,
-                 prefill_chunk: int = 4096, keep_key_t: bool | None = None, compile: bool | None = None,
+                 prefill_chunk: int = 4096, keep_key_t: bool | None = None,
+                 keep_sketch: tuple[int, int] | None = None, compile: bool | None = None,
                  fuse_weights: bool = True, tp_group=None) -> None:
         method = static_method(method)
         if batch < 1 or max_len < 2:
@@ -100,6 +101,8 @@ class FastDecoder:
         self.device, self.dtype = param.device, param.dtype
         # Kᵀ only where a method reads it; build with keep_key_t=True to switch to one later.
         keep_key_t = method.needs_key_t if keep_key_t is None else keep_key_t
+        # the packed key sketch only for a sketch-scored method (or keep_sketch=(bits, block) to switch)
+        sketch_spec = method.sketch_spec if keep_sketch is None else keep_sketch
         self.cache: list[KernelCacheLayer | WindowCache] = []
         for i in range(len(self.family.layers)):
             w = self.family.window(i)
@@ -107,7 +110,7 @@ class FastDecoder:
                 WindowCache(batch, self.num_kv_heads, min(w, max_len), self.head_dim, self.dtype, self.device)
                 if w is not None else
                 KernelCacheLayer(batch, self.num_kv_heads, self.head_dim, max_len, self.dtype, self.device,
-                                 keep_key_t=keep_key_t))
+                                 keep_key_t=keep_key_t, sketch_spec=sketch_spec))
         self._global = [c for c in self.cache if isinstance(c, KernelCacheLayer)]
         # the kernels' launch plans: owned by the decoder with its cache, planned once for the fixed
         # capacity, one workspace shared by every layer (one layer runs at a time)
@@ -144,7 +147,9 @@ class FastDecoder:
         return self._graphs.get(self.method)
 
     def _graphed(self, use_graph: bool) -> bool:
-        return use_graph and self.device.type == "cuda" and self.method.graph_safe
+        # a sketch method is graph-safe only on the kernels, i.e. where the cache keeps its sketch
+        on_kernels = self.method.sketch_spec is None or bool(self._global and self._global[0].sketch is not None)
+        return use_graph and self.device.type == "cuda" and self.method.graph_safe and on_kernels
 
     def use(self, method: DecodeMethod | SparQConfig) -> None:
         """Switch the decode method (same cache; a graph-safe method's CUDA graph is captured on its
@@ -153,6 +158,11 @@ class FastDecoder:
         if method.needs_key_t and self._global and self._global[0].key_t is None:
             raise ValueError(f"{method.name} reads the transposed key copy, which this cache does not keep: "
                              f"build the decoder with keep_key_t=True")
+        have = self._global[0].derived.sketch_spec if self._global else None
+        if method.sketch_spec is not None and method.sketch_spec != have:
+            raise ValueError(f"{method.label} scores with a {method.sketch_spec[0]}-bit sketch in blocks of "
+                             f"{method.sketch_spec[1]}, which this cache does not keep (it keeps {have}): build the "
+                             f"decoder with keep_sketch={method.sketch_spec}")
         if _observes_prefill(method) and self._observed not in (None, method):
             raise ValueError(f"{method.name} records the prefill's attention, and the last prefill ran under "
                              f"{self._observed.name}: use({method.name}) before the prefill")
@@ -181,8 +191,10 @@ class FastDecoder:
 
     def _buffers(self) -> list[Tensor]:
         # positions past a row's length are scratch in a KernelCacheLayer; a ring's slots are not
+        # (a sketch's codes are state: a block finished after the snapshot re-codes earlier positions)
         return ([self.lengths, self.positions, self.tokens] + [c.value_sum for c in self._global]
-                + [t for c in self._windows for t in (c.key, c.value)])
+                + [t for c in self._windows for t in (c.key, c.value)]
+                + [t for c in self._global if c.sketch is not None for t in (c.sketch.codes, c.sketch.lo, c.sketch.hi)])
 
     def snapshot(self) -> Snapshot:
         """The decode state (lengths, V sums, windows, positions, next tokens, method state)."""
@@ -246,6 +258,8 @@ class FastDecoder:
             last_hidden = torch.where(inside[:, None], picked, last_hidden)
         self.lengths.copy_(lengths)
         self.positions.copy_(lengths)
+        for c in self._global:  # what needs the whole prompt (the sketch's per-block ranges)
+            c.finish_prefill()
         first = fam.logits(last_hidden).argmax(-1)
         self.tokens.copy_(first)
         return first
@@ -269,7 +283,7 @@ class FastDecoder:
                 c.append(k, v, positions=self._write_pos, advance=False)
                 out = self.method.attend(DecodeInputs(q[:, :, 0], c.key, c.value, valid, self.scale, key_t=c.key_t,
                                                       value_sum=c.value_sum, state=st, lengths=self.lengths,
-                                                      plans=self.plans))
+                                                      plans=self.plans, sketch=c.sketch))
             x = self._post(x, out.reshape(self.batch, 1, -1), **post)
         self.tokens.copy_(fam.logits(x)[:, 0].argmax(-1))
         self.positions.add_(1)

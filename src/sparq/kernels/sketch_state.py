@@ -120,6 +120,15 @@ def _sketch_append_kernel(
         tl.store(code_row + p.to(tl.int64) * W + offs_w, words)
 
 
+def sketch_supported(head_dim: int, bits: int, block: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Can the sketch kernels keep and score this layer (else the method's PyTorch path runs)?"""
+    from . import SUPPORTED_HEAD_DIMS, available
+
+    return (bits in (1, 2) and block >= 16 and not block & (block - 1) and head_dim in SUPPORTED_HEAD_DIMS
+            and (head_dim * bits) % 32 == 0 and dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and available(device) and (device.type != "cuda" or dtype != torch.float32))
+
+
 class SketchState:
     """One layer's packed key sketch for caches of up to `capacity` positions (module docstring).
 
@@ -144,6 +153,19 @@ class SketchState:
         self.codes = torch.zeros(batch, num_kv_heads, capacity, self.words, dtype=torch.int32, device=self.device)
         self.lo = torch.zeros(batch, num_kv_heads, self.n_blocks, head_dim, dtype=dtype, device=self.device)
         self.hi = torch.zeros_like(self.lo)
+
+    def grow(self, capacity: int, used: int) -> None:
+        """Room for `capacity` positions, keeping the first `used` (transformers' growing cache
+        doubles it; a static cache never calls this)."""
+        if capacity <= self.capacity:
+            return
+        codes = self.codes.new_zeros(self.batch, self.num_kv_heads, capacity, self.words)
+        codes[:, :, :used] = self.codes[:, :, :used]
+        n_blocks = max(1, capacity // self.block)
+        lo = self.lo.new_zeros(self.batch, self.num_kv_heads, n_blocks, self.head_dim)
+        hi = torch.zeros_like(lo)
+        lo[:, :, : self.n_blocks], hi[:, :, : self.n_blocks] = self.lo, self.hi
+        self.codes, self.lo, self.hi, self.capacity, self.n_blocks = codes, lo, hi, capacity, n_blocks
 
     def bytes_per_position(self) -> float:
         """State bytes per position per KV head (codes + amortised ranges)."""

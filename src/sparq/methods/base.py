@@ -51,6 +51,7 @@ class DecodeInputs:
     lengths: Tensor | None = None  # set when valid is exactly `starts[b] <= position < starts[b] + lengths[b]`
     starts: Tensor | None = None   # None: every row starts at position 0
     plans: Any = None              # the cache's PlanCache (None: the kernels plan per call)
+    sketch: Any = None             # the cache's packed key sketch (kernels.sketch_state.SketchState)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class DecodeMethod(ABC):
     static_cache: ClassVar[bool] = True
     needs_key_t: ClassVar[bool] = False
     graph_safe: ClassVar[bool] = False
+    # (bits, block) of the packed key sketch the caches keep for the method (None: no sketch)
+    sketch_spec: ClassVar[tuple[int, int] | None] = None
 
     @abstractmethod
     def attend(self, x: DecodeInputs) -> Tensor:

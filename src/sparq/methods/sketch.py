@@ -81,6 +81,13 @@ class SparQSketch(DecodeMethod):
     reallocate: bool = True
     min_k: int = 16
     name = "sparq-sketch"
+    # on the kernels (a cache-kept sketch, CUDA fp16/bf16): fixed launch shapes, no host sync
+    graph_safe = True
+
+    @property
+    def sketch_spec(self) -> tuple[int, int]:  # type: ignore[override]
+        """What the caches keep for this method: the packed sketch's (bits, block)."""
+        return (self.bits, self.block)
 
     def __post_init__(self) -> None:
         o = "SparQSketch"
@@ -113,6 +120,14 @@ class SparQSketch(DecodeMethod):
         return logits.masked_fill(~x.valid[:, None, None, :], NEG_INF).softmax(-1)
 
     def attend(self, x: DecodeInputs) -> Tensor:
+        if x.sketch is not None and x.lengths is not None and (x.sketch.bits, x.sketch.block) == self.sketch_spec:
+            # the kernels, reading the cache's packed sketch (kept incrementally: no per-step rebuild)
+            from ..kernels.dispatch import sparq_decode
+            from ..kernels.sketch_scores import SketchConfig
+
+            return sparq_decode(x.query.contiguous(), x.key, x.value, SketchConfig.from_method(self, x.key.shape[-1]),
+                                x.lengths, scale=x.scale, value_sum=x.value_sum, starts=x.starts, plans=x.plans,
+                                sketch=x.sketch)
         d = x.key.shape[-1]
         lengths = lengths_of(x.valid)
         ks = [self.k_for(n, d) for n in lengths]
