@@ -96,12 +96,14 @@ class KernelCacheLayer:
         self.derived.write(k, v, start, valid)
         self.derived.set_runs(lengths.clamp(max=end))
 
-    def append(self, key: Tensor, value: Tensor, positions: Tensor | None = None, advance: bool = True) -> None:
+    def append(self, key: Tensor, value: Tensor, positions: Tensor | None = None, advance: bool = True,
+               sketch: bool = True) -> None:
         """Write one token per row, key/value [B, Hkv, d] or [B, Hkv, 1, d], at position lengths[b]
         (or positions[b]), then advance lengths (unless advance=False). No host sync. A full row
         (position == Smax) overwrites its last position instead of running past the buffer: keep
         track of the capacity on the host. On CUDA (or under the Triton interpreter) the writes are
-        one kernel launch (`kernels.append`)."""
+        one kernel launch (`kernels.append`). sketch=False skips the kept sketch's append (a method
+        that does not read it; `finish_prefill` rebuilds the sketch before one that does)."""
         if key.dim() == 4:
             key = key[:, :, 0]
         if value.dim() == 4:
@@ -113,7 +115,7 @@ class KernelCacheLayer:
             append_token(key, value, self.key, self.derived.key_t_buf, self.value, self.derived.value_sum, pos_src)
         else:
             self._append_torch(key, value, pos_src)
-        if self.derived.sketch is not None:  # rows are left-aligned: logical = buffer position
+        if sketch and self.derived.sketch is not None:  # rows are left-aligned: logical = buffer position
             self.derived.append_sketch(key, self.key, pos_src)
         if advance:
             self.lengths.add_((self.lengths < self.max_len).to(torch.int32))

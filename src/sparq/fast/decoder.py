@@ -55,6 +55,7 @@ class Snapshot:
 
     tensors: list[Tensor]
     states: list[dict[str, Any]]
+    sketch_fresh: bool = True
 
 
 def _observes_prefill(method: DecodeMethod) -> bool:
@@ -112,6 +113,7 @@ class FastDecoder:
                 KernelCacheLayer(batch, self.num_kv_heads, self.head_dim, max_len, self.dtype, self.device,
                                  keep_key_t=keep_key_t, sketch_spec=sketch_spec))
         self._global = [c for c in self.cache if isinstance(c, KernelCacheLayer)]
+        self._sketch_fresh = True  # the kept sketch covers every cached position (see _note_sketch_use)
         # the kernels' launch plans: owned by the decoder with its cache, planned once for the fixed
         # capacity, one workspace shared by every layer (one layer runs at a time)
         self.plans = PlanCache(growth=False)
@@ -198,7 +200,7 @@ class FastDecoder:
 
     def snapshot(self) -> Snapshot:
         """The decode state (lengths, V sums, windows, positions, next tokens, method state)."""
-        return Snapshot([t.clone() for t in self._buffers()], copy.deepcopy(self._states))
+        return Snapshot([t.clone() for t in self._buffers()], copy.deepcopy(self._states), self._sketch_fresh)
 
     def restore(self, snap: Snapshot) -> None:
         for dst, src in zip(self._buffers(), snap.tensors):
@@ -206,6 +208,7 @@ class FastDecoder:
         for dst, src in zip(self._states, snap.states):
             dst.clear()
             dst.update(copy.deepcopy(src))
+        self._sketch_fresh = snap.sketch_fresh
 
     # ---- prefill ---------------------------------------------------------------------------------
 
@@ -260,6 +263,7 @@ class FastDecoder:
         self.positions.copy_(lengths)
         for c in self._global:  # what needs the whole prompt (the sketch's per-block ranges)
             c.finish_prefill()
+        self._sketch_fresh = True
         first = fam.logits(last_hidden).argmax(-1)
         self.tokens.copy_(first)
         return first
@@ -280,7 +284,7 @@ class FastDecoder:
                 c.append(k, v, self._write_pos)
                 out = _DENSE.attend(c.inputs(q[:, :, 0], self.lengths, self.scale))
             else:
-                c.append(k, v, positions=self._write_pos, advance=False)
+                c.append(k, v, positions=self._write_pos, advance=False, sketch=self.method.sketch_spec is not None)
                 out = self.method.attend(DecodeInputs(q[:, :, 0], c.key, c.value, valid, self.scale, key_t=c.key_t,
                                                       value_sum=c.value_sum, state=st, lengths=self.lengths,
                                                       plans=self.plans, sketch=c.sketch))
@@ -289,9 +293,20 @@ class FastDecoder:
         self.positions.add_(1)
 
     @torch.inference_mode()
+    def _note_sketch_use(self) -> None:
+        """Only a sketch method's steps extend the kept sketch (others skip that launch); a sketch
+        method after steps of another one rebuilds it from the K buffer once."""
+        if self.method.sketch_spec is None:
+            self._sketch_fresh = False
+        elif not self._sketch_fresh:
+            for c in self._global:
+                c.finish_prefill()
+            self._sketch_fresh = True
+
     def step(self, use_graph: bool = True) -> Tensor:
         """One decode step (replays a captured CUDA graph on CUDA for a graph-safe method); returns
         the new tokens [B]."""
+        self._note_sketch_use()
         if self._graphed(use_graph):
             if self._graph is None:
                 self._capture()

@@ -26,7 +26,7 @@ import torch
 
 from ..config import SparQConfig
 from ..fast import FastDecoder, kv_bytes_per_token
-from ..methods import Dense
+from ..methods import Dense, SparQSketch
 
 # Random-weight model shapes (no download): built from a config on the GPU.
 SHAPES = {
@@ -86,8 +86,12 @@ def weight_bytes_per_step(model) -> int:
 
 def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 32768), new_tokens: int = 64,
                    compressions=(4, 8, 16), *, auto: int | None = 8, ragged: bool = False, tensor_parallel: bool = False, out_dir: str | os.PathLike | None =
-                   "benchmarks/results", print_rows: bool = True) -> dict:
-    """Run the grid; returns {"device", "versions", "rows", ...} and writes it as JSON under out_dir."""
+                   "benchmarks/results", print_rows: bool = True, sketch: tuple[int, ...] = (),
+                   sketch_bits: int = 2) -> dict:
+    """Run the grid; returns {"device", "versions", "rows", ...} and writes it as JSON under out_dir.
+
+    sketch: budgets 1/N that also run `sparq-sketch` (its packed `sketch_bits`-bit key sketch kept by
+    the same cache, 128-token blocks, the method's defaults otherwise), beside dense and SparQ."""
     import triton
 
     from .bench_kernels import measure_read_bandwidth
@@ -111,6 +115,9 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w_bytes = weight_bytes_per_step(lm)
     kv_dense, kv_sparq = (kv_bytes_per_token(cfg, sparq=s) for s in (False, True))
+    sketch_spec = (sketch_bits, 128) if sketch else None
+    kv_sketch = kv_dense + (cfg.num_hidden_layers * cfg.num_key_value_heads
+                            * (head_dim * sketch_bits // 8 + 4 * head_dim // 128)) // max(1, tp)
     total_mem = torch.cuda.get_device_properties(0).total_memory
     rows, skipped = [], []
     for context in contexts:
@@ -130,7 +137,7 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
             ids = torch.randint(0, cfg.vocab_size, (batch, context))
             torch.cuda.reset_peak_memory_stats()
             # prefill chunks of ~16k tokens in all keep activations small next to the cache
-            dec = FastDecoder(lm, Dense(), batch=batch, max_len=max_len, keep_key_t=True,
+            dec = FastDecoder(lm, Dense(), batch=batch, max_len=max_len, keep_key_t=True, keep_sketch=sketch_spec,
                               prefill_chunk=max(256, 16384 // batch), tp_group=tp_group)
             torch.cuda.synchronize()
             t0 = torch.cuda.Event(enable_timing=True)
@@ -144,6 +151,7 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
             kv_read_dense = kv_dense * int(lengths.sum())
             methods = [("dense", Dense(), 1.0)] + [
                 (f"sparq 1/{c}", SparQConfig.from_compression(c, head_dim=head_dim, reallocate=True), None) for c in compressions]
+            methods += [(f"sketch{sketch_bits}b 1/{c}", SparQSketch(1 / c, bits=sketch_bits), None) for c in sketch]
             if auto:  # the policy: dense or SparQ at 1/auto, whichever autotune measures faster
                 methods.append((f"auto 1/{auto}", SparQConfig.from_compression(auto, head_dim=head_dim,
                                                                                reallocate=True), "auto"))
@@ -168,7 +176,8 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
                        "ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "kv_fraction_read": frac,
                        "floor_ms": floor_ms, "fraction_of_floor": floor_ms / ms,
                        "speedup_vs_dense": dense_ms / ms, "prefill_s": prefill_s,
-                       "cache_bytes_per_token": kv_dense if method == Dense() else kv_sparq}
+                       "cache_bytes_per_token": (kv_dense if method == Dense() else
+                                                 kv_sketch if isinstance(method, SparQSketch) else kv_sparq)}
                 rows.append(row)
                 if print_rows:
                     print(format_row(row), flush=True)
@@ -185,8 +194,9 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
                      "python": platform.python_version()},
         "model": model, "tensor_parallel": tp, "new_tokens": new_tokens, "read_bandwidth_TBps": bw / 1e12,
         "weight_bytes_per_step": w_bytes,
-        "cache_bytes_per_token": {"dense": kv_dense, "sparq_fp16_key_t": kv_sparq},
-        "max_tokens_in_cache": {"dense": free_for_cache // kv_dense, "sparq": free_for_cache // kv_sparq},
+        "cache_bytes_per_token": {"dense": kv_dense, "sparq_fp16_key_t": kv_sparq, f"sketch_{sketch_bits}bit": kv_sketch},
+        "max_tokens_in_cache": {"dense": free_for_cache // kv_dense, "sparq": free_for_cache // kv_sparq,
+                                f"sketch_{sketch_bits}bit": free_for_cache // kv_sketch},
         "timing": "wall clock over CUDA-graph replays of whole decode steps (greedy), after a warm-up",
         "rows": rows, "skipped": skipped,
     }

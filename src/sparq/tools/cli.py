@@ -304,6 +304,9 @@ def bench_generate(
                                                   "is measured faster); 0 = off.")] = 8,
     tp: Annotated[bool, typer.Option("--tp", help="Tensor parallelism over the GPUs of a torchrun launch "
                                                "(torchrun --nproc-per-node N -m sparq.tools.cli bench generate --tp).")] = False,
+    sketch: Annotated[str, typer.Option(help="Also run sparq-sketch at these budgets 1/N (comma-separated N; "
+                                             "'' = none).")] = "",
+    sketch_bits: Annotated[int, typer.Option(min=1, max=2, help="Bits of the sketch (1 or 2).")] = 2,
     out_dir: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("benchmarks/results"),
 ) -> None:
     """Decode tokens/s of dense vs SparQ in one static-cache CUDA-graph loop, with floors and memory (CUDA)."""
@@ -317,8 +320,9 @@ def bench_generate(
 
     from .bench_generate import format_table
 
+    sketches = _int_list(sketch, "--sketch") if sketch.strip() else ()
     result = run(model, batches, contexts, new_tokens, comps, auto=auto or None, ragged=ragged, tensor_parallel=tp,
-                 out_dir=out_dir)
+                 out_dir=out_dir, sketch=sketches, sketch_bits=sketch_bits)
     if result.get("path") or not tp:  # rank 0 reports
         console.print(format_table(result), soft_wrap=True)
         console.print(f"wrote {result.get('path')}")
