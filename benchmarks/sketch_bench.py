@@ -73,7 +73,7 @@ def run_shape(label, batch, hq, hkv, seq, d, dtype, fraction, block, with_paper=
         row["us"]["paper"] = _bench(lambda plan=plan, c=cache: plan.run(q, c.key, c.value, c.lengths, key_t=c.key_t,
                                                                          value_sum=c.value_sum, out=out))
         del plan
-    cache.key_t = None  # the sketch method does not keep Kᵀ
+    cache.derived.key_t_buf = None  # the sketch method does not keep Kᵀ
     torch.cuda.empty_cache()
     for bits in (1, 2):
         m = SparQSketch(fraction, bits=bits, block=block)

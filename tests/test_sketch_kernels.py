@@ -164,17 +164,18 @@ def test_finished_block_is_never_rewritten():
 def test_budgets_kernel_equals_method(fraction, bits, block, d, min_k):
     """k_b, local_b from the device kernel equal SparQSketch.k_for / local_for for every length
     (no SparQConfig reproduces them), and k_bound is their max."""
-    _, _, SketchConfig, _, kernel = _imports()
+    _, _, SketchConfig, _, _ = _imports()
     m = SparQSketch(fraction, bits=bits, block=block, local_fraction=0.3, min_k=min_k)
     cfg = SketchConfig.from_method(m, d)
     n = 420 if not CUDA else 5000
     lengths = torch.arange(1, n + 1, dtype=torch.int32, device=DEVICE)
-    k_b = torch.empty(n, dtype=torch.int32, device=DEVICE)
-    local_b = torch.empty_like(k_b)
-    counts = torch.ones(n, 2, dtype=torch.int32, device=DEVICE)
-    fracs = torch.tensor([cfg.k_fraction, cfg.local_fraction], dtype=torch.float64, device=DEVICE)
-    kernel[(n,)](lengths, fracs, k_b, local_b, counts, int(cfg.min_k), 1, D=d, BITS=bits, BLOCK=block,
-                 H2_PAD=2, num_warps=1)
+    DEFAULT_TUNING, DecodePlan, _, _, _ = _imports()
+    plan = DecodePlan(n, 1, 1, d, n, cfg, DEVICE, torch.float16 if CUDA else torch.float32, DEFAULT_TUNING)
+    plan.counts.fill_(1)
+    from sparq.kernels.sketch_scores import sketch_budgets
+
+    sketch_budgets(plan, lengths)
+    k_b, local_b, counts = plan.k_b, plan.local_b, plan.counts
     want_k = [m.k_for(i, d) for i in range(1, n + 1)]
     assert k_b.tolist() == want_k
     assert local_b.tolist() == [m.local_for(k) for k in want_k]

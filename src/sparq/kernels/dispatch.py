@@ -225,7 +225,8 @@ class DecodePlan:
         batch, hq, d = query.shape
         return (batch == self.batch and hq == self.num_q_heads and key.shape[1] == self.num_kv_heads
                 and d == self.head_dim and key.shape[2] <= self.capacity and config == self.config
-                and query.device == self.device)
+                and query.device.type == self.device.type
+                and (self.device.index is None or query.device.index in (None, self.device.index)))
 
     def run(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor | None = None,
             *, scale: float | None = None, key_t: torch.Tensor | None = None, value_sum: torch.Tensor | None = None,

@@ -17,7 +17,7 @@ query-range product to 11 bits; limit: |q * scale * step| < 65504).
 `SketchConfig` is the plan's budget for the sketch method: k_b, local_b per row as
 `SparQSketch.k_for` / `local_for` give them. No `SparQConfig` reproduces them (the sketch's
 overhead subtracts floor(length / block) from k, and k jumps when the first block finishes), so
-the plan runs `_sketch_budgets_kernel` (float64, the same operations as `rows_for`) instead of
+the plan runs `_sketch_budgets_kernel` (a lookup in the plan's host-built budget table) instead of
 `_budgets_kernel` and sizes its kept-index list with `SketchConfig.k_bound`.
 """
 
@@ -77,6 +77,21 @@ class SketchConfig:
         m = self.method
         return m.local_for(m.k_for(int(length), self.head_dim))
 
+    def budget_table(self, capacity: int) -> np.ndarray:
+        """int32 [capacity + 1, 2]: (k_for(n), local_for(n)) for every length n (row 0 unused), the
+        method's own float64 operations (`rows_for`, Python's round half to even) in numpy."""
+        n = np.arange(0, capacity + 1, dtype=np.float64)
+        if self.fraction >= 1:
+            k = n.copy()
+        else:
+            d = float(self.head_dim)
+            n_full = np.floor(n / self.block)
+            over = np.where(n_full == 0, n * d, n * d * self.bits / 16 + 2 * d * n_full)
+            k = np.floor((self.fraction * 2 * n * d - over) / (2 * d) + 1e-9)
+            k = np.minimum(n, np.maximum(np.maximum(self.min_k, k), 1))
+        local = np.minimum(k, np.round(self.local_fraction * k))
+        return np.stack([k, local], 1).astype(np.int32)
+
     def k_bound(self, capacity: int) -> int:
         """max of k_for over lengths 1..capacity (k drops by one when a block finishes, so
         k_for(capacity) is not always the largest). Same float64 operations as `rows_for`."""
@@ -92,30 +107,16 @@ class SketchConfig:
 
 
 @triton.jit
-def _sketch_budgets_kernel(len_ptr, frac_ptr, k_ptr, local_ptr, count_ptr, min_k, num_kv_heads,
-                           D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, H2_PAD: tl.constexpr):
-    """SparQSketch.k_for / local_for of row b in float64, op for op as `rows_for` (so the budgets
-    equal the reference's for every length), and zero its KV heads' list counters.
-    Reads 4 + 16 bytes, writes 8 + 8 * Hkv bytes."""
+def _sketch_budgets_kernel(len_ptr, table_ptr, k_ptr, local_ptr, count_ptr, num_kv_heads, H2_PAD: tl.constexpr):
+    """k_b, local_b of row b looked up in the plan's budget table (`SketchConfig.budget_table`:
+    SparQSketch.k_for / local_for for every length, computed on the host), and zero its KV heads'
+    list counters. A table and not float64 arithmetic on the device: on the H200 the device's
+    float64 rounding disagreed with Python's for some lengths (k_b or local_b off by one).
+    Reads 4 + 8 bytes, writes 8 + 8 * Hkv bytes."""
     b = tl.program_id(0)
     ln = tl.load(len_ptr + b)
-    n = ln.to(tl.float64)
-    f = tl.load(frac_ptr)
-    l_frac = tl.load(frac_ptr + 1)
-    d = n * 0.0 + D
-    n_full = (ln // BLOCK).to(tl.float64)
-    over = tl.where(n_full == 0.0, n * d, n * d * BITS / 16 + 2 * d * n_full)
-    k = tl.floor((f * 2 * n * d - over) / (2 * d) + 1e-9)
-    k = tl.minimum(n, tl.maximum(tl.maximum(k, n * 0.0 + min_k), 1.0))  # (min_k may arrive as a constexpr 1)
-    k = tl.where(f >= 1.0, n, k)
-    x = l_frac * k
-    fl = tl.floor(x)
-    frac = x - fl
-    even = (fl - 2.0 * tl.floor(fl * 0.5)) == 0.0
-    rounded = tl.where(frac > 0.5, fl + 1.0, tl.where(frac < 0.5, fl, tl.where(even, fl, fl + 1.0)))  # half to even
-    local = tl.minimum(k, rounded)
-    tl.store(k_ptr + b, k.to(tl.int32))
-    tl.store(local_ptr + b, local.to(tl.int32))
+    tl.store(k_ptr + b, tl.load(table_ptr + 2 * ln))
+    tl.store(local_ptr + b, tl.load(table_ptr + 2 * ln + 1))
     offs = tl.arange(0, H2_PAD)
     tl.store(count_ptr + b * num_kv_heads * 2 + offs, tl.zeros([H2_PAD], tl.int32), mask=offs < num_kv_heads * 2)
 
@@ -268,9 +269,11 @@ def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState
 
 def sketch_budgets(ws, lengths: torch.Tensor) -> None:
     """k_b, local_b of the sketch method into the plan (and the list counters zeroed)."""
-    cfg = ws.config
+    table = getattr(ws, "sketch_budget_table", None)
+    if table is None:  # once per plan: every length up to its capacity
+        table = torch.from_numpy(ws.config.budget_table(ws.capacity)).to(ws.device)
+        ws.sketch_budget_table = table
     _sketch_budgets_kernel[(ws.batch,)](
-        lengths, ws.fracs, ws.k_b, ws.local_b, ws.counts, int(cfg.min_k), ws.num_kv_heads,
-        D=cfg.head_dim, BITS=cfg.bits, BLOCK=cfg.block, H2_PAD=triton.next_power_of_2(2 * ws.num_kv_heads),
-        num_warps=1,
+        lengths, table, ws.k_b, ws.local_b, ws.counts, ws.num_kv_heads,
+        H2_PAD=triton.next_power_of_2(2 * ws.num_kv_heads), num_warps=1,
     )
