@@ -95,10 +95,14 @@ def run_shape(label, batch, hq, hkv, seq, d, dtype, fraction, block, with_paper=
         row["us"][name] = _bench(lambda plan=plan, c=cache, st=st: plan.run(q, c.key, c.value, c.lengths,
                                                                              value_sum=c.value_sum, out=out, sketch=st))
         # step 1 alone (the scorer + budgets), to see where the time goes
-        from sparq.kernels.sketch_scores import score_sketch, sketch_budgets
+        import triton
+
+        from sparq.kernels.select import _budgets_kernel
+        from sparq.kernels.sketch_scores import score_sketch
 
         def step1(plan=plan, c=cache, st=st):
-            sketch_budgets(plan, c.lengths)
+            _budgets_kernel[(plan.batch,)](c.lengths, plan.budget_table, plan.k_b, plan.local_b, plan.counts,
+                                           plan.num_kv_heads, H2_PAD=triton.next_power_of_2(2 * plan.num_kv_heads))
             score_sketch(plan, q, c.key, st, c.lengths, c.lengths, False, 1 / math.sqrt(d))
         row["us"][f"{name}-step1"] = _bench(step1)
         row["floor_bytes"][f"{name}-step1"] = heads * (seq * d * bits // 8 + (seq // block) * 2 * d * elt

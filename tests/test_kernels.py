@@ -416,6 +416,26 @@ def test_kernel_cache_prefill_append_matches_reference():
     assert ((out.float() - ref).norm() / ref.norm()).item() < TOL[dtype]
 
 
+def test_budget_table_kernel_matches_config():
+    """The plan's budget table, looked up on the device by `_budgets_kernel`, equals
+    SparQConfig.k_for / local_for for every length (round half to even included)."""
+    from sparq.kernels.select import _budgets_kernel
+
+    n = 3000
+    lengths = torch.arange(1, n + 1, dtype=torch.int32, device=DEVICE)
+    for cfg in (SparQConfig(r=4, k=64, k_fraction=1 / 16, local_fraction=0.25),
+                SparQConfig(r=4, k=3, local_window=1, k_fraction=0.3, local_fraction=0.5),
+                SparQConfig(r=4, k=5, local_window=0, k_fraction=0.1, local_fraction=0.3),
+                SparQConfig(r=4, k=10, local_window=10)):
+        key_shape = torch.zeros(1, 1, 1, 32, device=DEVICE).expand(n, 1, n, 32)  # a shape, no memory
+        plan = _plan(torch.zeros(n, 1, 32, device=DEVICE), key_shape, cfg)
+        plan.counts.fill_(1)
+        _budgets_kernel[(n,)](lengths, plan.budget_table, plan.k_b, plan.local_b, plan.counts, 1, H2_PAD=2)
+        assert plan.k_b.tolist() == [cfg.k_for(i) for i in range(1, n + 1)]
+        assert plan.local_b.tolist() == [cfg.local_for(i) for i in range(1, n + 1)]
+        assert int(plan.counts.abs().sum()) == 0
+
+
 def test_budgets_on_device_match_config():
     from sparq.kernels.select import budgets
 

@@ -36,10 +36,11 @@ TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 
 def _imports():
     from sparq.kernels.dispatch import DEFAULT_TUNING, DecodePlan
-    from sparq.kernels.sketch_scores import SketchConfig, _sketch_budgets_kernel
+    from sparq.kernels.select import _budgets_kernel
+    from sparq.kernels.sketch_scores import SketchConfig
     from sparq.kernels.sketch_state import SketchState
 
-    return DEFAULT_TUNING, DecodePlan, SketchConfig, SketchState, _sketch_budgets_kernel
+    return DEFAULT_TUNING, DecodePlan, SketchConfig, SketchState, _budgets_kernel
 
 
 def _rows(batch, seq, gen, block, padded):
@@ -172,9 +173,8 @@ def test_budgets_kernel_equals_method(fraction, bits, block, d, min_k):
     DEFAULT_TUNING, DecodePlan, _, _, _ = _imports()
     plan = DecodePlan(n, 1, 1, d, n, cfg, DEVICE, torch.float16 if CUDA else torch.float32, DEFAULT_TUNING)
     plan.counts.fill_(1)
-    from sparq.kernels.sketch_scores import sketch_budgets
-
-    sketch_budgets(plan, lengths)
+    _, _, _, _, kernel = _imports()
+    kernel[(n,)](lengths, plan.budget_table, plan.k_b, plan.local_b, plan.counts, 1, H2_PAD=2, num_warps=1)
     k_b, local_b, counts = plan.k_b, plan.local_b, plan.counts
     want_k = [m.k_for(i, d) for i in range(1, n + 1)]
     assert k_b.tolist() == want_k

@@ -10,7 +10,7 @@ one (transformers' DynamicCache) plans for a capacity that doubles when outgrown
 smaller plan. `tuning` is a value (`Tuning`), never a module global changed at run time.
 
 `DecodePlan.run` launches:
-  _budgets_kernel                       k_b, local_b from lengths (float64), zero list counters
+  _budgets_kernel                       k_b, local_b looked up by length in the plan's table, zero counters
   _query_prep_kernel + scorer kernel    step 1: dims/factors + logits + split softmax stats
   _sample_kernel                        logZ per query head; bracket of the selection threshold
   _emit_kernel                          one pass: sure winners + local window, bracket candidates
@@ -18,9 +18,9 @@ smaller plan. `tuning` is a value (`Tuning`), never a module global changed at r
   _compact_kernel                       (deterministic only) the kept-index list in position order
   _gather_attention_kernel              split-K attention over kept rows + alpha (gather_attention)
   _combine_kernel                       merge splits, reallocation, output
-A plan made for a `sketch_scores.SketchConfig` runs `sparq-sketch` instead: `_sketch_budgets_kernel`
-(the sketch method's k_b, local_b) and `_sketch_scores_kernel` (step 1 from the layer's packed
-`sketch_state.SketchState`, no Kᵀ) replace the first three launches; the rest is unchanged.
+A plan made for a `sketch_scores.SketchConfig` runs `sparq-sketch` instead: its budget table holds
+the sketch method's k_b, local_b and `_sketch_scores_kernel` (step 1 from the layer's packed
+`sketch_state.SketchState`, no Kᵀ) replaces the two step-1 launches; the rest is unchanged.
 Everything has static shapes (sized from the plan's capacity); lengths (and the optional per-row
 start offsets of a left-padded cache) stay device tensors, so the step has no host synchronisation
 and can be captured in a CUDA graph.
@@ -52,7 +52,7 @@ from . import select as _select
 from .approx_scores import score_transposed_keys
 from .gather_attention import _combine_kernel, _gather_attention_kernel
 from .plans import PlanCache
-from .sketch_scores import score_sketch, sketch_budgets
+from .sketch_scores import score_sketch
 from .select import _budgets_kernel, _compact_kernel, _emit_kernel, _resolve_kernel, _sample_kernel
 
 
@@ -199,7 +199,10 @@ class DecodePlan:
         self.logz = torch.empty(bh, g, **f32)
         self.k_b = torch.empty(batch, **i32)
         self.local_b = torch.empty(batch, **i32)
-        self.fracs = torch.tensor([config.k_fraction, config.local_fraction], dtype=torch.float64, device=device)
+        # (k, local) for every length up to the capacity, built on the host with the config's own
+        # float64 operations: 8 bytes per position of capacity
+        table = config.budget_table(s_cap) if hasattr(config, "budget_table") else _select.budget_table(config, s_cap)
+        self.budget_table = torch.from_numpy(table).to(device)
         self.dims = torch.empty(bh, self.r, **i32)
         self.q_sel = torch.empty(bh, g, self.r, **f32)
         self.fac = torch.empty(bh, g, **f32)
@@ -278,15 +281,13 @@ class DecodePlan:
         has_starts = starts is not None
         starts_arg = starts if has_starts else lengths  # any int32 [B] tensor; unread without HAS_STARTS
 
-        if is_sketch:  # budgets and step 1 of sparq-sketch (sketch_scores.py)
-            sketch_budgets(self, lengths)
+        _budgets_kernel[(batch,)](
+            lengths, self.budget_table, self.k_b, self.local_b, self.counts, num_kv_heads,
+            H2_PAD=triton.next_power_of_2(2 * num_kv_heads), num_warps=1,
+        )
+        if is_sketch:  # step 1 of sparq-sketch (sketch_scores.py)
             score_sketch(self, query, key, sketch, lengths, starts_arg, has_starts, scale)
-        else:
-            _budgets_kernel[(batch,)](
-                lengths, self.fracs, self.k_b, self.local_b, self.counts, int(config.k), int(config.local_window),
-                num_kv_heads, H2_PAD=triton.next_power_of_2(2 * num_kv_heads), num_warps=1,
-            )
-            # step 1
+        else:  # step 1 of the paper
             score_transposed_keys(self, query, key_t, lengths, starts_arg, has_starts, scale)
         # step 2a
         g_pad = triton.next_power_of_2(g)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -135,27 +136,26 @@ def budgets(config, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return k.to(torch.int32), local.to(torch.int32)
 
 
-# k_min / local_min are cast to float64 below: Triton would turn a value of 1 into a constant
-# (no .to()) and a multiple of 16 into a separate compile, so neither is specialised
-@triton.jit(do_not_specialize=["k_min", "local_min"])
-def _budgets_kernel(len_ptr, frac_ptr, k_ptr, local_ptr, count_ptr, k_min, local_min, num_kv_heads,
-                    H2_PAD: tl.constexpr):
-    """budgets() on the device in float64 for sequence b, and zero its KV heads' list counters.
-    Reads 4 + 16 bytes, writes 8 + 8 * Hkv bytes."""
+def budget_table(config, capacity: int) -> np.ndarray:
+    """int32 [capacity + 1, 2]: (k_for(n), local_for(n)) of a SparQConfig for every length n (row 0
+    unused), with its own float64 operations (ceil of k_fraction * n, Python's round half to even)
+    in numpy. A plan builds it once; `_budgets_kernel` looks budgets up in it. A table, not float64
+    arithmetic on the device: on the H200 that arithmetic gave off-by-one budgets for some lengths
+    (KERNEL_NOTES.md)."""
+    n = np.arange(0, capacity + 1, dtype=np.float64)
+    k = np.minimum(n, np.maximum(float(config.k), np.ceil(config.k_fraction * n)))
+    local = np.minimum(k, np.maximum(float(config.local_window), np.round(config.local_fraction * k)))
+    return np.stack([k, local], 1).astype(np.int32)
+
+
+@triton.jit
+def _budgets_kernel(len_ptr, table_ptr, k_ptr, local_ptr, count_ptr, num_kv_heads, H2_PAD: tl.constexpr):
+    """k_b, local_b of sequence b looked up in the plan's budget table (`budget_table`, or a sketch
+    config's), and zero its KV heads' list counters. Reads 4 + 8 bytes, writes 8 + 8 * Hkv bytes."""
     b = tl.program_id(0)
-    n = tl.load(len_ptr + b).to(tl.float64)
-    k_frac = tl.load(frac_ptr)
-    l_frac = tl.load(frac_ptr + 1)
-    k = tl.maximum(-tl.floor(-(k_frac * n)), k_min.to(tl.float64))  # ceil
-    k = tl.minimum(k, n)
-    x = l_frac * k
-    f = tl.floor(x)
-    frac = x - f
-    even = (f - 2.0 * tl.floor(f * 0.5)) == 0.0
-    rounded = tl.where(frac > 0.5, f + 1.0, tl.where(frac < 0.5, f, tl.where(even, f, f + 1.0)))  # half to even
-    local = tl.minimum(tl.maximum(rounded, local_min.to(tl.float64)), k)
-    tl.store(k_ptr + b, k.to(tl.int32))
-    tl.store(local_ptr + b, local.to(tl.int32))
+    ln = tl.load(len_ptr + b)
+    tl.store(k_ptr + b, tl.load(table_ptr + 2 * ln))
+    tl.store(local_ptr + b, tl.load(table_ptr + 2 * ln + 1))
     offs = tl.arange(0, H2_PAD)
     tl.store(count_ptr + b * num_kv_heads * 2 + offs, tl.zeros([H2_PAD], tl.int32), mask=offs < num_kv_heads * 2)
 

@@ -17,8 +17,7 @@ query-range product to 11 bits; limit: |q * scale * step| < 65504).
 `SketchConfig` is the plan's budget for the sketch method: k_b, local_b per row as
 `SparQSketch.k_for` / `local_for` give them. No `SparQConfig` reproduces them (the sketch's
 overhead subtracts floor(length / block) from k, and k jumps when the first block finishes), so
-the plan runs `_sketch_budgets_kernel` (a lookup in the plan's host-built budget table) instead of
-`_budgets_kernel` and sizes its kept-index list with `SketchConfig.k_bound`.
+the plan's `_budgets_kernel` looks the sketch method's budgets up in `SketchConfig.budget_table` and sizes its kept-index list with `SketchConfig.k_bound`.
 """
 
 from __future__ import annotations
@@ -104,21 +103,6 @@ class SketchConfig:
         k = np.floor((self.fraction * 2 * n * d - over) / (2 * d) + 1e-9)
         k = np.minimum(n, np.maximum(np.maximum(self.min_k, k), 1))
         return int(k.max())
-
-
-@triton.jit
-def _sketch_budgets_kernel(len_ptr, table_ptr, k_ptr, local_ptr, count_ptr, num_kv_heads, H2_PAD: tl.constexpr):
-    """k_b, local_b of row b looked up in the plan's budget table (`SketchConfig.budget_table`:
-    SparQSketch.k_for / local_for for every length, computed on the host), and zero its KV heads'
-    list counters. A table and not float64 arithmetic on the device: on the H200 the device's
-    float64 rounding disagreed with Python's for some lengths (k_b or local_b off by one).
-    Reads 4 + 8 bytes, writes 8 + 8 * Hkv bytes."""
-    b = tl.program_id(0)
-    ln = tl.load(len_ptr + b)
-    tl.store(k_ptr + b, tl.load(table_ptr + 2 * ln))
-    tl.store(local_ptr + b, tl.load(table_ptr + 2 * ln + 1))
-    offs = tl.arange(0, H2_PAD)
-    tl.store(count_ptr + b * num_kv_heads * 2 + offs, tl.zeros([H2_PAD], tl.int32), mask=offs < num_kv_heads * 2)
 
 
 @triton.jit
@@ -264,16 +248,4 @@ def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=head_dim, BITS=sketch.bits, BLOCK=sketch.block,
         CHUNK=ws.chunk1, BLOCK_S=sketch_block_s(ws, sketch), HAS_STARTS=has_starts,
         SPLIT_C=split_c, SPLIT_K=split_k, num_warps=ws.score_warps,
-    )
-
-
-def sketch_budgets(ws, lengths: torch.Tensor) -> None:
-    """k_b, local_b of the sketch method into the plan (and the list counters zeroed)."""
-    table = getattr(ws, "sketch_budget_table", None)
-    if table is None:  # once per plan: every length up to its capacity
-        table = torch.from_numpy(ws.config.budget_table(ws.capacity)).to(ws.device)
-        ws.sketch_budget_table = table
-    _sketch_budgets_kernel[(ws.batch,)](
-        lengths, table, ws.k_b, ws.local_b, ws.counts, ws.num_kv_heads,
-        H2_PAD=triton.next_power_of_2(2 * ws.num_kv_heads), num_warps=1,
     )
