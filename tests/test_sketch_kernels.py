@@ -371,3 +371,34 @@ def test_wrong_logits_are_caught():
     plan.run(q, k, v, lengths.to(DEVICE), sketch=st)
     with pytest.raises(AssertionError):
         check_logits(q, k, lengths, starts, 2, 16, plan)
+
+
+def test_growing_cache_keeps_the_sketch_across_regrowth():
+    """transformers' growing cache (SparQCache's per-layer state): after a left-padded prefill, decode
+    steps past the state's first capacity regrow Kᵀ-less state and sketch in place; the sketch then
+    equals a fresh prefill's of the whole sequence (codes bitwise, ranges exact), and every step's
+    state stays lined up (lengths, starts)."""
+    from sparq.caches.dynamic import build_state, extend_state
+    from sparq.kernels.sketch_state import SketchState
+
+    gen = torch.Generator().manual_seed(9)
+    dtype = torch.float16 if CUDA else torch.float32
+    b, h, d, s0, steps, block = 2, 2, 32, 20, 75, 16
+    key = torch.randn(b, h, s0 + steps, d, generator=gen).to(DEVICE, dtype)
+    value = torch.randn_like(key)
+    valid = torch.ones(b, s0 + steps, dtype=torch.bool, device=DEVICE)
+    valid[1, :7] = False  # row 1 left-padded by 7
+    st = build_state(key[:, :, :s0], value[:, :, :s0], valid[:, :s0], keep_key_t=False, sketch_spec=(2, block))
+    first_capacity = st.derived.capacity
+    assert st.sketch is not None and st.derived.key_t_buf is None
+    for n in range(s0 + 1, s0 + steps + 1):
+        extend_state(st, key[:, :, :n], value[:, :, :n], valid[:, n - 1])
+    assert st.derived.capacity > first_capacity and st.sketch.capacity == st.derived.capacity  # it regrew
+    assert st.lengths.tolist() == [s0 + steps, s0 + steps - 7] and st.starts.tolist() == [0, 7]
+    fresh = SketchState(b, h, d, st.sketch.capacity, bits=2, block=block, dtype=dtype, device=DEVICE)
+    fresh.prefill(key, st.lengths, st.starts)
+    n = s0 + steps
+    assert torch.equal(st.sketch.codes[:, :, :n], fresh.codes[:, :, :n])
+    done = n // block
+    assert torch.equal(st.sketch.lo[:, :, :done], fresh.lo[:, :, :done])
+    assert torch.equal(st.sketch.hi[:, :, :done], fresh.hi[:, :, :done])
