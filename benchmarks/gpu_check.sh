@@ -6,7 +6,8 @@
 # 2. End to end, Llama-3-8B shape: dense, SparQ 1/8, sparq-sketch 1/8 (B8 x 32k, B1 x 128k).
 # 3. Kernel step: sketch (1/2 bits) vs paper SparQ vs best dense (benchmarks/sketch_bench.py).
 # 4. GPU tests of the paper's kernels vs the reference (edge configurations, left padding, graphs).
-# 5. The randomised fuzz over the whole accepted space (benchmarks/gpu_fuzz.py), time-boxed.
+# 5. The randomised fuzz over the whole accepted space (benchmarks/gpu_fuzz.py), time-boxed, for the
+#    paper's method and for sparq-sketch (FUZZ_METHOD=sketch).
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -24,4 +25,6 @@ timeout 150 python benchmarks/sketch_bench.py 2>&1 | grep -v Warn | tail -14
 timeout "${TESTS_S:-120}" python -m pytest -q -p no:cacheprovider tests/test_kernels.py \
   -k "match_reference or edge or padded or graph or long_context" 2>&1 | grep -v Warning | tee "$OUT/gpu-tests-kernels.log" | tail -6
 FUZZ_WORKERS=14 FUZZ_SECONDS="${FUZZ_S:-70}" timeout 150 python benchmarks/gpu_fuzz.py 2000 "${FUZZ_SEED:-23}" 2>&1 \
+  | grep -v "cases, " | tail -22
+FUZZ_METHOD=sketch FUZZ_WORKERS=14 FUZZ_SECONDS="${FUZZ_S:-70}" timeout 150 python benchmarks/gpu_fuzz.py 2000 "${FUZZ_SEED:-23}" 2>&1 \
   | grep -v "cases, " | tail -22

@@ -13,8 +13,16 @@ some KV head): a different but equally valid choice. Near-tie rows must still st
 (the error is the swapped positions' attention mass times |V|: we require
 max|out - ref| <= 0.5 * max|V|). Everything else is a failure; exceptions are failures.
 
+FUZZ_METHOD=sketch fuzzes `sparq-sketch` the same way: bits 1/2, sketch blocks 16-256, fractions
+down to k = 1 and up to 1 (dense), local fractions, both reallocate settings, k floors; the layer's
+SketchState is prefilled and then appended to for 0 to block + 1 steps (so blocks finish during the
+appends), and `SparQSketch.attend` runs with it (the kernels where `sketch_supported`, the PyTorch
+path otherwise) against the method's PyTorch path on the same inputs (key_sketch rebuilt from K,
+fp32). Near-ties: the last kept vs first dropped selection score (summed over the group).
+
 Writes JSON (device, versions, settings, counts, every failure and near-tie with its case) to
-$OUT or benchmarks/results/. Usage: [FUZZ_SECONDS=..] python benchmarks/gpu_fuzz.py [cases] [seed]
+$OUT or benchmarks/results/. Usage: [FUZZ_METHOD=sparq|sketch] [FUZZ_SECONDS=..]
+python benchmarks/gpu_fuzz.py [cases] [seed]
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from sparq.api import valid_mask
 from sparq.kernels.plans import PlanCache
 
 TOL = {torch.float16: 2e-2, torch.bfloat16: 6e-2, torch.float32: 2e-3}
+METHOD = os.environ.get("FUZZ_METHOD", "sparq")
 
 
 def draw(rng: random.Random) -> dict:
@@ -138,6 +147,85 @@ def run_case(case: dict, device: str, gen: torch.Generator) -> dict:
     return res
 
 
+def draw_sketch(rng: random.Random) -> dict:
+    case = draw(rng)
+    case.update(bits=rng.choice([1, 2]), block=rng.choice([16, 32, 64, 128, 128, 256]),
+                fraction=rng.choice([1 / 8, 1 / 8, 1 / 16, 1 / 4, rng.uniform(1e-4, 0.6), 1.0]),
+                local_fraction=rng.choice([0.0, 0.25, 0.25, rng.random()]),
+                min_k=rng.choice([1, 4, 16, 64]), appends=rng.choice([0, 0, 1, 3, 17, 300]))
+    case["dtype"] = rng.choice(["float16", "bfloat16"]) if rng.random() < 0.9 else "float32"
+    return case
+
+
+def sketch_near_tie_rows(s_hat: torch.Tensor, valid: torch.Tensor, ks: list[int], locals_: list[int]) -> torch.Tensor:
+    """[B] bool: rows where the need-th and (need+1)-th candidate scores are within rounding."""
+    B = valid.shape[0]
+    score = s_hat.sum(2)  # [B, Hkv, S]
+    from_end = valid.flip(-1).long().cumsum(-1).flip(-1)
+    tie = torch.zeros(B, dtype=torch.bool)
+    for b in range(B):
+        n, need = int(valid[b].sum()), ks[b] - locals_[b]
+        cand = valid[b] & ~(from_end[b] <= locals_[b])
+        n_cand = int(cand.sum())
+        if ks[b] >= n or need <= 0 or need >= n_cand:
+            continue
+        sc = score[b][:, cand].sort(-1, descending=True).values
+        hi, lo = sc[:, need - 1], sc[:, need]
+        tie[b] = bool(((hi - lo) <= 2e-3 * hi.clamp_min(1e-30) + 1e-7).any())
+    return tie
+
+
+def run_sketch_case(case: dict, device: str, gen: torch.Generator) -> dict:
+    from sparq.kernels.sketch_state import SketchState, sketch_supported
+    from sparq.methods.base import DecodeInputs
+    from sparq.methods.sketch import SparQSketch
+
+    dtype = getattr(torch, case["dtype"])
+    B, hkv, g, d, S = case["B"], case["Hkv"], case["g"], case["d"], case["S"]
+    m = SparQSketch(case["fraction"], bits=case["bits"], block=case["block"], local_fraction=case["local_fraction"],
+                    reallocate=case["reallocate"], min_k=case["min_k"])
+    q = torch.randn(B, hkv * g, d, device=device, generator=gen).to(dtype)
+    if case["zero_query"]:
+        q[0] = 0
+    key = torch.randn(B, hkv, S, d, device=device, generator=gen).to(dtype)
+    value = torch.randn(B, hkv, S, d, device=device, generator=gen).to(dtype)
+    lengths = torch.randint(1, S + 1, (B,), device=device, generator=gen) if case["ragged"] \
+        else torch.full((B,), S, device=device)
+    lengths[0] = S
+    starts = (S - lengths) if case["padded"] else torch.zeros_like(lengths)
+    scale = 1.0 / math.sqrt(d)
+    valid = valid_mask(lengths, B, S, device, starts if case["padded"] else None)
+    sketch = None
+    if sketch_supported(d, case["bits"], case["block"], dtype, key.device):
+        # prefill all but the last `t` positions of every row, then append them one step at a time
+        t = max(0, min(case["appends"], int(lengths.min()) - 1))
+        sketch = SketchState(B, hkv, d, S, bits=case["bits"], block=case["block"], dtype=dtype, device=device)
+        sketch.prefill(key, lengths - t, starts)
+        rows = torch.arange(B, device=device)
+        for i in range(t):
+            pos = lengths - t + i
+            sketch.append(key[rows, :, starts + pos], key, pos, starts if case["padded"] else None)
+    plans = PlanCache() if case["plan_cache"] else None
+    x = DecodeInputs(q, key, value, valid, scale, lengths=lengths, starts=starts if case["padded"] else None,
+                     plans=plans, sketch=sketch)
+    out = m.attend(x)
+    xr = DecodeInputs(q.float(), key.float(), value.float(), valid, scale)
+    ref = m.attend(xr).float()
+    err = (out.float() - ref).abs().amax(dim=(1, 2))
+    bad = err > TOL[dtype] * (1 + ref.abs().amax(dim=(1, 2)))
+    res = dict(rows=B, bad_rows=int(bad.sum()), near_ties=0, failures=0, max_err=float(err.max()),
+               kernels=sketch is not None)
+    if bad.any():
+        ks = [m.k_for(int(n), d) for n in lengths.tolist()]
+        ties = sketch_near_tie_rows(m.approx_scores(xr).cpu(), valid.cpu(), ks, [m.local_for(k) for k in ks]).to(device)
+        vmax = value.float().abs().amax(dim=(1, 2, 3))
+        within = err <= 0.5 * vmax
+        res["near_ties"] = int((bad & ties & within).sum())
+        res["failures"] = int((bad & ~(ties & within)).sum())
+        res["row_err"] = [float(e) for e in err[bad]]
+    return res
+
+
 def worker(args) -> tuple[dict, list]:
     """Run `cases` cases from `seed` (one process: Triton compiles on its own CPU core)."""
     cases, seed, budget_s = args
@@ -146,15 +234,15 @@ def worker(args) -> tuple[dict, list]:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     t0 = time.time()
-    counts = dict(cases=0, rows=0, rows_pass=0, near_tie_rows=0, failed_rows=0, exceptions=0)
+    counts = dict(cases=0, rows=0, rows_pass=0, near_tie_rows=0, failed_rows=0, exceptions=0, kernel_cases=0)
     problems = []
     for i in range(cases):
         if time.time() - t0 > budget_s:
             print(f"time budget of {budget_s:.0f} s reached after {i} cases", flush=True)
             break
-        case = draw(rng)
+        case = draw_sketch(rng) if METHOD == "sketch" else draw(rng)
         try:
-            res = run_case(case, device, gen)
+            res = run_sketch_case(case, device, gen) if METHOD == "sketch" else run_case(case, device, gen)
         except Exception as e:  # noqa: BLE001 - the report counts every exception
             counts["exceptions"] += 1
             problems.append(dict(case=case, kind="exception", error=f"{type(e).__name__}: {str(e)[:400]}",
@@ -162,6 +250,7 @@ def worker(args) -> tuple[dict, list]:
             print(f"[{i}] EXCEPTION {case}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
         counts["cases"] += 1
+        counts["kernel_cases"] += int(res.get("kernels", METHOD == "sparq"))
         counts["rows"] += res["rows"]
         counts["rows_pass"] += res["rows"] - res["bad_rows"]
         counts["near_tie_rows"] += res["near_ties"]
@@ -198,7 +287,7 @@ def main() -> None:
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
         versions=dict(torch=torch.__version__, triton=_triton_version(), sparq=sparq.__version__,
                       python=platform.python_version()),
-        seed=seed, workers=workers, requested_cases=cases, wall_s=round(time.time() - t0, 1), counts=counts,
+        method=METHOD, seed=seed, workers=workers, requested_cases=cases, wall_s=round(time.time() - t0, 1), counts=counts,
         pass_fraction=(counts["rows_pass"] / total_rows) if total_rows else None,
         pass_or_near_tie_fraction=((counts["rows_pass"] + counts["near_tie_rows"]) / total_rows) if total_rows else None,
         tolerance={str(k).split(".")[-1]: v for k, v in TOL.items()},
@@ -208,7 +297,7 @@ def main() -> None:
     out_dir = os.environ.get("OUT", "benchmarks/results")
     os.makedirs(out_dir, exist_ok=True)
     tag = (report["device"] or "cpu").replace(" ", "_")
-    path = os.path.join(out_dir, f"gpu-fuzz-{tag}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
+    path = os.path.join(out_dir, f"gpu-fuzz{'-sketch' if METHOD == 'sketch' else ''}-{tag}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps({k: report[k] for k in ("device", "versions", "seed", "wall_s", "counts", "pass_fraction",
