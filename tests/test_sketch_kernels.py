@@ -94,6 +94,11 @@ def test_prefill_is_key_sketch(bits, block, dtype):
     assert checked >= 2
     # 1 or 2 bits per element: the codes take d * bits / 32 words per position
     assert st.codes.shape[-1] == d * bits // 32
+    # a prefill in chunks of one block (its temporaries bounded by the chunk) builds the same state
+    small = SketchState(batch, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=DEVICE)
+    small.prefill(key, lengths.to(DEVICE), starts.to(DEVICE), chunk_elements=1)
+    for name in ("codes", "lo", "hi"):
+        assert torch.equal(getattr(small, name), getattr(st, name)), name
 
 
 @pytest.mark.parametrize("bits", [1, 2])

@@ -171,51 +171,63 @@ class SketchState:
         """State bytes per position per KV head (codes + amortised ranges)."""
         return self.words * 4 + 2 * self.head_dim * self.lo.element_size() / self.block
 
-    def prefill(self, key: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor | None = None) -> None:
+    def prefill(self, key: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor | None = None,
+                chunk_elements: int = 1 << 24) -> None:
         """Build the sketch of key [B, Hkv, S, d] (S <= capacity), row b valid at
-        [starts[b], starts[b] + lengths[b]). PyTorch, O(S * d), no host sync."""
+        [starts[b], starts[b] + lengths[b]). PyTorch, O(S * d), no host sync.
+
+        Works through the positions in chunks of whole blocks (about `chunk_elements` key elements
+        of all rows and heads at a time), so its temporaries are ~40 bytes per element of one
+        chunk, not of the whole cache (at B=8 x 32k x 8 heads x 128 that would be ~11 GB per layer).
+        """
         b, h, s, d = key.shape
         if (b, h, d) != (self.batch, self.num_kv_heads, self.head_dim) or s > self.capacity:
             raise ValueError(f"key {tuple(key.shape)} does not fit this sketch")
         dev = key.device
         lengths = lengths.to(dev).long()
         first = starts.to(dev).long() if starts is not None else torch.zeros_like(lengths)
-        cap, blk = self.capacity, self.block
-        pos = torch.arange(cap, device=dev)
-        ok = pos[None, :] < lengths[:, None]  # [B, cap] logical positions present
-        src = (first[:, None] + pos[None, :]).clamp(max=s - 1)
-        x = key.gather(2, src[:, None, :, None].expand(b, h, cap, d)).float()  # logical order
-        n_full = lengths // blk  # [B]
-        nb = self.n_blocks
-        in_full = pos[None, :] < (n_full * blk)[:, None]
+        cap, blk, nb = self.capacity, self.block, self.n_blocks
+        n_full = lengths // blk  # [B] finished blocks per row
+        chunk = max(1, chunk_elements // (b * h * d * blk)) * blk  # positions per chunk, whole blocks
+
+        def logical(p0: int, p1: int) -> torch.Tensor:
+            """key at logical positions [p0, p1) of every row, fp32 [B, Hkv, p1 - p0, d]."""
+            pos = torch.arange(p0, p1, device=dev)
+            src = (first[:, None] + pos[None, :]).clamp(max=s - 1)
+            return key.gather(2, src[:, None, :, None].expand(b, h, p1 - p0, d)).float()
+
+        # 1. every finished block's per-channel range (blocks [0, n_full) of each row)
         big = torch.finfo(torch.float32).max
-        if cap < nb * blk:  # capacity below one block: nothing is ever finished
-            x_pad = torch.nn.functional.pad(x, (0, 0, 0, nb * blk - cap))
-            in_pad = torch.nn.functional.pad(in_full, (0, nb * blk - cap))
-        else:
-            x_pad, in_pad = x, in_full
-        xb = x_pad[:, :, : nb * blk].reshape(b, h, nb, blk, d)
-        fin = in_pad[:, : nb * blk].reshape(b, 1, nb, blk, 1)
-        lo = xb.masked_fill(~fin, big).amin(3)
-        hi = xb.masked_fill(~fin, -big).amax(3)
-        done = (torch.arange(nb, device=dev)[None, :] < n_full[:, None])[:, None, :, None]
-        self.lo.copy_(torch.where(done, lo, 0.0).to(self.dtype))
-        self.hi.copy_(torch.where(done, hi, 0.0).to(self.dtype))
-        # the range each position is coded with: its own block's, or the last finished one's
-        r = torch.minimum(pos[None, :] // blk, (n_full - 1).clamp_min(0)[:, None]).clamp(max=nb - 1)
-        r4 = r[:, None, :, None].expand(b, h, cap, d)
-        lo_p, hi_p = self.lo.float().gather(2, r4), self.hi.float().gather(2, r4)
+        for p0 in range(0, min(cap, nb * blk) // blk * blk, chunk):
+            p1 = min(p0 + chunk, nb * blk)
+            x = logical(p0, p1).reshape(b, h, (p1 - p0) // blk, blk, d)
+            blocks = torch.arange(p0 // blk, p1 // blk, device=dev)
+            done = (blocks[None, :] < n_full[:, None])[:, None, :, None]  # [B, 1, nblk, 1]
+            lo, hi = x.amin(3), x.amax(3)  # a finished block has all its positions valid
+            self.lo[:, :, p0 // blk: p1 // blk] = torch.where(done, lo, 0.0).to(self.dtype)
+            self.hi[:, :, p0 // blk: p1 // blk] = torch.where(done, hi, 0.0).to(self.dtype)
+        if cap < blk:  # capacity below one block: nothing is ever finished
+            self.lo.zero_()
+            self.hi.zero_()
+        # 2. every position's codes, with its own block's range or the last finished one's
         levels = 2**self.bits - 1
-        step = (hi_p - lo_p) / levels
-        safe = torch.where(step > 0, step, torch.ones_like(step))
-        codes = ((x - lo_p) / safe).round().clamp(0, levels).long()
-        coded = ok & (n_full > 0)[:, None]
-        codes = codes.masked_fill(~coded[:, None, :, None], 0)
         per = 32 // self.bits
         shifts = torch.arange(per, device=dev) * self.bits
-        words = (codes.reshape(b, h, cap, self.words, per) << shifts).sum(-1)
-        words = torch.where(words >= 2**31, words - 2**32, words)
-        self.codes.copy_(words.to(torch.int32))
+        for p0 in range(0, cap, chunk):
+            p1 = min(p0 + chunk, cap)
+            pos = torch.arange(p0, p1, device=dev)
+            x = logical(p0, p1)
+            r = torch.minimum(pos[None, :] // blk, (n_full - 1).clamp_min(0)[:, None]).clamp(max=nb - 1)
+            r4 = r[:, None, :, None].expand(b, h, p1 - p0, d)
+            lo_p, hi_p = self.lo.float().gather(2, r4), self.hi.float().gather(2, r4)
+            step = (hi_p - lo_p) / levels
+            safe = torch.where(step > 0, step, torch.ones_like(step))
+            codes = ((x - lo_p) / safe).round().clamp(0, levels).long()
+            coded = (pos[None, :] < lengths[:, None]) & (n_full > 0)[:, None]
+            codes = codes.masked_fill(~coded[:, None, :, None], 0)
+            words = (codes.reshape(b, h, p1 - p0, self.words, per) << shifts).sum(-1)
+            words = torch.where(words >= 2**31, words - 2**32, words)
+            self.codes[:, :, p0:p1] = words.to(torch.int32)
 
     def append(self, key_new: torch.Tensor, key: torch.Tensor, positions: torch.Tensor,
                starts: torch.Tensor | None = None) -> None:
