@@ -182,3 +182,20 @@ def test_other_models_are_refused_before_any_work(arch):
     with pytest.raises(ValueError, match=f"no model family for {type(model).__name__} .*{names}"):
         fast_generate(model, *prompts()[:2], Dense(), N)
     assert [p.data_ptr() for p in model.parameters()] == before
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 1, 3, 9), (3, 9)])
+def test_softcapped_dense_attention_is_the_eager_formula(mask_shape):
+    """Grouped-query heads (6 query heads on 2 KV heads), a non-contiguous query as the loop's, a
+    per-row or shared mask: tanh(scores / cap) * cap, masked, softmax, @ V, with KV repeated per head."""
+    from sparq.fast.attention import dense_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 6, 8).transpose(1, 2)  # [B, Hq, L, d], strided as the loop's
+    k, v = torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    mask = torch.rand(mask_shape) > 0.3
+    mask[..., 0] = True
+    scores = q @ k.repeat_interleave(3, 1).transpose(-1, -2) * 0.3
+    scores = (torch.tanh(scores / 2.0) * 2.0).masked_fill(~mask, float("-inf"))
+    expected = torch.softmax(scores, -1) @ v.repeat_interleave(3, 1)
+    torch.testing.assert_close(dense_attention(q, k, v, mask, 0.3, softcap=2.0), expected)

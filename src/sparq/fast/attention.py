@@ -19,14 +19,15 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float,
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     B, Hq, L, d = q.shape
-    Hkv = k.shape[1]
-    qg = q.view(B, Hkv, Hq // Hkv, L, d)  # query head h reads KV head h // group
-    scores = (qg @ k[:, :, None].transpose(-1, -2)) * scale  # [B, Hkv, group, L, S]
+    Hkv, S = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    # query head h reads KV head h // g: fold each group's queries into rows, so K and V are read as they are
+    scores = (q.reshape(B, Hkv, g * L, d) @ k.transpose(-1, -2)) * scale  # [B, Hkv, g * L, S]
     scores = torch.tanh(scores / softcap) * softcap
     m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))[:, :, None]  # [B|1, 1, 1, L, S]
-    scores = scores.masked_fill(~m, float("-inf"))
+    scores = scores.view(B, Hkv, g, L, S).masked_fill(~m, float("-inf"))
     p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return (p @ v[:, :, None]).view(B, Hq, L, d)
+    return (p.view(B, Hkv, g * L, S) @ v).view(B, Hq, L, d)
 
 
 def softcapped_decode(x: DecodeInputs, softcap: float) -> Tensor:
