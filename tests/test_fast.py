@@ -48,7 +48,7 @@ def test_fast_decoder_rejects_bad_input():
     with pytest.raises(ValueError, match="streaming has no static-cache path"):
         FastDecoder(model, NoStatic(0.5), batch=1, max_len=8)
     with pytest.raises(ValueError, match="GPTNeoXForCausalLM.*gpt_neox.*llama: llama, mistral, qwen2, qwen3; "
-                                         "gemma3: gemma3_text"):
+                                         "phi3: phi3; gemma2: gemma2; gemma3: gemma3_text"):
         FastDecoder(tiny("gptneox"), Dense(), batch=1, max_len=8)
     dec = FastDecoder(model, Dense(), batch=1, max_len=8)
     with pytest.raises(ValueError, match="exceed max_len"):

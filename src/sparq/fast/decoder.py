@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
@@ -32,7 +31,8 @@ from ..caches.static import KernelCacheLayer
 from ..kernels.plans import PlanCache
 from ..methods import DecodeInputs, DecodeMethod, Dense
 from ..methods.registry import as_method
-from .families import family_for
+from .attention import dense_attention, softcapped_decode
+from .families import Family, family_for
 from .window import WindowCache
 
 _DENSE = Dense()  # what sliding-window layers run, whatever the method
@@ -83,7 +83,7 @@ class FastDecoder:
         method = static_method(method)
         if batch < 1 or max_len < 2:
             raise ValueError(f"batch must be >= 1 and max_len >= 2, got {batch}, {max_len}")
-        family = family_for(model)
+        family = family_for(model)  # a ValueError naming the model and the supported families
         # tensor parallelism: transformers' tp_plan (DTensor weights: each rank holds its heads and
         # MLP columns) or an explicit tp_group for a model that holds one rank's slices already.
         # Either way this rank runs attention over its own heads and cache; the row-parallel
@@ -93,6 +93,7 @@ class FastDecoder:
         self.tp_group = tp_group
         self._reduce = None if tp_group is None else functools.partial(_all_reduce, group=tp_group)
         self.family = family(model, max_len=max_len, fuse_weights=fuse_weights, reduce=self._reduce)
+        _check_runs(self.family, method)  # before any work: the family's layout facts come from its config
         self.model = model
         self.method = self._requested = method
         self.batch, self.max_len, self.prefill_chunk = batch, max_len, prefill_chunk
@@ -113,6 +114,8 @@ class FastDecoder:
                 KernelCacheLayer(batch, self.num_kv_heads, self.head_dim, max_len, self.dtype, self.device,
                                  keep_key_t=keep_key_t, sketch_spec=sketch_spec))
         self._global = [c for c in self.cache if isinstance(c, KernelCacheLayer)]
+        self.softcap = self.family.softcap  # soft-capped attention (Gemma 2): every layer dense, capped
+        self.family.weights  # the per-layer weights (fused, with fuse_weights) now, not on the first step
         self._sketch_fresh = True  # the kept sketch covers every cached position (see _note_sketch_use)
         # the kernels' launch plans: owned by the decoder with its cache, planned once for the fixed
         # capacity, one workspace shared by every layer (one layer runs at a time)
@@ -157,6 +160,7 @@ class FastDecoder:
         """Switch the decode method (same cache; a graph-safe method's CUDA graph is captured on its
         first step)."""
         method = static_method(method)
+        _check_runs(self.family, method)
         if method.needs_key_t and self._global and self._global[0].key_t is None:
             raise ValueError(f"{method.name} reads the transposed key copy, which this cache does not keep: "
                              f"build the decoder with keep_key_t=True")
@@ -245,12 +249,11 @@ class FastDecoder:
             for (pre, post), c, (cos, sin), st in zip(fam.weights, self.cache, ropes, self._states):
                 q, k, v = fam.pre_attention(x, cos, sin, **pre)
                 if isinstance(c, WindowCache):
-                    out = c.prefill_attend(q, k, v, start, lengths, self.scale)
+                    out = c.prefill_attend(q, k, v, start, lengths, self.scale, self.softcap)
                 else:
                     c.write_prefill(k, v, start, lengths)
                     key, value = c.key[:, :, :end], c.value[:, :, :end]
-                    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=self.scale,
-                                                         enable_gqa=True)
+                    out = dense_attention(q, key, value, mask, self.scale, self.softcap)
                     if _observes_prefill(self.method):  # H2O's column sums: this chunk's queries
                         self.method.observe_prefill(q, key, value, valid, self.scale, st)
                 x = fam.post_attention(x, out.transpose(1, 2).reshape(B, end - start, -1), **post)
@@ -282,12 +285,14 @@ class FastDecoder:
             q, k, v = self._pre(x, cos, sin, **pre)
             if isinstance(c, WindowCache):
                 c.append(k, v, self._write_pos)
-                out = _DENSE.attend(c.inputs(q[:, :, 0], self.lengths, self.scale))
+                inputs, method = c.inputs(q[:, :, 0], self.lengths, self.scale), _DENSE
             else:
                 c.append(k, v, positions=self._write_pos, advance=False, sketch=self.method.sketch_spec is not None)
-                out = self.method.attend(DecodeInputs(q[:, :, 0], c.key, c.value, valid, self.scale, key_t=c.key_t,
-                                                      value_sum=c.value_sum, state=st, lengths=self.lengths,
-                                                      plans=self.plans, sketch=c.sketch))
+                inputs = DecodeInputs(q[:, :, 0], c.key, c.value, valid, self.scale, key_t=c.key_t,
+                                      value_sum=c.value_sum, state=st, lengths=self.lengths, plans=self.plans,
+                                      sketch=c.sketch)
+                method = self.method
+            out = softcapped_decode(inputs, self.softcap) if self.softcap else method.attend(inputs)
             x = self._post(x, out.reshape(self.batch, 1, -1), **post)
         self.tokens.copy_(fam.logits(x)[:, 0].argmax(-1))
         self.positions.add_(1)
@@ -363,6 +368,23 @@ class FastDecoder:
             self.autotune([_DENSE, self._requested])
         rest, decode_s = self.decode(max_new_tokens - 1, use_graph)
         return torch.cat([first[:, None], rest], 1), DecodeTimings(prefill_s, decode_s, max_new_tokens - 1)
+
+
+def _check_runs(family: Family, method: DecodeMethod) -> None:
+    """A ValueError where `method` would run on no layer of the model, so the loop would silently
+    decode dense under its name: every layer soft-caps its attention logits (Gemma 2; no method
+    implements soft-capping), or every layer attends within a sliding window shorter than the cache
+    (Mistral, Phi-3 with `sliding_window` < max_len; those layers stay dense)."""
+    if isinstance(method, Dense):
+        return
+    model = f"{type(family.model).__name__} ({family.name})"
+    if family.softcap:
+        raise ValueError(f"{model} soft-caps its attention logits (attn_logit_softcapping={family.softcap:g}) on every "
+                         f"layer, which {method.name} does not implement: the fast loop runs it with Dense() only")
+    if all(family.window(i) is not None for i in range(len(family.layers))):
+        raise ValueError(f"every layer of {model} attends within a sliding window ({family.window(0)}) shorter than "
+                         f"max_len={family.max_len}; those layers stay dense, so {method.name} would run on none: "
+                         f"use Dense(), or max_len <= the window")
 
 
 def _all_reduce(t: Tensor, group) -> Tensor:

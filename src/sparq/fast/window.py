@@ -10,10 +10,10 @@ row's length. Memory: the window, not the context.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..methods import DecodeInputs
+from .attention import dense_attention
 
 
 class WindowCache:
@@ -24,7 +24,8 @@ class WindowCache:
         self.value = torch.zeros_like(self.key)
         self._slots = torch.arange(size, device=device)
 
-    def prefill_attend(self, q: Tensor, k: Tensor, v: Tensor, start: int, lengths: Tensor, scale: float) -> Tensor:
+    def prefill_attend(self, q: Tensor, k: Tensor, v: Tensor, start: int, lengths: Tensor, scale: float,
+                       softcap: float | None = None) -> Tensor:
         """Prefill chunk [start, start + L) (q [B, Hq, L, d]; k, v [B, Hkv, L, d]): windowed causal
         attention over the ring's earlier positions and the chunk, then the chunk is written.
         Returns [B, Hq, L, d]. Every row holds the same positions below `start` except rows whose
@@ -41,7 +42,7 @@ class WindowCache:
             k_all, v_all = k, v
         qpos = torch.arange(start, end, device=k.device)[:, None]
         mask = (kpos[None] <= qpos) & (kpos[None] > qpos - self.size) & (kpos[None] >= 0)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=scale, enable_gqa=True)
+        out = dense_attention(q, k_all, v_all, mask, scale, softcap)
         self._write_prefill(k, v, start, lengths)
         return out
 

@@ -140,9 +140,9 @@ def generate(
                                                        "SparQConfig.from_compression].")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
-    fast: Annotated[bool, typer.Option(help="Greedy decoding in the static-cache fast loop (Llama-family and Gemma 3 "
-                                            "models; CUDA graphs and the SparQ kernels on a GPU); any method, CUDA-graph "
-                                            "captured for dense and sparq.")] = False,
+    fast: Annotated[bool, typer.Option(help="Greedy decoding in the static-cache fast loop (Llama, Mistral, Qwen2/3, "
+                                            "Phi-3, Gemma 3; Gemma 2 with --method dense only; CUDA graphs and the SparQ "
+                                            "kernels on a GPU); any method, CUDA-graph captured for dense and sparq.")] = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Family
+from .gemma2 import Gemma2
 from .gemma3 import Gemma3
 from .llama import Llama
+from .phi3 import Phi3
 
-FAMILIES: tuple[type[Family], ...] = (Llama, Gemma3)
+FAMILIES: tuple[type[Family], ...] = (Llama, Phi3, Gemma2, Gemma3)
 
 
 def family_for(model: nn.Module) -> type[Family]:
@@ -23,4 +25,4 @@ def family_for(model: nn.Module) -> type[Family]:
                      f"supported model types: {supported}")
 
 
-__all__ = ["FAMILIES", "Family", "Gemma3", "Llama", "family_for"]
+__all__ = ["FAMILIES", "Family", "Gemma2", "Gemma3", "Llama", "Phi3", "family_for"]
