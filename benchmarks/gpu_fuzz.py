@@ -134,15 +134,20 @@ def run_case(case: dict, device: str, gen: torch.Generator) -> dict:
     out = sparq.sparq_attention(q, key, value, cfg, lengths, starts=starts, plans=plans)
     valid = valid_mask(lengths, B, S, device, starts)
     ref = reference.sparq_reference(q.float(), key.float(), value.float(), cfg, valid, scale)
+    return grade(out, ref, value, lambda: near_tie_rows(q, key, valid, cfg, scale))
+
+
+def grade(out: torch.Tensor, ref: torch.Tensor, value: torch.Tensor, ties, **extra) -> dict:
+    """Per row: within tolerance, or a near-tie (ties() [B] bool, asked only when a row differs)
+    whose error stays within the bound, or a failure."""
     err = (out.float() - ref).abs().amax(dim=(1, 2))  # [B]
-    bad = err > TOL[dtype] * (1 + ref.abs().amax(dim=(1, 2)))
-    res = dict(rows=B, bad_rows=int(bad.sum()), near_ties=0, failures=0, max_err=float(err.max()))
+    bad = err > TOL[out.dtype] * (1 + ref.abs().amax(dim=(1, 2)))
+    res = dict(rows=out.shape[0], bad_rows=int(bad.sum()), near_ties=0, failures=0, max_err=float(err.max()), **extra)
     if bad.any():
-        ties = near_tie_rows(q, key, valid, cfg, scale)
-        vmax = value.float().abs().amax(dim=(1, 2, 3))
-        within = err <= 0.5 * vmax
-        res["near_ties"] = int((bad & ties & within).sum())
-        res["failures"] = int((bad & ~(ties & within)).sum())
+        tie = ties().to(err.device)
+        within = err <= 0.5 * value.float().abs().amax(dim=(1, 2, 3))
+        res["near_ties"] = int((bad & tie & within).sum())
+        res["failures"] = int((bad & ~(tie & within)).sum())
         res["row_err"] = [float(e) for e in err[bad]]
     return res
 
@@ -211,19 +216,10 @@ def run_sketch_case(case: dict, device: str, gen: torch.Generator) -> dict:
     out = m.attend(x)
     xr = DecodeInputs(q.float(), key.float(), value.float(), valid, scale)
     ref = m.attend(xr).float()
-    err = (out.float() - ref).abs().amax(dim=(1, 2))
-    bad = err > TOL[dtype] * (1 + ref.abs().amax(dim=(1, 2)))
-    res = dict(rows=B, bad_rows=int(bad.sum()), near_ties=0, failures=0, max_err=float(err.max()),
-               kernels=sketch is not None)
-    if bad.any():
-        ks = [m.k_for(int(n), d) for n in lengths.tolist()]
-        ties = sketch_near_tie_rows(m.approx_scores(xr).cpu(), valid.cpu(), ks, [m.local_for(k) for k in ks]).to(device)
-        vmax = value.float().abs().amax(dim=(1, 2, 3))
-        within = err <= 0.5 * vmax
-        res["near_ties"] = int((bad & ties & within).sum())
-        res["failures"] = int((bad & ~(ties & within)).sum())
-        res["row_err"] = [float(e) for e in err[bad]]
-    return res
+    ks = [m.k_for(int(n), d) for n in lengths.tolist()]
+    return grade(out, ref, value, lambda: sketch_near_tie_rows(m.approx_scores(xr).cpu(), valid.cpu(), ks,
+                                                               [m.local_for(k) for k in ks]),
+                 kernels=sketch is not None)
 
 
 def worker(args) -> tuple[dict, list]:
