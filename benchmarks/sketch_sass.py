@@ -61,7 +61,7 @@ def main() -> None:
            "stride_kb": "i64", "stride_kh": "i64", "stride_ks": "i32", "num_kv_heads": "i32", "s_cap": "i32",
            "code_cap": "i32", "n_blk_cap": "i32", "n_split": "i32", "scale": "fp32"}
     const = dict(G=args.g, G_PAD=max(16, triton.next_power_of_2(args.g)), GQ=max(4, triton.next_power_of_2(args.g)),
-                 D=args.d, BITS=args.bits, BLOCK=128, CHUNK=4096, BLOCK_S=128 if args.d <= 128 else 64,
+                 D=args.d, BITS=args.bits, BLOCK=128, CHUNK=4096, BLOCK_S=128,
                  HAS_STARTS=False, SPLIT_C=2, SPLIT_K=3 if t == "bf16" else 2, STATS=args.stats,
                  ASM=True)  # as score_sketch launches it
     report(f"_sketch_scores_kernel g={args.g} {args.bits} bit d={args.d} {t}",

@@ -193,6 +193,18 @@ def _code_words(D: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _dot_hi_lo(c, a_hi, a_lo, BS: tl.constexpr, D: tl.constexpr, GQ: tl.constexpr):
+    """c [BS, D] @ (a_hi + a_lo) for a_hi, a_lo [D, GQ] fp16: one MMA whose B columns 2g, 2g + 1
+    are the hi, lo parts of query row g, the two parts summed in fp32 -> [BS, GQ]. (GQ = 4: an
+    N = 8 mma.sync; GQ >= 8 makes triton 3.6 take wgmma, whose register operand layout is not the
+    one `_unpack_codes` aims at: ~0.5 PRMT + 0.3 HADD2 more per code, still fewer instructions than
+    splitting it into N = 8 MMAs, which was measured: 910 vs 829 per tile at g = 8, d = 128.)"""
+    acc = tl.dot(c, tl.reshape(tl.join(a_hi, a_lo), (D, 2 * GQ)))
+    acc_hi, acc_lo = tl.split(tl.reshape(acc, (BS, GQ, 2)))
+    return acc_hi + acc_lo
+
+
+@triton.jit
 def _sketch_scores_kernel(
     q_ptr, codes_ptr, lo_ptr, hi_ptr, key_ptr, len_ptr, starts_ptr,
     logits_ptr, m_ptr, l_ptr,
@@ -239,12 +251,15 @@ def _sketch_scores_kernel(
         out_base = logits_ptr + (bh * G + offs_g).to(tl.int64)[:, None] * s_cap  # [G_PAD, 1]
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
-        for s0 in range(start, end, BLOCK_S):
-            s = s0 + offs_s
+        # [BLOCK_K, d] key tiles live in registers: at most 64 positions for d > 128
+        BLOCK_K: tl.constexpr = 64 if (D > 128 and BLOCK_S > 64) else BLOCK_S
+        offs_k = tl.arange(0, BLOCK_K)
+        for s0 in range(start, end, BLOCK_K):
+            s = s0 + offs_k
             s_ok = s < end
             k = tl.load(k_base + s.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], mask=s_ok[:, None], other=0.0)
             acc = _dot_f32(q, tl.trans(k), SPLIT_K)
-            m_i, l_i = _emit_tile(acc, s, s_ok, out_base, g_ok, m_i, l_i, s0, s_cap, BLOCK_S)
+            m_i, l_i = _emit_tile(acc, s, s_ok, out_base, g_ok, m_i, l_i, s0, s_cap, BLOCK_K)
         stat = (bh * G + offs_g) * n_split + split
         tl.store(m_ptr + stat, m_i, mask=g_ok)
         tl.store(l_ptr + stat, l_i, mask=g_ok)
@@ -263,19 +278,19 @@ def _sketch_scores_kernel(
             s = s0 + offs_s
             s_ok = s < end
             r = tl.minimum(s0 // BLOCK, n_full - 1)  # own block, or the last finished one
-            lo = tl.load(lo_ptr + rng + r * D + offs_d).to(tl.float32)
-            hi = tl.load(hi_ptr + rng + r * D + offs_d).to(tl.float32)
-            step = tl.math.div_rn(hi - lo, tl.full([D], LEVELS, tl.float32))
-            a = qt * step[:, None]  # [D, GQ]; step 0: the channel is lo whatever its code
-            base = tl.sum(qt * lo[:, None], axis=0)  # [GQ]
+            # the range loaded as [D, GQ] (each column the same) in qt's layout: no layout conversion
+            rp = rng + r * D + offs_d[:, None] + offs_q[None, :] * 0
+            lo = tl.load(lo_ptr + rp).to(tl.float32)
+            hi = tl.load(hi_ptr + rp).to(tl.float32)
+            step = tl.math.div_rn(hi - lo, tl.full([D, GQ], LEVELS, tl.float32))
+            a = qt * step  # [D, GQ]; step 0: the channel is lo whatever its code
+            base = tl.sum(qt * lo, axis=0)  # [GQ]
             words = tl.load(code_row + s.to(tl.int64)[:, None, None] * W + widx, mask=s_ok[:, None, None], other=0)
             c = _unpack_codes(words, BLOCK_S, D, BITS, ASM)  # [BLOCK_S, D] fp16
             if SPLIT_C:  # q * step as fp16 hi + lo parts, the two columns 2g, 2g + 1 of one B operand
                 a_hi = a.to(tl.float16)
                 a_lo = (a - a_hi.to(tl.float32)).to(tl.float16)
-                acc_q2 = tl.dot(c, tl.reshape(tl.join(a_hi, a_lo), (D, 2 * GQ)))  # [BLOCK_S, 2 GQ]
-                acc_qhi, acc_qlo = tl.split(tl.reshape(acc_q2, (BLOCK_S, GQ, 2)))
-                acc_q = acc_qhi + acc_qlo
+                acc_q = _dot_hi_lo(c, a_hi, a_lo, BLOCK_S, D, GQ)
             else:
                 acc_q = tl.dot(c.to(tl.float32), a, input_precision="ieee")
             logit = tl.where(s_ok[:, None], acc_q + base[None, :], float("-inf"))  # [BLOCK_S, GQ]
@@ -301,9 +316,9 @@ def _sketch_scores_kernel(
 
 def sketch_block_s(ws, sketch: SketchState) -> int:
     """Positions per scorer tile: a power of two dividing both the sketch block (one range per
-    tile) and the plan's chunk (ws.block_s), at most 128 (64 for d > 128: the [d, BLOCK_S] code tile
-    lives in registers)."""
-    return min(sketch.block, ws.block_s, 128 if sketch.head_dim <= 128 else 64)
+    tile) and the plan's chunk (ws.block_s), at most 128 (the exact-key loop of short rows takes
+    at most 64 at d > 128); 64 at d > 128 with g >= 8 (128 spills registers there: triton 3.6, sm_90)."""
+    return min(sketch.block, ws.block_s, 64 if sketch.head_dim > 128 and ws.g >= 8 else 128)
 
 
 def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState, lengths: torch.Tensor,
