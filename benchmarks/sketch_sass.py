@@ -53,15 +53,17 @@ def main() -> None:
     ap.add_argument("--g", type=int, default=4)
     ap.add_argument("--dtype", default="bf16", choices=["fp16", "bf16"])
     ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--stats", type=int, default=1, help="1: split statistics on (g > 1 or reallocation)")
     args = ap.parse_args()
     t = args.dtype
     sig = {"q_ptr": f"*{t}", "codes_ptr": "*i32", "lo_ptr": f"*{t}", "hi_ptr": f"*{t}", "key_ptr": f"*{t}",
            "len_ptr": "*i32", "starts_ptr": "*i32", "logits_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
            "stride_kb": "i64", "stride_kh": "i64", "stride_ks": "i32", "num_kv_heads": "i32", "s_cap": "i32",
            "code_cap": "i32", "n_blk_cap": "i32", "n_split": "i32", "scale": "fp32"}
-    const = dict(G=args.g, G_PAD=max(16, triton.next_power_of_2(args.g)), D=args.d, BITS=args.bits, BLOCK=128,
-                 CHUNK=4096, BLOCK_S=128 if args.d <= 128 else 64, HAS_STARTS=False, SPLIT_C=2,
-                 SPLIT_K=3 if t == "bf16" else 2)  # as score_sketch launches it
+    const = dict(G=args.g, G_PAD=max(16, triton.next_power_of_2(args.g)), GQ=max(4, triton.next_power_of_2(args.g)),
+                 D=args.d, BITS=args.bits, BLOCK=128, CHUNK=4096, BLOCK_S=128,
+                 HAS_STARTS=False, SPLIT_C=2, SPLIT_K=3 if t == "bf16" else 2, STATS=args.stats,
+                 ASM=True)  # as score_sketch launches it
     report(f"_sketch_scores_kernel g={args.g} {args.bits} bit d={args.d} {t}",
            build(_sketch_scores_kernel, sig, const, 4, ("s_cap", "code_cap", "stride_kb", "stride_kh", "stride_ks")))
     sig = {"knew_ptr": f"*{t}", "key_ptr": f"*{t}", "codes_ptr": "*i32", "lo_ptr": f"*{t}", "hi_ptr": f"*{t}",

@@ -407,3 +407,36 @@ def test_growing_cache_keeps_the_sketch_across_regrowth():
     done = n // block
     assert torch.equal(st.sketch.lo[:, :, :done], fresh.lo[:, :, :done])
     assert torch.equal(st.sketch.hi[:, :, :done], fresh.hi[:, :, :done])
+
+
+@pytest.mark.parametrize("d,bits,g", [(16, 2, 1), (32, 1, 8), (32, 2, 1), (64, 1, 1), (64, 2, 8), (128, 1, 8),
+                                      (128, 2, 1), (256, 1, 1), (256, 2, 8)])
+def test_scorer_every_head_dim(d, bits, g):
+    """Step 1 alone at every head dim and bits the sketch supports (the interleaved code layout has
+    whole words per MMA lane only from d * bits = 128 on): logits, and the split statistics when
+    something reads them (g > 1 or reallocation; g = 1 runs without reallocation, statistics off)."""
+    DEFAULT_TUNING, DecodePlan, SketchConfig, SketchState, _ = _imports()
+    batch, hkv, block, seq = 2, 1, 16, 53
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(d * 10 + bits + g)
+    q = torch.randn(batch, hkv * g, d, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(batch, hkv, seq, d, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(batch, hkv, seq, d, generator=gen).to(DEVICE, dtype)
+    lengths, starts = torch.tensor([seq, 37]), torch.tensor([0, 9])
+    m = SparQSketch(0.3, bits=bits, block=block, local_fraction=0.25, reallocate=g > 1, min_k=4)
+    st = SketchState(batch, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=DEVICE)
+    st.prefill(k, lengths.to(DEVICE), starts.to(DEVICE))
+    plan = DecodePlan(batch, hkv * g, hkv, d, seq, SketchConfig.from_method(m, d), DEVICE, dtype, DEFAULT_TUNING)
+    plan.run(q, k, v, lengths.to(DEVICE), starts=starts.to(DEVICE), out=torch.empty_like(q), sketch=st)
+    check_logits(q, k, lengths, starts, bits, block, plan)
+    if g > 1:
+        logits = plan.logits.cpu().view(batch * hkv, g, -1)
+        for bh in range(batch * hkv):
+            n = int(lengths[bh // hkv])
+            for p in range(plan.n_split1):
+                x = logits[bh, :, p * plan.chunk1: min((p + 1) * plan.chunk1, n)]
+                if x.shape[-1] == 0:
+                    continue
+                mx = x.max(-1).values
+                torch.testing.assert_close(plan.split_m.cpu()[bh, :, p], mx)
+                torch.testing.assert_close(plan.split_l.cpu()[bh, :, p], torch.exp(x - mx[:, None]).sum(-1))

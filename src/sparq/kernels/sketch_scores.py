@@ -137,14 +137,82 @@ def _emit_tile(acc, s, s_ok, out_base, g_ok, m_i, l_i, s0, s_cap, BLOCK_S: tl.co
 
 
 @triton.jit
+def _lop3_or_and(x, mask, magic, ASM: tl.constexpr):
+    """(x & mask) | magic. On the GPU one LOP3 with mask and magic in registers (ptxas would fold
+    the constants into two immediate LOP3s: a LOP3 takes one immediate)."""
+    if ASM:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r", [x, mask, magic],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return (x & mask) | magic
+
+
+@triton.jit
+def _unpack_codes(words, BS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """words [BS, 4, HH] int32 (`_code_words`' tile) -> codes [BS, D] fp16 (exact small integers).
+
+    `code_layout` stores the dims j = 16 c + 4 t + 2 p + e of pair (t, c, p) in the two 16-bit
+    halves of one word at the same offset b, so one LOP3 of the (pre-shifted) word with the mask
+    (levels << b) | (levels << b + 16) and the fp16 exponent 25 - b in both halves ("magic
+    number") gives the two fp16 values 2^(10 - b) + code, and one HADD2 subtracts 2^(10 - b),
+    exactly. Offsets b >= 10 (inside the exponent field) are shifted down by 10 first (one shift
+    per word). The result is ordered so that Triton's mma operand layout (kWidth 4: lane % 4 = t,
+    registers (p, e)) is the layout the words were loaded in: no shared-memory round trip."""
+    SLOTS: tl.constexpr = 16 // BITS  # pairs per word
+    PAIRS: tl.constexpr = D // 8  # pairs per t
+    U: tl.constexpr = SLOTS if SLOTS < PAIRS else PAIRS  # pairs of one t in one word
+    HH: tl.constexpr = PAIRS // U  # words of one t
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    t = tl.arange(0, 4)[None, :, None, None]
+    pair = tl.arange(0, HH)[None, None, :, None] * U + tl.arange(0, U)[None, None, None, :]
+    if SLOTS <= PAIRS:  # whole words per t: the offsets are constants
+        b = (pair % SLOTS) * BITS
+    else:  # several t share a word (d * bits < 128): the offset depends on the lane
+        b = ((t * PAIRS + pair) % SLOTS) * BITS
+    sh = tl.where(b >= 10, 10, 0)
+    b = b - sh
+    mask = (LEVELS << b) | (LEVELS << (b + 16))
+    magic = ((25 - b) << 10) | ((25 - b) << 26)
+    v = _lop3_or_and(words[:, :, :, None] >> sh, mask, magic, ASM)  # [BS, 4, HH, U]
+    off = (1 << (10 - b)).to(tl.float16)
+    lo = v.to(tl.int16).to(tl.float16, bitcast=True) - off
+    hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True) - off
+    c = tl.reshape(tl.join(lo, hi), (BS, 4, D // 16, 2, 2))  # [BS, t, c, p, e]
+    return tl.reshape(tl.permute(c, (0, 2, 1, 3, 4)), (BS, D))
+
+
+@triton.jit
+def _code_words(D: tl.constexpr, BITS: tl.constexpr):
+    """[1, 4, HH] int32: which of a position's words holds pairs (t, hh) (see `_unpack_codes`)."""
+    SLOTS: tl.constexpr = 16 // BITS
+    PAIRS: tl.constexpr = D // 8
+    U: tl.constexpr = SLOTS if SLOTS < PAIRS else PAIRS
+    HH: tl.constexpr = PAIRS // U
+    t = tl.arange(0, 4)[None, :, None]
+    return (t * PAIRS + tl.arange(0, HH)[None, None, :] * U) // SLOTS
+
+
+@triton.jit
+def _dot_hi_lo(c, a_hi, a_lo, BS: tl.constexpr, D: tl.constexpr, GQ: tl.constexpr):
+    """c [BS, D] @ (a_hi + a_lo) for a_hi, a_lo [D, GQ] fp16: one MMA whose B columns 2g, 2g + 1
+    are the hi, lo parts of query row g, the two parts summed in fp32 -> [BS, GQ]. (GQ = 4: an
+    N = 8 mma.sync; GQ >= 8 makes triton 3.6 take wgmma, whose register operand layout is not the
+    one `_unpack_codes` aims at: ~0.5 PRMT + 0.3 HADD2 more per code, still fewer instructions than
+    splitting it into N = 8 MMAs, which was measured: 910 vs 829 per tile at g = 8, d = 128.)"""
+    acc = tl.dot(c, tl.reshape(tl.join(a_hi, a_lo), (D, 2 * GQ)))
+    acc_hi, acc_lo = tl.split(tl.reshape(acc, (BS, GQ, 2)))
+    return acc_hi + acc_lo
+
+
+@triton.jit
 def _sketch_scores_kernel(
     q_ptr, codes_ptr, lo_ptr, hi_ptr, key_ptr, len_ptr, starts_ptr,
     logits_ptr, m_ptr, l_ptr,
     stride_kb, stride_kh, stride_ks,
     num_kv_heads, s_cap, code_cap, n_blk_cap, n_split, scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, HAS_STARTS: tl.constexpr,
-    SPLIT_C: tl.constexpr, SPLIT_K: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, HAS_STARTS: tl.constexpr,
+    SPLIT_C: tl.constexpr, SPLIT_K: tl.constexpr, STATS: tl.constexpr, ASM: tl.constexpr,
 ):
     """Sketch logits of one (batch, KV head) over one chunk of the sequence (split-S).
 
@@ -152,7 +220,12 @@ def _sketch_scores_kernel(
     2 * d * elt bytes of range per tile of BLOCK_S positions and g * d * elt of query; a row
     with no finished block (length < block) reads its exact keys instead, d * elt per position.
     Writes 4 * g bytes of logits per position (the last tile's positions >= length as -inf) and
-    8 * g bytes of split statistics.
+    8 * g bytes of split statistics (STATS = 0: nobody reads them; written as an empty split's).
+
+    The sketch loop computes logits transposed, [BLOCK_S, GQ] = codes [BLOCK_S, d] @ (q * step)ᵀ:
+    the codes are the MMA's A operand, unpacked in registers (`_unpack_codes`), and the query's
+    hi and lo fp16 parts are the 2 * GQ columns of one B operand (GQ = max(4, g) rounded to a
+    power of two: 8 columns, the MMA's minimum, for g <= 4).
     """
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -160,66 +233,92 @@ def _sketch_scores_kernel(
     hk = bh % num_kv_heads
     length = tl.load(len_ptr + b)
     LEVELS: tl.constexpr = (1 << BITS) - 1
-    PER: tl.constexpr = 32 // BITS
-    W: tl.constexpr = D // PER
+    W: tl.constexpr = D * BITS // 32
 
-    offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     offs_s = tl.arange(0, BLOCK_S)
-    offs_w = tl.arange(0, W)
-    shifts = (tl.arange(0, PER) * BITS)[None, :, None]
-    g_ok = offs_g < G
-    q = tl.load(q_ptr + (bh * G + offs_g)[:, None] * D + offs_d[None, :], mask=g_ok[:, None], other=0.0)
-    q = q.to(tl.float32) * scale  # [G_PAD, D]
-
     n_full = length // BLOCK
-    code_row = codes_ptr + bh.to(tl.int64) * code_cap * W
-    rng = bh.to(tl.int64) * n_blk_cap * D
-    k_base = key_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    if HAS_STARTS:  # left padding: logical position s is row starts[b] + s of K
-        k_base += tl.load(starts_ptr + b).to(tl.int64) * stride_ks
-    out_base = logits_ptr + (bh * G + offs_g).to(tl.int64)[:, None] * s_cap  # [G_PAD, 1]
-
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, length)
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    if n_full == 0:  # no finished block yet: the exact keys
-        for s0 in range(start, end, BLOCK_S):
-            s = s0 + offs_s
+    if n_full == 0:  # no finished block yet: the exact keys ([G_PAD, BLOCK_S] tiles, G_PAD >= 16)
+        offs_g = tl.arange(0, G_PAD)
+        g_ok = offs_g < G
+        q = tl.load(q_ptr + (bh * G + offs_g)[:, None] * D + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+        q = q.to(tl.float32) * scale  # [G_PAD, D]
+        k_base = key_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        if HAS_STARTS:  # left padding: logical position s is row starts[b] + s of K
+            k_base += tl.load(starts_ptr + b).to(tl.int64) * stride_ks
+        out_base = logits_ptr + (bh * G + offs_g).to(tl.int64)[:, None] * s_cap  # [G_PAD, 1]
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        # [BLOCK_K, d] key tiles live in registers: at most 64 positions for d > 128
+        BLOCK_K: tl.constexpr = 64 if (D > 128 and BLOCK_S > 64) else BLOCK_S
+        offs_k = tl.arange(0, BLOCK_K)
+        for s0 in range(start, end, BLOCK_K):
+            s = s0 + offs_k
             s_ok = s < end
             k = tl.load(k_base + s.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], mask=s_ok[:, None], other=0.0)
             acc = _dot_f32(q, tl.trans(k), SPLIT_K)
-            m_i, l_i = _emit_tile(acc, s, s_ok, out_base, g_ok, m_i, l_i, s0, s_cap, BLOCK_S)
+            m_i, l_i = _emit_tile(acc, s, s_ok, out_base, g_ok, m_i, l_i, s0, s_cap, BLOCK_K)
+        stat = (bh * G + offs_g) * n_split + split
+        tl.store(m_ptr + stat, m_i, mask=g_ok)
+        tl.store(l_ptr + stat, l_i, mask=g_ok)
     else:  # the sketch; the loop has no branch, so its code loads can be pipelined
+        offs_q = tl.arange(0, GQ)
+        q_ok = offs_q < G
+        qt = tl.load(q_ptr + (bh * G + offs_q)[None, :] * D + offs_d[:, None], mask=q_ok[None, :], other=0.0)
+        qt = qt.to(tl.float32) * scale  # [D, GQ]
+        code_row = codes_ptr + bh.to(tl.int64) * code_cap * W
+        widx = _code_words(D, BITS)  # [1, 4, HH]
+        rng = bh.to(tl.int64) * n_blk_cap * D
+        out_q = logits_ptr + (bh * G + offs_q).to(tl.int64)[None, :] * s_cap  # [1, GQ]
+        m_e = tl.full([BLOCK_S, GQ], float("-inf"), tl.float32)  # per element: reduced once, after the loop
+        l_e = tl.zeros([BLOCK_S, GQ], tl.float32)
         for s0 in range(start, end, BLOCK_S):
             s = s0 + offs_s
             s_ok = s < end
             r = tl.minimum(s0 // BLOCK, n_full - 1)  # own block, or the last finished one
-            lo = tl.load(lo_ptr + rng + r * D + offs_d).to(tl.float32)
-            hi = tl.load(hi_ptr + rng + r * D + offs_d).to(tl.float32)
-            step = tl.math.div_rn(hi - lo, tl.full([D], LEVELS, tl.float32))
-            a = q * step[None, :]  # step 0: the channel is lo whatever its code
-            base = tl.sum(q * lo[None, :], axis=1)  # [G_PAD]
-            # words [W, BLOCK_S] -> codes [D, BLOCK_S] (dim j = w * PER + i): the dot's B operand as is
-            words = tl.load(code_row + s.to(tl.int64)[None, :] * W + offs_w[:, None], mask=s_ok[None, :], other=0)
-            c = tl.reshape((words[:, None, :] >> shifts) & LEVELS, (D, BLOCK_S))
-            if SPLIT_C:  # 0x6400 | c is the fp16 bit pattern of 1024 + c: no (quarter-rate) I2F
-                cf = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+            # the range loaded as [D, GQ] (each column the same) in qt's layout: no layout conversion
+            rp = rng + r * D + offs_d[:, None] + offs_q[None, :] * 0
+            lo = tl.load(lo_ptr + rp).to(tl.float32)
+            hi = tl.load(hi_ptr + rp).to(tl.float32)
+            step = tl.math.div_rn(hi - lo, tl.full([D, GQ], LEVELS, tl.float32))
+            a = qt * step  # [D, GQ]; step 0: the channel is lo whatever its code
+            base = tl.sum(qt * lo, axis=0)  # [GQ]
+            words = tl.load(code_row + s.to(tl.int64)[:, None, None] * W + widx, mask=s_ok[:, None, None], other=0)
+            c = _unpack_codes(words, BLOCK_S, D, BITS, ASM)  # [BLOCK_S, D] fp16
+            if SPLIT_C:  # q * step as fp16 hi + lo parts, the two columns 2g, 2g + 1 of one B operand
+                a_hi = a.to(tl.float16)
+                a_lo = (a - a_hi.to(tl.float32)).to(tl.float16)
+                acc_q = _dot_hi_lo(c, a_hi, a_lo, BLOCK_S, D, GQ)
             else:
-                cf = c.to(tl.float32)
-            acc = _dot_f32(a, cf, SPLIT_C) + base[:, None]
-            m_i, l_i = _emit_tile(acc, s, s_ok, out_base, g_ok, m_i, l_i, s0, s_cap, BLOCK_S)
-    stat = (bh * G + offs_g) * n_split + split
-    tl.store(m_ptr + stat, m_i, mask=g_ok)
-    tl.store(l_ptr + stat, l_i, mask=g_ok)
+                acc_q = tl.dot(c.to(tl.float32), a, input_precision="ieee")
+            logit = tl.where(s_ok[:, None], acc_q + base[None, :], float("-inf"))  # [BLOCK_S, GQ]
+            if s0 + BLOCK_S <= s_cap:
+                tl.store(out_q + s[:, None], logit, mask=q_ok[None, :])
+            else:
+                tl.store(out_q + s[:, None], logit, mask=q_ok[None, :] & (s[:, None] < s_cap))
+            if STATS:  # running max and sum of exp per element (no cross-thread reduction per tile)
+                m_e_new = tl.maximum(m_e, logit)
+                m_eref = tl.where(m_e_new > float("-inf"), m_e_new, 0.0)
+                l_e = l_e * tl.exp(m_e - m_eref) + tl.exp(logit - m_eref)
+                m_e = m_e_new
+        stat_q = (bh * G + offs_q) * n_split + split
+        if STATS:
+            m_erow = tl.max(m_e, axis=0)
+            m_eref = tl.where(m_erow > float("-inf"), m_erow, 0.0)
+            tl.store(m_ptr + stat_q, m_erow, mask=q_ok)
+            tl.store(l_ptr + stat_q, tl.sum(l_e * tl.exp(m_e - m_eref[None, :]), axis=0), mask=q_ok)
+        else:  # an empty split's statistics: defined values for `_sample_kernel` (logZ is unread)
+            tl.store(m_ptr + stat_q, tl.full([GQ], float("-inf"), tl.float32), mask=q_ok)
+            tl.store(l_ptr + stat_q, tl.zeros([GQ], tl.float32), mask=q_ok)
 
 
 def sketch_block_s(ws, sketch: SketchState) -> int:
     """Positions per scorer tile: a power of two dividing both the sketch block (one range per
-    tile) and the plan's chunk (ws.block_s), at most 128 (64 for d > 128: the [d, BLOCK_S] code tile
-    lives in registers)."""
-    return min(sketch.block, ws.block_s, 128 if sketch.head_dim <= 128 else 64)
+    tile) and the plan's chunk (ws.block_s), at most 128 (the exact-key loop of short rows takes
+    at most 64 at d > 128); 64 at d > 128 with g >= 8 (128 spills registers there: triton 3.6, sm_90)."""
+    return min(sketch.block, ws.block_s, 64 if sketch.head_dim > 128 and ws.g >= 8 else 128)
 
 
 def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState, lengths: torch.Tensor,
@@ -240,12 +339,15 @@ def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState
     # exact keys (rows shorter than a block): as stored, q in 2 fp16 or 3 bf16 parts
     split_c = 2 if query.device.type == "cuda" or key.dtype != torch.float32 else 0
     split_k = {torch.float16: 2, torch.bfloat16: 3}.get(key.dtype, 0)
+    # the split statistics feed logZ, read by the selection keys (g > 1) and the reallocation only
+    stats = g > 1 or bool(ws.config.reallocate)
     _sketch_scores_kernel[(batch * num_kv_heads, ws.n_split1)](
         query, sketch.codes, sketch.lo, sketch.hi, key, lengths, starts,
         ws.logits, ws.split_m, ws.split_l,
         key.stride(0), key.stride(1), key.stride(2),
         num_kv_heads, ws.capacity, sketch.capacity, sketch.n_blocks, ws.n_split1, float(scale),
-        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=head_dim, BITS=sketch.bits, BLOCK=sketch.block,
-        CHUNK=ws.chunk1, BLOCK_S=sketch_block_s(ws, sketch), HAS_STARTS=has_starts,
-        SPLIT_C=split_c, SPLIT_K=split_k, num_warps=ws.score_warps,
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), GQ=max(4, triton.next_power_of_2(g)), D=head_dim,
+        BITS=sketch.bits, BLOCK=sketch.block, CHUNK=ws.chunk1, BLOCK_S=sketch_block_s(ws, sketch),
+        HAS_STARTS=has_starts, SPLIT_C=split_c, SPLIT_K=split_k, STATS=stats, ASM=query.device.type == "cuda",
+        num_warps=ws.score_warps,
     )

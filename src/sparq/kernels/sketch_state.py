@@ -12,12 +12,15 @@ indexed by the LOGICAL position s = buffer position - starts[b]).
 Code of x with range (lo, hi): step = (hi - lo) / (2^bits - 1) (fp32), c = clamp(round_half_even(
 (x - lo) / step), 0, 2^bits - 1) (step 0: x - lo); the scorer dequantises lo + c * step (lo if step 0).
 
-Layout (chosen for the scorer's loads):
-  codes  int32 [B, Hkv, capacity, W], W = d * bits / 32 words per position, dim j of a position in
-         word j // (32 / bits) at bit (j % (32 / bits)) * bits. One position's codes are W
-         consecutive words (16 B at d = 128, 1 bit; 32 B at 2 bits), a tile of positions one
-         contiguous run: 16-byte vector loads, and 32-bit words unpack with one shift and one mask
-         per element (no byte extraction).
+Layout (chosen for the scorer's unpack, see `code_layout`):
+  codes  int32 [B, Hkv, capacity, W], W = d * bits / 32 words per position. One position's codes
+         are W consecutive words (16 B at d = 128, 1 bit; 32 B at 2 bits), a tile of positions one
+         contiguous run. Inside a position the dims are interleaved for the tensor cores' operand
+         registers: dim j = 16 c + 4 t + 2 p + e (c: 16-dim chunk, t: 0..3, p, e: 0..1) is pair
+         P = t * d / 8 + 2 c + p, stored in word P // (16 / bits) at bit (P % (16 / bits)) * bits
+         + 16 e. So the two dims (e = 0, 1) of a pair sit in the two 16-bit halves of one word at
+         the same offset (one LOP3 makes both fp16 values: the magic-number trick), and the pairs
+         one MMA lane needs (fixed t) are whole words (d * bits >= 128) or a fixed slice of one.
   lo, hi key dtype [B, Hkv, capacity // block, d]: per finished block and channel. They are a min
          and a max of the keys, so the key dtype holds them exactly (bf16/fp16: 2 bytes each).
 Bytes per position per KV head: d * bits / 8 (codes) + 4 * d / block (ranges, 16-bit keys):
@@ -59,10 +62,25 @@ def _encode(x, lo, hi, LEVELS: tl.constexpr):
 
 @triton.jit
 def _pack(c, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    """[N, D] int32 codes -> [N, D * BITS / 32] int32 words (disjoint bit fields: sum == or)."""
-    PER: tl.constexpr = 32 // BITS
-    shifts = (tl.arange(0, PER) * BITS)[None, None, :]
-    return tl.sum(tl.reshape(c, (N, D // PER, PER)) << shifts, axis=2)
+    """[N, D] int32 codes -> [N, D * BITS / 32] int32 words in `code_layout`'s order (disjoint
+    bit fields: sum == or)."""
+    SLOTS: tl.constexpr = 16 // BITS
+    W: tl.constexpr = D * BITS // 32
+    # dim j = 16 c + 4 t + 2 p + e -> (t, c, p, e): pair P = (t, c, p) flattened, then P = (word, slot)
+    x = tl.reshape(tl.permute(tl.reshape(c, (N, D // 16, 4, 2, 2)), (0, 2, 1, 3, 4)), (N, W, SLOTS, 2))
+    shifts = (tl.arange(0, SLOTS) * BITS)[None, None, :, None] + (tl.arange(0, 2) * 16)[None, None, None, :]
+    return tl.sum(tl.sum(x << shifts, axis=3), axis=2)
+
+
+def code_layout(head_dim: int, bits: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where dim j of a position's codes is stored: (word [d], bit [d]) int64 (module docstring):
+    j = 16 c + 4 t + 2 p + e -> pair P = t * d / 8 + 2 c + p, word P // (16 / bits), bit
+    (P % (16 / bits)) * bits + 16 e."""
+    j = torch.arange(head_dim, device=device)
+    c, t, p, e = j // 16, (j % 16) // 4, (j % 4) // 2, j % 2
+    pair = t * (head_dim // 8) + 2 * c + p
+    slots = 16 // bits
+    return pair // slots, (pair % slots) * bits + 16 * e
 
 
 @triton.jit
@@ -115,8 +133,7 @@ def _sketch_append_kernel(
         lo = tl.load(lo_ptr + rng + (n_full - 1) * D + offs_d).to(tl.float32)
         hi = tl.load(hi_ptr + rng + (n_full - 1) * D + offs_d).to(tl.float32)
         c = _encode(x, lo, hi, LEVELS)
-        PER: tl.constexpr = 32 // BITS
-        words = tl.sum(tl.reshape(c, (W, PER)) << (tl.arange(0, PER) * BITS)[None, :], axis=1)
+        words = tl.reshape(_pack(tl.reshape(c, (1, D)), 1, D, BITS), (W,))
         tl.store(code_row + p.to(tl.int64) * W + offs_w, words)
 
 
@@ -197,7 +214,6 @@ class SketchState:
             return key.gather(2, src[:, None, :, None].expand(b, h, p1 - p0, d)).float()
 
         # 1. every finished block's per-channel range (blocks [0, n_full) of each row)
-        big = torch.finfo(torch.float32).max
         for p0 in range(0, min(cap, nb * blk) // blk * blk, chunk):
             p1 = min(p0 + chunk, nb * blk)
             x = logical(p0, p1).reshape(b, h, (p1 - p0) // blk, blk, d)
@@ -211,8 +227,8 @@ class SketchState:
             self.hi.zero_()
         # 2. every position's codes, with its own block's range or the last finished one's
         levels = 2**self.bits - 1
-        per = 32 // self.bits
-        shifts = torch.arange(per, device=dev) * self.bits
+        slots = 16 // self.bits  # code_layout's order: (t, c, p) pairs, the pair's two dims 16 bits apart
+        shifts = (torch.arange(slots, device=dev) * self.bits)[:, None] + torch.arange(2, device=dev) * 16
         for p0 in range(0, cap, chunk):
             p1 = min(p0 + chunk, cap)
             pos = torch.arange(p0, p1, device=dev)
@@ -225,7 +241,8 @@ class SketchState:
             codes = ((x - lo_p) / safe).round().clamp(0, levels).long()
             coded = (pos[None, :] < lengths[:, None]) & (n_full > 0)[:, None]
             codes = codes.masked_fill(~coded[:, None, :, None], 0)
-            words = (codes.reshape(b, h, p1 - p0, self.words, per) << shifts).sum(-1)
+            pairs = codes.reshape(b, h, p1 - p0, d // 16, 4, 2, 2).permute(0, 1, 2, 4, 3, 5, 6)
+            words = (pairs.reshape(b, h, p1 - p0, self.words, slots, 2) << shifts).sum((-1, -2))
             words = torch.where(words >= 2**31, words - 2**32, words)
             self.codes[:, :, p0:p1] = words.to(torch.int32)
 
@@ -260,9 +277,8 @@ class SketchState:
         b, h, cap, d = self.batch, self.num_kv_heads, self.capacity, self.head_dim
         dev = self.codes.device
         lengths = lengths.to(dev).long()
-        per = 32 // self.bits
-        shifts = torch.arange(per, device=dev, dtype=torch.int32) * self.bits
-        codes = ((self.codes[..., None] >> shifts) & (2**self.bits - 1)).reshape(b, h, cap, d).float()
+        word, bit = code_layout(d, self.bits, dev)
+        codes = ((self.codes[..., word] >> bit.to(torch.int32)) & (2**self.bits - 1)).float()
         pos = torch.arange(cap, device=dev)
         n_full = lengths // self.block
         r = torch.minimum(pos[None, :] // self.block, (n_full - 1).clamp_min(0)[:, None]).clamp(max=self.n_blocks - 1)
