@@ -63,13 +63,21 @@ def _encode(x, lo, hi, LEVELS: tl.constexpr):
 @triton.jit
 def _pack(c, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
     """[N, D] int32 codes -> [N, D * BITS / 32] int32 words in `code_layout`'s order (disjoint
-    bit fields: sum == or)."""
+    bit fields: sum == or). One masked row sum per word (W of them) instead of a permute of the
+    [N, D] tile: tl.permute + reshape of the 5-D tile compiled to a wrong order on sm_90 (triton
+    3.6; the CPU interpreter was right), and this runs once per finished block or one row per step."""
     SLOTS: tl.constexpr = 16 // BITS
     W: tl.constexpr = D * BITS // 32
-    # dim j = 16 c + 4 t + 2 p + e -> (t, c, p, e): pair P = (t, c, p) flattened, then P = (word, slot)
-    x = tl.reshape(tl.permute(tl.reshape(c, (N, D // 16, 4, 2, 2)), (0, 2, 1, 3, 4)), (N, W, SLOTS, 2))
-    shifts = (tl.arange(0, SLOTS) * BITS)[None, None, :, None] + (tl.arange(0, 2) * 16)[None, None, None, :]
-    return tl.sum(tl.sum(x << shifts, axis=3), axis=2)
+    j = tl.arange(0, D)
+    pair = ((j % 16) // 4) * (D // 8) + 2 * (j // 16) + (j % 4) // 2
+    word = pair // SLOTS
+    shifted = c << ((pair % SLOTS) * BITS + 16 * (j % 2))[None, :]
+    offs_w = tl.arange(0, W)
+    words = tl.zeros([N, W], tl.int32)
+    for w in tl.static_range(W):
+        col = tl.sum(tl.where((word == w)[None, :], shifted, 0), axis=1)  # [N]
+        words = tl.where((offs_w == w)[None, :], col[:, None], words)
+    return words
 
 
 def code_layout(head_dim: int, bits: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +151,10 @@ def sketch_supported(head_dim: int, bits: int, block: int, dtype: torch.dtype, d
 
     return (bits in (1, 2) and block >= 16 and not block & (block - 1) and head_dim in SUPPORTED_HEAD_DIMS
             and (head_dim * bits) % 32 == 0 and dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and available(device) and (device.type != "cuda" or dtype != torch.float32))
+            and available(device) and (device.type != "cuda" or dtype != torch.float32)
+            # the CPU interpreter (triton 3.9) returns garbage logits for bf16 keys (the H200 does not;
+            # found by the sketch fuzz on the CPU): bf16 on the CPU takes the PyTorch path
+            and (device.type == "cuda" or dtype != torch.bfloat16))
 
 
 class SketchState:
