@@ -250,3 +250,29 @@ def test_unsupported_family_and_method_fall_back(fresh_warnings):
     with sparq.enabled(model, NoStatic(0.25, sinks=2, min_k=4)):
         with expect_fallback("no static-cache path"):
             greedy(model, ids, mask, n=3)
+
+
+def test_bench_generate_engine_hf_runs_on_cpu(tmp_path):
+    """`sparq bench generate --engine hf` on a tiny shape on the CPU: every row (dense generate with
+    each cache setting, SparQ through sparq.enabled and through transformers' loop, the fast loop's
+    dense and SparQ), the comparisons and the JSON."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sparq.tools.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "generate", "--engine", "hf", "--model", "tiny", "--device", "cpu",
+                                   "--batch", "2", "--context", "20", "--new-tokens", "3", "--compressions", "4",
+                                   "--ragged", "--hf-loop", "--out-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    (file,) = tmp_path.glob("generate-hf-tiny-cpu-*.json")
+    rows = json.loads(file.read_text())["rows"]
+    assert [(r["engine"], r["method"]) for r in rows] == [
+        ("hf", "dense (dynamic)"), ("hf", "dense (static+compile)"), ("hf", "sparq 1/4 (sparq.enabled)"),
+        ("hf", "sparq 1/4 (sparq.enabled, fast_loop=False)"), ("fast", "dense (FastDecoder)"),
+        ("fast", "sparq 1/4 (FastDecoder)")]
+    assert all(r["ms_per_token"] > 0 for r in rows)
+    assert "vs_fast_loop" in rows[2] and "speedup_vs_best_dense_generate" in rows[2]
+    bad = CliRunner().invoke(app, ["bench", "generate", "--engine", "vllm"])
+    assert bad.exit_code != 0 and "--engine must be fast or hf" in bad.output

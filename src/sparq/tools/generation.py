@@ -36,6 +36,20 @@ class Metered(DecodeMethod):
     def data_fraction(self, length: int, head_dim: int) -> float:
         return self.inner.data_fraction(length, head_dim)
 
+    # what the inner method needs from a static cache (the fast loop `generate` hands decoding to
+    # builds its cache from these); not graph-safe: counting reads the lengths on the host
+    @property
+    def static_cache(self) -> bool:  # type: ignore[override]
+        return self.inner.static_cache
+
+    @property
+    def needs_key_t(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_key_t
+
+    @property
+    def sketch_spec(self):  # type: ignore[override]
+        return self.inner.sketch_spec
+
     def observe_prefill(self, *args: Any, **kwargs: Any) -> None:
         self.inner.observe_prefill(*args, **kwargs)
 
