@@ -156,11 +156,16 @@ def _why_not_before(model: nn.Module, named: dict, extra: dict) -> str | None:
     return None
 
 
+def _method(ctx):
+    """The one method every switched layer runs (None if they differ: not something enable does)."""
+    first = getattr(ctx.modules[0], "_sparq_method", None) if ctx.modules else None
+    return first if all(getattr(m, "_sparq_method", None) is first for m in ctx.modules) else None
+
+
 def _method_reason(ctx) -> str | None:
-    methods = {getattr(m, "_sparq_method", None) for m in ctx.modules}
-    if len(methods) != 1 or None in methods:
+    method = _method(ctx)
+    if method is None:
         return "the layers run different methods"
-    method = next(iter(methods))
     if not getattr(method, "static_cache", False):
         return f"{getattr(method, 'name', type(method).__name__)} has no static-cache path"
     return None
@@ -206,7 +211,7 @@ def _decoder(model: nn.Module, batch: int, need: int):
     from .fast import FastDecoder
 
     ctx = _ctx(model)
-    method = next(iter({getattr(m, "_sparq_method") for m in ctx.modules}))
+    method = _method(ctx)
     dec = ctx.decoder
     if dec is not None and dec.batch == batch and dec.max_len >= need and ctx.decoder_method is method:
         return dec

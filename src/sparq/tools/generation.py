@@ -16,7 +16,7 @@ from ..config import SparQConfig
 from ..methods import DecodeInputs, DecodeMethod, SparQ
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: its counts are a dict (the fast loop keys graphs by method)
 class Metered(DecodeMethod):
     """Wraps a method and counts the K/V elements its decode steps read, next to dense's count."""
 
