@@ -61,6 +61,20 @@ def test_no_padding_and_single_row(no_fallback):
     assert torch.equal(got, expected)
 
 
+def test_static_cache_request_goes_to_the_fast_loop(no_fallback):
+    """cache_implementation="static" under sparq.enabled: the fast loop decodes (its own static cache;
+    transformers' StaticCache is never filled, so it never allocates), same tokens as today's path."""
+    model = tiny("llama")
+    ids, mask, _ = prompts()
+    with sparq.enabled(model, TIGHT, fast_loop=False):
+        expected = greedy(model, ids, mask, n=6)
+    with sparq.enabled(model, TIGHT):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             cache_implementation="static")
+        assert decoder(model) is not None
+    assert torch.equal(out[:, ids.shape[1]:], expected)
+
+
 class Recorder(BaseStreamer):
     def __init__(self):
         self.puts, self.ended = [], 0
