@@ -13,6 +13,10 @@ attention module with the method to use. The attention function
     the attention mask, with the per-layer state that `SparQCache` keeps.
 A forward pre-hook gives the attention function the current cache and, when `generate` starts
 with an empty plain `DynamicCache`, swaps in a `SparQCache`.
+`enable` (fast_loop=True, the default) also gives the model an instance-level `generate` that
+hands greedy and sampled decoding of a family the fast loop runs to `FastDecoder` through
+generate's `custom_generate` hook (`hf_generate`); everything above is then what other requests
+(and other families) run.
 """
 
 from __future__ import annotations
