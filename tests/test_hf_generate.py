@@ -286,7 +286,32 @@ def test_bench_generate_engine_hf_runs_on_cpu(tmp_path):
         ("hf", "dense (dynamic)"), ("hf", "dense (static+compile)"), ("hf", "sparq 1/4 (sparq.enabled)"),
         ("hf", "sparq 1/4 (sparq.enabled, fast_loop=False)"), ("fast", "dense (FastDecoder)"),
         ("fast", "sparq 1/4 (FastDecoder)")]
-    assert all(r["ms_per_token"] > 0 for r in rows)
+    assert all(r["ms_per_token"] > 0 and "error" not in r for r in rows)
     assert "vs_fast_loop" in rows[2] and "speedup_vs_best_dense_generate" in rows[2]
     bad = CliRunner().invoke(app, ["bench", "generate", "--engine", "vllm"])
     assert bad.exit_code != 0 and "--engine must be fast or hf" in bad.output
+
+
+def test_bench_hf_keeps_going_past_a_failing_variant(tmp_path, monkeypatch):
+    """One variant that raises (a compile error on the GPU, say) gets its error in its row; the others
+    still run (a long GPU run must not be lost to one of them)."""
+    from sparq.tools import bench_generate as bg
+
+    real = bg._hf_row
+
+    def flaky(lm, ids, mask, new_tokens, device, **gen):
+        if gen.get("cache_implementation") == "static":
+            raise RuntimeError("compile failed")
+        return real(lm, ids, mask, new_tokens, device, **gen)
+
+    monkeypatch.setattr(bg, "_hf_row", flaky)
+    res = bg.bench_hf_generate("tiny", (1,), (12,), 3, (4,), engines=("hf",), device="cpu", dtype=torch.float32,
+                               out_dir=None, print_rows=False)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["dense (static+compile)"]["error"] == "RuntimeError: compile failed"
+    assert rows["dense (dynamic)"]["ms_per_token"] > 0 and "error" not in rows["sparq 1/4 (sparq.enabled)"]
+    assert rows["sparq 1/4 (sparq.enabled)"]["best_dense_generate"] == "dense (dynamic)"
+    assert "failed: RuntimeError" in bg.format_hf_table(res)
+    with pytest.raises(RuntimeError, match="compile failed"):
+        bg.bench_hf_generate("tiny", (1,), (12,), 3, (4,), engines=("hf",), device="cpu", dtype=torch.float32,
+                             out_dir=None, print_rows=False, strict=True)

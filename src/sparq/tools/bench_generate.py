@@ -338,14 +338,15 @@ def bench_hf_generate(model: str = "llama3.2-1b", batches=(4,), contexts=(16384,
                       compressions=(8,), *, engines=("hf", "fast"), dense_settings=HF_DENSE_SETTINGS,
                       hf_loop: bool = False, ragged: bool = False, device: str | None = None,
                       dtype: torch.dtype = torch.bfloat16, out_dir: str | os.PathLike | None = "benchmarks/results",
-                      print_rows: bool = True) -> dict:
+                      print_rows: bool = True, strict: bool = False) -> dict:
     """Decode ms/token, tokens/s and peak memory of dense and SparQ 1/N (N in compressions) through `model.generate`
     (engine "hf": dense with each of `dense_settings` -- "dynamic" is transformers' default cache,
     "static+compile" its static cache, which generate compiles on CUDA --, and SparQ under
     `sparq.enabled`, which hands decoding to the fast loop; hf_loop=True adds SparQ under
     `sparq.enabled(..., fast_loop=False)`, transformers' own loop over SparQCache) and through the
     fast loop itself (engine "fast": `FastDecoder`, as `sparq.fast_generate` runs it), same model,
-    prompts and run. Greedy, min_new_tokens = max_new_tokens = new_tokens. Runs on the CPU too
+    prompts and run. Greedy, min_new_tokens = max_new_tokens = new_tokens. A variant that raises gets
+    its error in its row (strict=True: raises). Runs on the CPU too
     (device="cpu", e.g. the "tiny" shape: a smoke test; times there mean nothing). Returns
     {"device", "versions", "rows", ...} and writes it as JSON under out_dir."""
     import transformers
@@ -369,9 +370,22 @@ def bench_hf_generate(model: str = "llama3.2-1b", batches=(4,), contexts=(16384,
     sparq_cfgs = {c: SparQConfig.from_compression(c, head_dim=head_dim, reallocate=True) for c in compressions}
     rows = []
 
+    def measured(fn, *args, **kw) -> dict:
+        """A row's numbers, or its error (one failing variant -- say, a compile error -- must not
+        lose the others' numbers of a long GPU run)."""
+        try:
+            return fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - reported in the row and printed
+            if strict:
+                raise
+            return {"ms_per_token": float("nan"), "tokens_per_s": float("nan"), "error": f"{type(e).__name__}: {e}"}
+
     def emit(row: dict) -> None:
         rows.append(row)
-        if print_rows:
+        if print_rows and "error" in row:
+            print(f"{row['engine']:>4s} {row['method']:<34s} B={row['batch']:<3d} S={row['context']:<7d} "
+                  f"FAILED: {row['error'][:300]}", flush=True)
+        elif print_rows:
             mem = row.get("peak_memory_GiB")
             print(f"{row['engine']:>4s} {row['method']:<34s} B={row['batch']:<3d} S={row['context']:<7d} "
                   f"{row['ms_per_token']:9.2f} ms/token {row['tokens_per_s']:9.1f} tok/s"
@@ -391,13 +405,14 @@ def bench_hf_generate(model: str = "llama3.2-1b", batches=(4,), contexts=(16384,
             if "hf" in engines:
                 for setting in dense_settings:
                     gen = {"cache_implementation": "static"} if setting == "static+compile" else {}
-                    r = _hf_row(lm, ids, mask, new_tokens, dev, **gen)
+                    r = measured(_hf_row, lm, ids, mask, new_tokens, dev, **gen)
                     emit({**base, "engine": "hf", "method": f"dense ({setting})", **r})
+                    _free(dev)
                 sparq_runs = [("sparq.enabled", True)] + ([("sparq.enabled, fast_loop=False", False)] if hf_loop else [])
                 for compression, sparq_cfg in sparq_cfgs.items():
                     for label, fast_loop in sparq_runs:
                         with sparq.enabled(lm, sparq_cfg, fast_loop=fast_loop):
-                            r = _hf_row(lm, ids, mask, new_tokens, dev)
+                            r = measured(_hf_row, lm, ids, mask, new_tokens, dev)
                         emit({**base, "engine": "hf", "method": f"sparq 1/{compression} ({label})", **r})
                         _free(dev)
             if "fast" in engines:
@@ -406,7 +421,7 @@ def bench_hf_generate(model: str = "llama3.2-1b", batches=(4,), contexts=(16384,
                 fast_methods = [("dense", Dense())] + [(f"sparq 1/{c}", m) for c, m in sparq_cfgs.items()]
                 for label, method in fast_methods:
                     with torch.inference_mode():
-                        r = _fast_row(lm, method, aligned, lens, new_tokens, dev, chunk)
+                        r = measured(_fast_row, lm, method, aligned, lens, new_tokens, dev, chunk)
                     emit({**base, "engine": "fast", "method": f"{label} (FastDecoder)", **r})
                     _free(dev)
             for compression in compressions:
@@ -443,7 +458,7 @@ def _free(dev: torch.device) -> None:
 
 def _compare(rows: list[dict], base: dict, compression: int) -> None:
     """Ratios on the SparQ-through-generate row: vs the fast loop's SparQ and vs the best dense generate."""
-    mine = [r for r in rows if all(r.get(k) == v for k, v in base.items())]
+    mine = [r for r in rows if all(r.get(k) == v for k, v in base.items()) and "error" not in r]
     target = next((r for r in mine if r["method"] == f"sparq 1/{compression} (sparq.enabled)"), None)
     fast = next((r for r in mine if r["method"] == f"sparq 1/{compression} (FastDecoder)"), None)
     dense = [r for r in mine if r["engine"] == "hf" and r["method"].startswith("dense")]
@@ -463,6 +478,10 @@ def format_hf_table(result: dict) -> str:
              "| engine | method | batch | context | ms/token | tokens/s | peak GiB | vs fast loop | vs best dense generate |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['engine']} | {r['method']} | {r['batch']} | {r['context']} | failed: "
+                         f"{r['error'][:120]} | | | | |")
+            continue
         fmt = (lambda k, f="{:.2f}": f.format(r[k]) if r.get(k) is not None else "")
         lines.append(f"| {r['engine']} | {r['method']} | {r['batch']} | {r['context']} | {r['ms_per_token']:.2f} | "
                      f"{r['tokens_per_s']:.1f} | {fmt('peak_memory_GiB')} | {fmt('vs_fast_loop', '{:.2f}x')} | "
