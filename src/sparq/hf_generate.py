@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -60,7 +62,19 @@ def _fallback(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"sparq: model.generate runs transformers' decoding loop over SparQCache (slower) instead of "
-                      f"the fast loop: {reason}", SparQFallbackWarning, stacklevel=4)
+                      f"the fast loop: {reason}", SparQFallbackWarning, stacklevel=_caller_level())
+
+
+_LIBRARY_DIRS = tuple(f"{os.sep}{name}{os.sep}" for name in ("sparq", "transformers", "torch")) + ("contextlib",)
+
+
+def _caller_level() -> int:
+    """warnings' stacklevel of the first frame outside sparq, transformers and torch (the user's
+    generate call), counted from `_fallback`'s call to warn."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and any(d in frame.f_code.co_filename for d in _LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
 
 
 def install(model: nn.Module) -> bool:
