@@ -15,12 +15,13 @@ from test_hf import greedy, prompts, tiny
 
 
 def hf_greedy(model, ids, mask, method: str, n: int):
-    """HF generate's greedy tokens with `method` ("dense" or "sparq" at a tight budget), and the
+    """HF generate's greedy tokens with `method` ("dense" or "sparq" at a tight budget; transformers'
+    own decoding loop, not the fast loop `generate` hands requests to by default), and the
     method as FastDecoder takes it (Dense(), or a bare SparQConfig: the shorthand for SparQ)."""
     if method == "dense":
         return greedy(model, ids, mask, n=n), Dense()
     cfg = SparQConfig(r=4, k=6, local_window=2)
-    with sparq.enabled(model, cfg):
+    with sparq.enabled(model, cfg, fast_loop=False):
         return greedy(model, ids, mask, n=n), cfg
 
 
@@ -110,7 +111,7 @@ def test_fast_decoder_fresh_random_prompts(arch):
     model = tiny(arch)
     ids, mask, _ = prompts(batch=4, longest=37, seed=seed)
     cfg = SparQConfig(r=3, k=7, local_window=2)
-    with sparq.enabled(model, cfg):
+    with sparq.enabled(model, cfg, fast_loop=False):
         expected = greedy(model, ids, mask, n=6)
     aligned, lengths = left_aligned(ids, mask)
     got, _ = FastDecoder(model, cfg, batch=4, max_len=53, prefill_chunk=11).generate(aligned, lengths, 6)
@@ -281,7 +282,7 @@ def test_every_static_method_gives_hf_tokens_in_the_fast_loop(arch):
     dense = greedy(model, ids, mask, n=8)
     moved = set()
     for method in methods:
-        with sparq.enabled(model, method):
+        with sparq.enabled(model, method, fast_loop=False):
             expected = greedy(model, ids, mask, n=8)
         got, _ = FastDecoder(model, method, batch=3, max_len=160, prefill_chunk=64).generate(aligned, lengths, 8)
         assert torch.equal(got, expected), method.label
@@ -347,10 +348,10 @@ def test_sketch_runs_on_the_kernels_in_both_loops(monkeypatch, bits):
             return super().attend(x)
 
     torch_path = TorchPath(1 / 8, bits=bits, block=16, local_fraction=0.0)
-    with sparq.enabled(model, torch_path):
+    with sparq.enabled(model, torch_path, fast_loop=False):
         expected = greedy(model, ids, mask, n=17)
     monkeypatch.setattr(dispatch.DecodePlan, "run", counting)
-    with sparq.enabled(model, method):
+    with sparq.enabled(model, method, fast_loop=False):
         hf = greedy(model, ids, mask, n=17)
     fast, _ = FastDecoder(model, method, batch=3, max_len=170, prefill_chunk=64).generate(aligned, lengths, 17)
     if bits == 2:

@@ -53,7 +53,7 @@ def test_generate_memory_is_flat_and_padded_batches_run_on_the_kernels(monkeypat
 
     from transformers import LogitsProcessorList
 
-    with sparq.enabled(model, cfg):
+    with sparq.enabled(model, cfg, fast_loop=False):  # transformers' loop over SparQCache
         out = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=steps, min_new_tokens=steps,
                              do_sample=False, logits_processor=LogitsProcessorList([record]))
         cache = getattr(model, sparq.hf._CTX_ATTR).cache

@@ -103,13 +103,16 @@ def counting(config: SparQConfig) -> Counting:
     return m
 
 
+@pytest.mark.parametrize("fast_loop", [True, False])
 @pytest.mark.parametrize("arch", EXACT)
-def test_k_at_least_context_equals_dense(arch):
+def test_k_at_least_context_equals_dense(arch, fast_loop):
+    """Through the fast loop (fast_loop=True: `generate` hands it llama/mistral/qwen2/qwen3/gemma3
+    and falls back for the others) and through transformers' loop over SparQCache."""
     model = tiny(arch)
     ids, mask, _ = prompts()
     dense = greedy(model, ids, mask)
     method = counting(SparQConfig(r=2, k=10_000, local_window=3))
-    with sparq.enabled(model, method):
+    with sparq.enabled(model, method, fast_loop=fast_loop):
         got = greedy(model, ids, mask)
     assert method.calls, "the SparQ decode path never ran"
     assert torch.equal(got, dense)
@@ -122,19 +125,20 @@ def test_generate_runs_on_a_sparq_cache(arch):
     transposed keys and V sums are rebuilt from scratch every step."""
     model = tiny(arch)
     ids, mask, _ = prompts()
-    with sparq.enabled(model, SparQConfig(r=4, k=6, local_window=2)):
+    with sparq.enabled(model, SparQConfig(r=4, k=6, local_window=2), fast_loop=False):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
                              return_dict_in_generate=True)
     cache = out.get("cache", None) or out.get("past_key_values", None)
     assert isinstance(cache, SparQCache), type(cache).__name__
 
 
+@pytest.mark.parametrize("fast_loop", [True, False])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_left_padded_batch_equals_each_prompt_alone(arch):
+def test_left_padded_batch_equals_each_prompt_alone(arch, fast_loop):
     model = tiny(arch)
     ids, mask, lengths = prompts()
     cfg = SparQConfig(r=4, k=6, local_window=2)
-    with sparq.enabled(model, cfg):
+    with sparq.enabled(model, cfg, fast_loop=fast_loop):
         batched = greedy(model, ids, mask, n=8)
         for i, n in enumerate(lengths):
             alone = greedy(model, ids[i:i + 1, -n:], mask[i:i + 1, -n:], n=8)
@@ -190,7 +194,7 @@ def test_sampling_matches_dense_when_everything_is_kept():
 def test_cache_state_tracks_padding_crop_and_reset():
     model = tiny("llama")
     ids, mask, lengths = prompts()
-    with sparq.enabled(model, SparQConfig(r=2, k=5, local_window=1)):
+    with sparq.enabled(model, SparQConfig(r=2, k=5, local_window=1), fast_loop=False):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                              return_dict_in_generate=True, output_logits=True)
         cache = out.past_key_values
@@ -239,7 +243,7 @@ def test_left_padded_batch_equals_alone_fresh_seed(arch):
     seed = torch.seed() % 2**31
     model = tiny(arch)
     ids, mask, lengths = prompts(batch=4, longest=37, seed=seed)
-    with sparq.enabled(model, SparQConfig(r=3, k=7, local_window=2)):
+    with sparq.enabled(model, SparQConfig(r=3, k=7, local_window=2), fast_loop=False):
         batched = greedy(model, ids, mask, n=6)
         for i, n in enumerate(lengths):
             alone = greedy(model, ids[i:i + 1, -n:], mask[i:i + 1, -n:], n=6)

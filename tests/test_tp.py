@@ -24,6 +24,7 @@ def test_tensor_parallel_generation_equals_single_process(tmp_path):
     single = tp_worker.run(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval())
     fast = tp_worker.run_fast(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval())
     assert fast["dense"] == single["dense"] and fast["sparq"] == single["sparq"]
+    assert single["sparq_generate_fast"] == single["sparq"] and single["heads_generate_fast"] == [4, 2]
     assert single["heads"] == [(4, 2)]
     assert single["sparq"] != single["dense"], "budget too loose: SparQ should change some tokens here"
 
@@ -37,6 +38,7 @@ def test_tensor_parallel_generation_equals_single_process(tmp_path):
         assert got["heads"] == [[2, 1]], got["heads"]  # half the query and KV heads per rank
         assert got["dense"] == single["dense"]
         assert got["sparq"] == single["sparq"]
+        assert got["sparq_generate_fast"] == single["sparq"] and got["heads_generate_fast"] == [2, 1]
         for key in ("fast", "fast_local"):  # the fast loop: transformers' DTensor shards, and plain slices
             assert got[key]["heads"] == [2, 1], (key, got[key]["heads"])
             assert got[key]["dense"] == single["dense"], key

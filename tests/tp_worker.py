@@ -38,9 +38,14 @@ def run(model) -> dict:
     dense = model.generate(ids, **gen)[:, ids.shape[1]:]
     method = Recording(CFG)
     object.__setattr__(method, "heads", set())
-    with sparq.enabled(model, method):
+    with sparq.enabled(model, method, fast_loop=False):  # transformers' loop over SparQCache
         sparse = model.generate(ids, **gen)[:, ids.shape[1]:]
-    return {"dense": dense.tolist(), "sparq": sparse.tolist(), "heads": sorted(method.heads)}
+    with sparq.enabled(model, CFG):  # model.generate handed to the fast loop
+        handed = model.generate(ids, **gen)[:, ids.shape[1]:]
+        handed_heads = [getattr(model, sparq.hf._CTX_ATTR).decoder.num_q_heads,
+                        getattr(model, sparq.hf._CTX_ATTR).decoder.num_kv_heads]
+    return {"dense": dense.tolist(), "sparq": sparse.tolist(), "heads": sorted(method.heads),
+            "sparq_generate_fast": handed.tolist(), "heads_generate_fast": handed_heads}
 
 
 def run_fast(model, tp_group=None) -> dict:

@@ -13,6 +13,10 @@ attention module with the method to use. The attention function
     the attention mask, with the per-layer state that `SparQCache` keeps.
 A forward pre-hook gives the attention function the current cache and, when `generate` starts
 with an empty plain `DynamicCache`, swaps in a `SparQCache`.
+`enable` (fast_loop=True, the default) also gives the model an instance-level `generate` that
+hands greedy and sampled decoding of a family the fast loop runs to `FastDecoder` through
+generate's `custom_generate` hook (`hf_generate`); everything above is then what other requests
+(and other families) run.
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ class _Context:
         self.modules = modules
         self.cache: Any = None
         self.cache_arg = "past_key_values"  # the model's keyword for the cache (see _pre_forward)
+        # model.generate through the fast loop (`hf_generate`): on or off, and the decoder kept between calls
+        self.fast_loop = False
+        self.decoder: Any = None
+        self.decoder_method: Any = None
+        self.decoder_kwargs: dict[str, Any] = {}
 
 
 def _valid_positions(attention_mask: Tensor | None, batch: int, seq_len: int, device: torch.device) -> Tensor:
@@ -224,8 +233,16 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
     return args, kwargs
 
 
-def enable(model: PreTrainedModel, config: SparQConfig | DecodeMethod) -> PreTrainedModel:
+def enable(model: PreTrainedModel, config: SparQConfig | DecodeMethod, *, fast_loop: bool = True,
+           **decoder_kwargs: Any) -> PreTrainedModel:
     """Switch the model's decode steps to SparQ (or another DecodeMethod); prefill stays dense.
+
+    fast_loop (default on): `model.generate` decodes greedy and sampled requests in the fast loop
+    (`FastDecoder`: static cache, CUDA graphs) when the model's family is one it runs, keeping
+    generate's contract (logits processors, stopping criteria, streamers, output format); other
+    requests run transformers' loop over `SparQCache`, with a warning naming the reason once (see
+    `sparq.hf_generate`). fast_loop=False: always transformers' loop. decoder_kwargs go to the
+    `FastDecoder` (e.g. prefill_chunk, compile).
 
     Calling it again replaces the method. Returns the model for chaining. Raises ValueError,
     naming the architecture and the reason, for a model where SparQ would never run or would be
@@ -248,12 +265,17 @@ def enable(model: PreTrainedModel, config: SparQConfig | DecodeMethod) -> PreTra
     hook = model.register_forward_pre_hook(_pre_forward, with_kwargs=True)
     ctx = _Context(previous, hook, modules)
     ctx.cache_arg = cache_arg(model)
+    ctx.fast_loop, ctx.decoder_kwargs = fast_loop, decoder_kwargs
     setattr(model, _CTX_ATTR, ctx)
     for m in _attention_modules(model):
         setattr(m, _CTX_ATTR, ctx)
     for m in modules:
         setattr(m, _METHOD_ATTR, method)
     model.set_attn_implementation(ATTN_NAME)
+    if fast_loop:
+        from . import hf_generate
+
+        hf_generate.install(model)
     return model
 
 
@@ -263,6 +285,10 @@ def disable(model: PreTrainedModel) -> PreTrainedModel:
     if ctx is None:
         return model
     ctx.hook.remove()
+    from . import hf_generate
+
+    hf_generate.uninstall(model)
+    ctx.decoder = None  # its static cache is freed with it
     for m in model.modules():
         for attr in (_METHOD_ATTR, _CTX_ATTR, _DEFAULTED):
             if attr in m.__dict__:
@@ -276,9 +302,10 @@ def is_enabled(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def enabled(model: PreTrainedModel, config: SparQConfig | DecodeMethod) -> Iterator[PreTrainedModel]:
-    """`with sparq.enabled(model, cfg): model.generate(...)` — dense again afterwards."""
-    enable(model, config)
+def enabled(model: PreTrainedModel, config: SparQConfig | DecodeMethod, *, fast_loop: bool = True,
+            **decoder_kwargs: Any) -> Iterator[PreTrainedModel]:
+    """`with sparq.enabled(model, cfg): model.generate(...)` — dense again afterwards (see `enable`)."""
+    enable(model, config, fast_loop=fast_loop, **decoder_kwargs)
     try:
         yield model
     finally:

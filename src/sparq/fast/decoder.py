@@ -79,7 +79,7 @@ class FastDecoder:
     def __init__(self, model: nn.Module, method: DecodeMethod | SparQConfig, *, batch: int, max_len: int,
                  prefill_chunk: int = 4096, keep_key_t: bool | None = None,
                  keep_sketch: tuple[int, int] | None = None, compile: bool | None = None,
-                 fuse_weights: bool = True, tp_group=None) -> None:
+                 fuse_weights: bool = True, tp_group=None, keep_logits: bool = False) -> None:
         method = static_method(method)
         if batch < 1 or max_len < 2:
             raise ValueError(f"batch must be >= 1 and max_len >= 2, got {batch}, {max_len}")
@@ -133,6 +133,11 @@ class FastDecoder:
         self._positions_row = torch.arange(max_len, device=self.device)
         self.positions = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
+        # keep_logits: the last step's (and the prefill's) next-token logits [B, vocab] float32 stay in
+        # `self.logits` (one buffer, allocated by the first prefill), for a caller that picks the next
+        # tokens itself (logits processors, sampling: `sparq.hf_generate`) and writes them to self.tokens
+        self.keep_logits = keep_logits
+        self.logits: Tensor | None = None
         self._graphs: dict[DecodeMethod, torch.cuda.CUDAGraph] = {}  # switching back costs no capture
         if compile is None:
             compile = self.device.type == "cuda"
@@ -267,7 +272,13 @@ class FastDecoder:
         for c in self._global:  # what needs the whole prompt (the sketch's per-block ranges)
             c.finish_prefill()
         self._sketch_fresh = True
-        first = fam.logits(last_hidden).argmax(-1)
+        logits = fam.logits(last_hidden)
+        if self.keep_logits:
+            if self.logits is None:  # allocated once: a captured step writes this same buffer
+                with torch.inference_mode(False):
+                    self.logits = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+            self.logits.copy_(logits)
+        first = logits.argmax(-1)
         self.tokens.copy_(first)
         return first
 
@@ -294,7 +305,10 @@ class FastDecoder:
                 method = self.method
             out = softcapped_decode(inputs, self.softcap) if self.softcap else method.attend(inputs)
             x = self._post(x, out.reshape(self.batch, 1, -1), **post)
-        self.tokens.copy_(fam.logits(x)[:, 0].argmax(-1))
+        logits = fam.logits(x)[:, 0]
+        if self.logits is not None:
+            self.logits.copy_(logits)
+        self.tokens.copy_(logits.argmax(-1))
         self.positions.add_(1)
 
     @torch.inference_mode()

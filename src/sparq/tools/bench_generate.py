@@ -36,10 +36,17 @@ SHAPES = {
                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0,
+                        tie_word_embeddings=True),
+    # CPU smoke tests of the benches (a shape, not a model anyone runs)
+    "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=96, rope_theta=10000.0, tie_word_embeddings=False),
 }
 
 
-def build_model(name: str, max_positions: int, dtype: torch.dtype = torch.bfloat16, tp: int = 1):
+def build_model(name: str, max_positions: int, dtype: torch.dtype = torch.bfloat16, tp: int = 1,
+                device: str = "cuda"):
     """A random-weight Llama of a named shape, or a real model from an HF id / local path.
 
     tp > 1 (named shapes only): one rank's slice of the model, i.e. 1/tp of the query and KV heads
@@ -56,16 +63,17 @@ def build_model(name: str, max_positions: int, dtype: torch.dtype = torch.bfloat
                          head_dim=shape["hidden_size"] // heads)
         cfg = LlamaConfig(max_position_embeddings=max_positions, **shape)
         n_params = _param_count(cfg)
-        free = torch.cuda.mem_get_info()[0]
-        if n_params * torch.finfo(dtype).bits // 8 > free:
-            raise ValueError(f"{name} (tp={tp}) needs {n_params * 2 / 2**30:.0f} GiB of weights per GPU, "
-                             f"{free / 2**30:.0f} GiB free: use more GPUs (--tp under torchrun)")
-        with torch.device("cuda"):
+        if torch.device(device).type == "cuda":
+            free = torch.cuda.mem_get_info()[0]
+            if n_params * torch.finfo(dtype).bits // 8 > free:
+                raise ValueError(f"{name} (tp={tp}) needs {n_params * 2 / 2**30:.0f} GiB of weights per GPU, "
+                                 f"{free / 2**30:.0f} GiB free: use more GPUs (--tp under torchrun)")
+        with torch.device(device):
             model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
         return model.eval()
     from ..models import resolve
 
-    return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype).cuda().eval()
+    return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype).to(device).eval()
 
 
 def _param_count(cfg) -> int:
@@ -229,4 +237,253 @@ def format_table(result: dict) -> str:
                      f"{r['prefill_s']:.1f} | {r.get('peak_memory_GiB', float('nan')):.1f} |")
     for s in result.get("skipped", []):
         lines.append(f"| {s['batch']} | {s['context']} | skipped | {s['reason']} | | | | | | |")
+    return "\n".join(lines)
+
+
+# ---- engine "hf": model.generate (dense with transformers' settings, SparQ through sparq.enabled) next to
+# the fast loop, same model, shapes and run --------------------------------------------------------------
+
+HF_DENSE_SETTINGS = ("dynamic", "static+compile")
+
+
+class _Clock:
+    """A logits processor that records when each step's logits are ready (the prefill's first, then one
+    per decode step), and the memory allocated then; it synchronises the device, as generate's own
+    per-step stop check does."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+        self.memory: list[int] = []
+
+    def __call__(self, input_ids, scores):
+        import time
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.memory.append(torch.cuda.memory_allocated(self.device))
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _dynamo_graphs() -> int:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001 - informational only
+        return -1
+
+
+def _hf_row(lm, ids, mask, new_tokens: int, device: torch.device, **gen) -> dict:
+    """One timed model.generate call (after a warm-up call of the same shape: compilation, graph capture):
+    decode ms per token from the clock (first token = prefill excluded), peak memory over the timed call,
+    the growth of allocated memory between the second and the last decode step, and how many graphs
+    dynamo compiled during the timed call (0: no recompilation)."""
+    import time
+
+    from transformers import LogitsProcessorList
+
+    kw = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              pad_token_id=0, **gen)
+    lm.generate(ids, **kw, logits_processor=LogitsProcessorList([_Clock(device)]))  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    clock = _Clock(device)
+    graphs = _dynamo_graphs()
+    t0 = time.perf_counter()
+    out = lm.generate(ids, **kw, logits_processor=LogitsProcessorList([clock]))
+    steps = len(clock.times) - 1
+    if out.shape[1] != ids.shape[1] + new_tokens or steps < 1:
+        raise RuntimeError(f"generate made {out.shape[1] - ids.shape[1]} tokens, {new_tokens} asked")
+    ms = 1e3 * (clock.times[-1] - clock.times[0]) / steps
+    row = {"ms_per_token": ms, "tokens_per_s": ids.shape[0] * 1e3 / ms, "prefill_s": clock.times[0] - t0,
+           "compiled_graphs_during_timed_call": (_dynamo_graphs() - graphs) if graphs >= 0 else None}
+    if device.type == "cuda":
+        row["peak_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        row["memory_growth_MiB"] = (clock.memory[-1] - clock.memory[1]) / 2**20 if len(clock.memory) > 2 else 0.0
+    return row
+
+
+def _fast_row(lm, method, aligned, lengths, new_tokens: int, device: torch.device, prefill_chunk: int) -> dict:
+    """The fast loop alone (as `sparq.fast_generate` runs it): prefill, capture + warm-up, timed steps."""
+    import time
+
+    from ..fast import FastDecoder
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    dec = FastDecoder(lm, method, batch=aligned.shape[0], max_len=int(lengths.max()) + new_tokens + 1,
+                      prefill_chunk=prefill_chunk)
+    t0 = time.perf_counter()
+    dec.prefill(aligned, lengths)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    prefill_s = time.perf_counter() - t0
+    snap = dec.snapshot()
+    dec.decode(2)  # capture the graph, warm up
+    dec.restore(snap)
+    _, secs = dec.decode(new_tokens - 1)
+    ms = 1e3 * secs / (new_tokens - 1)
+    row = {"ms_per_token": ms, "tokens_per_s": aligned.shape[0] * 1e3 / ms, "prefill_s": prefill_s}
+    if device.type == "cuda":
+        row["peak_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    del dec, snap
+    return row
+
+
+def bench_hf_generate(model: str = "llama3.2-1b", batches=(4,), contexts=(16384,), new_tokens: int = 64,
+                      compressions=(8,), *, engines=("hf", "fast"), dense_settings=HF_DENSE_SETTINGS,
+                      hf_loop: bool = False, ragged: bool = False, device: str | None = None,
+                      dtype: torch.dtype = torch.bfloat16, out_dir: str | os.PathLike | None = "benchmarks/results",
+                      print_rows: bool = True, strict: bool = False) -> dict:
+    """Decode ms/token, tokens/s and peak memory of dense and SparQ 1/N (N in compressions) through `model.generate`
+    (engine "hf": dense with each of `dense_settings` -- "dynamic" is transformers' default cache,
+    "static+compile" its static cache, which generate compiles on CUDA --, and SparQ under
+    `sparq.enabled`, which hands decoding to the fast loop; hf_loop=True adds SparQ under
+    `sparq.enabled(..., fast_loop=False)`, transformers' own loop over SparQCache) and through the
+    fast loop itself (engine "fast": `FastDecoder`, as `sparq.fast_generate` runs it), same model,
+    prompts and run. Greedy, min_new_tokens = max_new_tokens = new_tokens. A variant that raises gets
+    its error in its row (strict=True: raises). Runs on the CPU too
+    (device="cpu", e.g. the "tiny" shape: a smoke test; times there mean nothing). Returns
+    {"device", "versions", "rows", ...} and writes it as JSON under out_dir."""
+    import transformers
+
+    import sparq
+
+    from ..fast import left_align
+    from ..methods import Dense
+
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    unknown = set(engines) - {"hf", "fast"}
+    if unknown or not engines:
+        raise ValueError(f"engines must be among 'hf', 'fast', got {list(engines)}")
+    bad = set(dense_settings) - set(HF_DENSE_SETTINGS)
+    if bad:
+        raise ValueError(f"dense_settings must be among {HF_DENSE_SETTINGS}, got {sorted(bad)}")
+    max_ctx = max(contexts) + new_tokens + 1
+    lm = build_model(model, max_ctx, dtype=dtype, device=str(dev))
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    sparq_cfgs = {c: SparQConfig.from_compression(c, head_dim=head_dim, reallocate=True) for c in compressions}
+    rows = []
+
+    def measured(fn, *args, **kw) -> dict:
+        """A row's numbers, or its error (one failing variant -- say, a compile error -- must not
+        lose the others' numbers of a long GPU run)."""
+        try:
+            return fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - reported in the row and printed
+            if strict:
+                raise
+            return {"ms_per_token": float("nan"), "tokens_per_s": float("nan"), "error": f"{type(e).__name__}: {e}"}
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if print_rows and "error" in row:
+            print(f"{row['engine']:>4s} {row['method']:<34s} B={row['batch']:<3d} S={row['context']:<7d} "
+                  f"FAILED: {row['error'][:300]}", flush=True)
+        elif print_rows:
+            mem = row.get("peak_memory_GiB")
+            print(f"{row['engine']:>4s} {row['method']:<34s} B={row['batch']:<3d} S={row['context']:<7d} "
+                  f"{row['ms_per_token']:9.2f} ms/token {row['tokens_per_s']:9.1f} tok/s"
+                  + (f"  peak {mem:6.2f} GiB" if mem is not None else ""), flush=True)
+
+    for context in contexts:
+        for batch in batches:
+            torch.manual_seed(0)
+            lengths = torch.full((batch,), context, dtype=torch.long)
+            if ragged and batch > 1:  # spread lengths over [context/2, context], left-padded
+                lengths = context - torch.arange(batch) * (context // 2) // max(1, batch - 1)
+            ids = torch.randint(1, cfg.vocab_size, (batch, context))
+            mask = (torch.arange(context)[None, :] >= context - lengths[:, None]).long()
+            ids = (ids * mask).to(dev)
+            mask = mask.to(dev)
+            base = {"model": model, "batch": batch, "context": context, "ragged": ragged, "new_tokens": new_tokens}
+            if "hf" in engines:
+                for setting in dense_settings:
+                    gen = {"cache_implementation": "static"} if setting == "static+compile" else {}
+                    r = measured(_hf_row, lm, ids, mask, new_tokens, dev, **gen)
+                    emit({**base, "engine": "hf", "method": f"dense ({setting})", **r})
+                    _free(dev)
+                sparq_runs = [("sparq.enabled", True)] + ([("sparq.enabled, fast_loop=False", False)] if hf_loop else [])
+                for compression, sparq_cfg in sparq_cfgs.items():
+                    for label, fast_loop in sparq_runs:
+                        with sparq.enabled(lm, sparq_cfg, fast_loop=fast_loop):
+                            r = measured(_hf_row, lm, ids, mask, new_tokens, dev)
+                        emit({**base, "engine": "hf", "method": f"sparq 1/{compression} ({label})", **r})
+                        _free(dev)
+            if "fast" in engines:
+                aligned, lens = left_align(ids, mask)
+                chunk = max(256, 16384 // batch)
+                fast_methods = [("dense", Dense())] + [(f"sparq 1/{c}", m) for c, m in sparq_cfgs.items()]
+                for label, method in fast_methods:
+                    with torch.inference_mode():
+                        r = measured(_fast_row, lm, method, aligned, lens, new_tokens, dev, chunk)
+                    emit({**base, "engine": "fast", "method": f"{label} (FastDecoder)", **r})
+                    _free(dev)
+            for compression in compressions:
+                _compare(rows, base, compression)
+    result = {
+        "device": torch.cuda.get_device_properties(dev).name if dev.type == "cuda" else "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "cuda": torch.version.cuda, "python": platform.python_version()},
+        "model": model, "dtype": str(dtype).replace("torch.", ""), "new_tokens": new_tokens,
+        "compressions": list(compressions),
+        "timing": "model.generate: wall clock between the first and the last step's logits (a logits processor "
+                  "that synchronises the device; prefill excluded), after a warm-up call of the same shape; "
+                  "fast loop: wall clock over CUDA-graph replays of whole decode steps after a warm-up",
+        "rows": rows,
+    }
+    if out_dir is not None:
+        path = Path(out_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        name = result["device"].replace(" ", "_")
+        file = path / f"generate-hf-{model}-{name}-{stamp}.json"
+        file.write_text(json.dumps(result, indent=1))
+        result["path"] = str(file)
+    return result
+
+
+def _free(dev: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _compare(rows: list[dict], base: dict, compression: int) -> None:
+    """Ratios on the SparQ-through-generate row: vs the fast loop's SparQ and vs the best dense generate."""
+    mine = [r for r in rows if all(r.get(k) == v for k, v in base.items()) and "error" not in r]
+    target = next((r for r in mine if r["method"] == f"sparq 1/{compression} (sparq.enabled)"), None)
+    fast = next((r for r in mine if r["method"] == f"sparq 1/{compression} (FastDecoder)"), None)
+    dense = [r for r in mine if r["engine"] == "hf" and r["method"].startswith("dense")]
+    if target is None:
+        return
+    if fast is not None:
+        target["vs_fast_loop"] = target["ms_per_token"] / fast["ms_per_token"]
+    if dense:
+        best = min(dense, key=lambda r: r["ms_per_token"])
+        target["speedup_vs_best_dense_generate"] = best["ms_per_token"] / target["ms_per_token"]
+        target["best_dense_generate"] = best["method"]
+
+
+def format_hf_table(result: dict) -> str:
+    lines = [f"{result['model']} ({result['dtype']}) on {result['device']}, torch {result['versions']['torch']}, "
+             f"transformers {result['versions']['transformers']}, {result['new_tokens']} new tokens (greedy)",
+             "| engine | method | batch | context | ms/token | tokens/s | peak GiB | vs fast loop | vs best dense generate |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['engine']} | {r['method']} | {r['batch']} | {r['context']} | failed: "
+                         f"{r['error'][:120]} | | | | |")
+            continue
+        fmt = (lambda k, f="{:.2f}": f.format(r[k]) if r.get(k) is not None else "")
+        lines.append(f"| {r['engine']} | {r['method']} | {r['batch']} | {r['context']} | {r['ms_per_token']:.2f} | "
+                     f"{r['tokens_per_s']:.1f} | {fmt('peak_memory_GiB')} | {fmt('vs_fast_loop', '{:.2f}x')} | "
+                     f"{fmt('speedup_vs_best_dense_generate', '{:.2f}x')} |")
     return "\n".join(lines)

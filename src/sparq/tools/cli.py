@@ -307,13 +307,40 @@ def bench_generate(
     sketch: Annotated[str, typer.Option(help="Also run sparq-sketch at these budgets 1/N (comma-separated N; "
                                              "'' = none).")] = "",
     sketch_bits: Annotated[int, typer.Option(min=1, max=2, help="Bits of the sketch (1 or 2).")] = 2,
+    engine: Annotated[str, typer.Option(help="fast: dense and SparQ in the fast loop (floors, autotune, TP). hf: "
+                                             "through model.generate -- dense with transformers' cache settings, "
+                                             "SparQ under sparq.enabled -- next to the fast loop, same run.")] = "fast",
+    dense_settings: Annotated[str, typer.Option(help="--engine hf: dense generate settings, comma-separated "
+                                                     "(dynamic, static+compile).")] = "dynamic,static+compile",
+    hf_loop: Annotated[bool, typer.Option(help="--engine hf: also SparQ in transformers' own loop "
+                                               "(sparq.enabled(..., fast_loop=False); slow).")] = False,
+    device: Annotated[str, typer.Option(help="--engine hf: the device (cpu runs a smoke test, e.g. --model "
+                                             "tiny).")] = "cuda",
     out_dir: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("benchmarks/results"),
 ) -> None:
-    """Decode tokens/s of dense vs SparQ in one static-cache CUDA-graph loop, with floors and memory (CUDA)."""
+    """Decode tokens/s of dense vs SparQ: in one static-cache CUDA-graph loop with floors and memory
+    (--engine fast), or through model.generate next to that loop (--engine hf). CUDA (hf: also CPU)."""
     import torch
 
     batches, contexts = _int_list(batch, "--batch"), _int_list(context, "--context")
     comps = _int_list(compressions, "--compressions")
+    if engine not in ("fast", "hf"):
+        fail(f"--engine must be fast or hf, got {engine!r}")
+    if engine == "hf":
+        from .bench_generate import HF_DENSE_SETTINGS, bench_hf_generate, format_hf_table
+
+        settings = tuple(x.strip() for x in dense_settings.split(",") if x.strip())
+        if set(settings) - set(HF_DENSE_SETTINGS):
+            fail(f"--dense-settings must be among {', '.join(HF_DENSE_SETTINGS)}, got {dense_settings!r}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            fail("bench generate --engine hf --device cuda needs a CUDA device (--device cpu for a smoke test)")
+        result = bench_hf_generate(model, batches, contexts, new_tokens, comps, dense_settings=settings,
+                                   hf_loop=hf_loop, ragged=ragged, device=device,
+                                   dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
+                                   out_dir=out_dir)
+        console.print(format_hf_table(result), soft_wrap=True)
+        console.print(f"wrote {result.get('path')}")
+        return
     if not torch.cuda.is_available():
         fail("bench generate needs a CUDA device")
     from .bench_generate import bench_generate as run

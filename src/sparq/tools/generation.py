@@ -16,7 +16,7 @@ from ..config import SparQConfig
 from ..methods import DecodeInputs, DecodeMethod, SparQ
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: its counts are a dict (the fast loop keys graphs by method)
 class Metered(DecodeMethod):
     """Wraps a method and counts the K/V elements its decode steps read, next to dense's count."""
 
@@ -35,6 +35,20 @@ class Metered(DecodeMethod):
 
     def data_fraction(self, length: int, head_dim: int) -> float:
         return self.inner.data_fraction(length, head_dim)
+
+    # what the inner method needs from a static cache (the fast loop `generate` hands decoding to
+    # builds its cache from these); not graph-safe: counting reads the lengths on the host
+    @property
+    def static_cache(self) -> bool:  # type: ignore[override]
+        return self.inner.static_cache
+
+    @property
+    def needs_key_t(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_key_t
+
+    @property
+    def sketch_spec(self):  # type: ignore[override]
+        return self.inner.sketch_spec
 
     def observe_prefill(self, *args: Any, **kwargs: Any) -> None:
         self.inner.observe_prefill(*args, **kwargs)
