@@ -225,19 +225,23 @@ def format_row(row: dict) -> str:
             f"({100 * row['fraction_of_floor']:5.1f}%)  x{row['speedup_vs_dense']:.2f} vs dense")
 
 
+def markdown_table(title: str, header: list[str], rows: list[list]) -> str:
+    """A title line and a markdown table (cells as given; short rows are padded with empty cells)."""
+    out = [title, "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r + [""] * (len(header) - len(r))) + " |" for r in rows]
+    return "\n".join(out)
+
+
 def format_table(result: dict) -> str:
     """Markdown table of a bench_generate result (one row per batch, context, method)."""
-    lines = [f"{result['model']} on {result['device']}, torch {result['versions']['torch']}, "
-             f"read bandwidth {result['read_bandwidth_TBps']:.2f} TB/s, {result['new_tokens']} decode steps timed",
-             "| batch | context | method | ms/step | tokens/s | floor ms | of floor | vs dense | prefill s | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['batch']} | {r['context']} | {r['method']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['floor_ms']:.2f} | {100 * r['fraction_of_floor']:.0f}% | {r['speedup_vs_dense']:.2f}x | "
-                     f"{r['prefill_s']:.1f} | {r.get('peak_memory_GiB', float('nan')):.1f} |")
-    for s in result.get("skipped", []):
-        lines.append(f"| {s['batch']} | {s['context']} | skipped | {s['reason']} | | | | | | |")
-    return "\n".join(lines)
+    rows = [[r["batch"], r["context"], r["method"], f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:.1f}",
+             f"{r['floor_ms']:.2f}", f"{100 * r['fraction_of_floor']:.0f}%", f"{r['speedup_vs_dense']:.2f}x",
+             f"{r['prefill_s']:.1f}", f"{r.get('peak_memory_GiB', float('nan')):.1f}"] for r in result["rows"]]
+    rows += [[s["batch"], s["context"], "skipped", s["reason"]] for s in result.get("skipped", [])]
+    return markdown_table(f"{result['model']} on {result['device']}, torch {result['versions']['torch']}, "
+                          f"read bandwidth {result['read_bandwidth_TBps']:.2f} TB/s, {result['new_tokens']} decode steps timed",
+                          ["batch", "context", "method", "ms/step", "tokens/s", "floor ms", "of floor", "vs dense",
+                           "prefill s", "peak GiB"], rows)
 
 
 # ---- engine "hf": model.generate (dense with transformers' settings, SparQ through sparq.enabled) next to
@@ -473,17 +477,16 @@ def _compare(rows: list[dict], base: dict, compression: int) -> None:
 
 
 def format_hf_table(result: dict) -> str:
-    lines = [f"{result['model']} ({result['dtype']}) on {result['device']}, torch {result['versions']['torch']}, "
-             f"transformers {result['versions']['transformers']}, {result['new_tokens']} new tokens (greedy)",
-             "| engine | method | batch | context | ms/token | tokens/s | peak GiB | vs fast loop | vs best dense generate |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['engine']} | {r['method']} | {r['batch']} | {r['context']} | failed: "
-                         f"{r['error'][:120]} | | | | |")
+            rows.append([r["engine"], r["method"], r["batch"], r["context"], f"failed: {r['error'][:120]}"])
             continue
         fmt = (lambda k, f="{:.2f}": f.format(r[k]) if r.get(k) is not None else "")
-        lines.append(f"| {r['engine']} | {r['method']} | {r['batch']} | {r['context']} | {r['ms_per_token']:.2f} | "
-                     f"{r['tokens_per_s']:.1f} | {fmt('peak_memory_GiB')} | {fmt('vs_fast_loop', '{:.2f}x')} | "
-                     f"{fmt('speedup_vs_best_dense_generate', '{:.2f}x')} |")
-    return "\n".join(lines)
+        rows.append([r["engine"], r["method"], r["batch"], r["context"], f"{r['ms_per_token']:.2f}",
+                     f"{r['tokens_per_s']:.1f}", fmt("peak_memory_GiB"), fmt("vs_fast_loop", "{:.2f}x"),
+                     fmt("speedup_vs_best_dense_generate", "{:.2f}x")])
+    return markdown_table(f"{result['model']} ({result['dtype']}) on {result['device']}, torch {result['versions']['torch']}, "
+                          f"transformers {result['versions']['transformers']}, {result['new_tokens']} new tokens (greedy)",
+                          ["engine", "method", "batch", "context", "ms/token", "tokens/s", "peak GiB", "vs fast loop",
+                           "vs best dense generate"], rows)
