@@ -157,6 +157,15 @@ def sketch_supported(head_dim: int, bits: int, block: int, dtype: torch.dtype, d
             and (device.type == "cuda" or dtype != torch.bfloat16))
 
 
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [..., d] (integers in [0, 2^bits)) -> int32 words [..., d * bits / 32] in `code_layout`'s
+    order (the PyTorch twin of the Triton `_pack`)."""
+    word, bit = code_layout(codes.shape[-1], bits, codes.device)
+    shape = codes.shape[:-1] + (codes.shape[-1] * bits // 32,)
+    words = torch.zeros(shape, dtype=torch.int64, device=codes.device).index_add_(-1, word, codes.long() << bit)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 class SketchState:
     """One layer's packed key sketch for caches of up to `capacity` positions (module docstring).
 
@@ -238,8 +247,6 @@ class SketchState:
             self.hi.zero_()
         # 2. every position's codes, with its own block's range or the last finished one's
         levels = 2**self.bits - 1
-        slots = 16 // self.bits  # code_layout's order: (t, c, p) pairs, the pair's two dims 16 bits apart
-        shifts = (torch.arange(slots, device=dev) * self.bits)[:, None] + torch.arange(2, device=dev) * 16
         for p0 in range(0, cap, chunk):
             p1 = min(p0 + chunk, cap)
             pos = torch.arange(p0, p1, device=dev)
@@ -252,10 +259,7 @@ class SketchState:
             codes = ((x - lo_p) / safe).round().clamp(0, levels).long()
             coded = (pos[None, :] < lengths[:, None]) & (n_full > 0)[:, None]
             codes = codes.masked_fill(~coded[:, None, :, None], 0)
-            pairs = codes.reshape(b, h, p1 - p0, d // 16, 4, 2, 2).permute(0, 1, 2, 4, 3, 5, 6)
-            words = (pairs.reshape(b, h, p1 - p0, self.words, slots, 2) << shifts).sum((-1, -2))
-            words = torch.where(words >= 2**31, words - 2**32, words)
-            self.codes[:, :, p0:p1] = words.to(torch.int32)
+            self.codes[:, :, p0:p1] = pack_codes(codes, self.bits)
 
     def append(self, key_new: torch.Tensor, key: torch.Tensor, positions: torch.Tensor,
                starts: torch.Tensor | None = None) -> None:
