@@ -187,8 +187,8 @@ def _unpack_codes(words, BS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, 
 
 @triton.jit
 def _code_dims(D: tl.constexpr, WG: tl.constexpr):
-    """[D] int32: the dim of each column of `_unpack_codes`' tile (the B operand's rows follow it;
-    a K permutation inside each 16-column group does not change the product)."""
+    """[D] int32: the dim of each column of `_unpack_codes`' tile (the B operand's rows follow it:
+    the same product up to the order of the fp32 sums inside each group of 16 columns)."""
     k = tl.arange(0, D)
     if WG:
         return (k // 16) * 16 + ((k // 2) % 4) * 4 + ((k // 8) % 2) * 2 + k % 2
@@ -330,7 +330,9 @@ def _sketch_scores_kernel(
     else:  # the sketch; the loop has no branch, so its code loads can be pipelined
         offs_q = tl.arange(0, GQ)
         q_ok = offs_q < G
-        WG: tl.constexpr = GQ >= 8  # the MMA is a wgmma (N >= 16)
+        # the MMA is a wgmma (N >= 16): codes in its column order (with words shared by lanes,
+        # d * bits < 128, that order is no cheaper: 466 vs 460 at d = 64, 1 bit)
+        WG: tl.constexpr = GQ >= 8 and D * BITS >= 128
         dims = _code_dims(D, WG)  # B's rows in the code tile's column order
         qt = tl.load(q_ptr + (bh * G + offs_q)[None, :] * D + dims[:, None], mask=q_ok[None, :], other=0.0)
         qt = qt.to(tl.float32) * scale  # [D, GQ], rows in `dims` order
