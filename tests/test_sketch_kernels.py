@@ -409,20 +409,23 @@ def test_growing_cache_keeps_the_sketch_across_regrowth():
     assert torch.equal(st.sketch.hi[:, :, :done], fresh.hi[:, :, :done])
 
 
-@pytest.mark.parametrize("d,bits,g", [(16, 2, 1), (32, 1, 8), (32, 2, 1), (64, 1, 1), (64, 2, 8), (128, 1, 8),
-                                      (128, 2, 1), (256, 1, 1), (256, 2, 8)])
-def test_scorer_every_head_dim(d, bits, g):
+@pytest.mark.parametrize("d,bits,g,block", [(16, 2, 1, 16), (32, 1, 8, 16), (32, 2, 1, 16), (64, 1, 1, 16),
+                                            (64, 2, 8, 16), (128, 1, 8, 16), (128, 2, 1, 16), (256, 1, 1, 16),
+                                            (256, 2, 8, 16), (128, 2, 8, 128), (256, 1, 8, 64)])
+def test_scorer_every_head_dim(d, bits, g, block):
     """Step 1 alone at every head dim and bits the sketch supports (the interleaved code layout has
     whole words per MMA lane only from d * bits = 128 on): logits, and the split statistics when
-    something reads them (g > 1 or reallocation; g = 1 runs without reallocation, statistics off)."""
+    something reads them (g > 1 or reallocation; g = 1 runs without reallocation, statistics off).
+    Blocks of 64 / 128 give tiles of 64 / 128 positions: at g >= 8 the GPU's MMA is then a wgmma,
+    whose own column order of the codes `_unpack_codes(WG=1)` produces."""
     DEFAULT_TUNING, DecodePlan, SketchConfig, SketchState, _ = _imports()
-    batch, hkv, block, seq = 2, 1, 16, 53
+    batch, hkv, seq = 2, 1, 53 if block == 16 else 2 * block + 37
     dtype = torch.float16
     gen = torch.Generator().manual_seed(d * 10 + bits + g)
     q = torch.randn(batch, hkv * g, d, generator=gen).to(DEVICE, dtype)
     k = torch.randn(batch, hkv, seq, d, generator=gen).to(DEVICE, dtype)
     v = torch.randn(batch, hkv, seq, d, generator=gen).to(DEVICE, dtype)
-    lengths, starts = torch.tensor([seq, 37]), torch.tensor([0, 9])
+    lengths, starts = torch.tensor([seq, seq - 16]), torch.tensor([0, 9])
     m = SparQSketch(0.3, bits=bits, block=block, local_fraction=0.25, reallocate=g > 1, min_k=4)
     st = SketchState(batch, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=DEVICE)
     st.prefill(k, lengths.to(DEVICE), starts.to(DEVICE))

@@ -148,7 +148,8 @@ def _lop3_or_and(x, mask, magic, ASM: tl.constexpr):
 
 
 @triton.jit
-def _unpack_codes(words, BS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+def _unpack_codes(words, BS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
+                  WG: tl.constexpr):
     """words [BS, 4, HH] int32 (`_code_words`' tile) -> codes [BS, D] fp16 (exact small integers).
 
     `code_layout` stores the dims j = 16 c + 4 t + 2 p + e of pair (t, c, p) in the two 16-bit
@@ -178,7 +179,69 @@ def _unpack_codes(words, BS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, 
     lo = v.to(tl.int16).to(tl.float16, bitcast=True) - off
     hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True) - off
     c = tl.reshape(tl.join(lo, hi), (BS, 4, D // 16, 2, 2))  # [BS, t, c, p, e]
-    return tl.reshape(tl.permute(c, (0, 2, 1, 3, 4)), (BS, D))
+    if WG:  # columns k = 16 c + 8 p + 2 t + e (`_code_dims`): wgmma's register operand (kWidth 2)
+        return tl.reshape(tl.permute(c, (0, 2, 3, 1, 4)), (BS, D))
+    else:  # columns in dim order, 16 c + 4 t + 2 p + e: mma.sync's operand as Triton lays it (kWidth 4)
+        return tl.reshape(tl.permute(c, (0, 2, 1, 3, 4)), (BS, D))
+
+
+@triton.jit
+def _code_dims(D: tl.constexpr, WG: tl.constexpr):
+    """[D] int32: the dim of each column of `_unpack_codes`' tile (the B operand's rows follow it:
+    the same product up to the order of the fp32 sums inside each group of 16 columns)."""
+    k = tl.arange(0, D)
+    if WG:
+        return (k // 16) * 16 + ((k // 2) % 4) * 4 + ((k // 8) % 2) * 2 + k % 2
+    else:
+        return k
+
+
+@triton.jit
+def _step(lo, hi, LEVELS: tl.constexpr, ASM: tl.constexpr):
+    """(hi - lo) / LEVELS rounded to nearest, as `tl.math.div_rn` (the append kernel's step).
+    LEVELS = 1: the difference itself. LEVELS = 3 on the GPU: q0 = x * RN(1/3), e = fma(-q0, 3, x)
+    (exact), q0 + e * RN(1/3) in one fma: the fast path of div.rn.f32 without its range check and
+    slow-path call (~12 instructions each); equal to div_rn for every x in [2^-100, fp32 max]
+    (checked over all mantissas; the check only sends x outside that range to the slow path).
+    Below 2^-100 (a range narrower than 2^-100: fp16 cannot make one) the step may differ in the
+    last bits, which changes no logit: its fp16 hi / lo parts of q * step are 0 either way for
+    |q * scale| < 2^75; x = inf (a bf16 range wider than fp32 max) gives NaN instead of inf (the
+    logits are inf / NaN either way)."""
+    x = hi - lo
+    if LEVELS == 1:
+        return x
+    elif ASM:
+        tl.static_assert(LEVELS == 3, "the fast division is checked for 2-bit codes only")
+        q0 = x * 0.3333333432674407959
+        return tl.fma(tl.fma(q0, -3.0, x), 0.3333333432674407959, q0)
+    else:
+        return tl.math.div_rn(x, tl.full(x.shape, LEVELS, tl.float32))
+
+
+@triton.jit
+def _exp(x, ASM: tl.constexpr):
+    """exp(x) for the split statistics. On the GPU ex2.approx.ftz (FMUL + MUFU, ~5 instructions
+    fewer than tl.exp's denormal-safe ex2): the same value unless exp(x) < 2^-126, where it gives 0
+    instead of a denormal; in the running sums below every such term is added to (or scaled by
+    a factor of) a sum >= 1, so the statistics are unchanged."""
+    if ASM:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * 1.4426950408889634],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _load_words(code_row, s, s_ok, widx, BS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """The tile's words as `_unpack_codes` takes them, [BS, 4, HH]. When each t owns whole words
+    (d * bits >= 128) they are a position's W words in order (word = t * HH + hh): loaded as one
+    contiguous [BS, W] row (16-byte cp.async) and reshaped; else gathered by `_code_words`."""
+    W: tl.constexpr = D * BITS // 32
+    if D * BITS >= 128:
+        w = tl.load(code_row + (s * W)[:, None] + tl.arange(0, W)[None, :], mask=s_ok[:, None], other=0)
+        return tl.reshape(w, (BS, 4, W // 4))
+    else:
+        return tl.load(code_row + (s * W)[:, None, None] + widx, mask=s_ok[:, None, None], other=0)
 
 
 @triton.jit
@@ -196,9 +259,10 @@ def _code_words(D: tl.constexpr, BITS: tl.constexpr):
 def _dot_hi_lo(c, a_hi, a_lo, BS: tl.constexpr, D: tl.constexpr, GQ: tl.constexpr):
     """c [BS, D] @ (a_hi + a_lo) for a_hi, a_lo [D, GQ] fp16: one MMA whose B columns 2g, 2g + 1
     are the hi, lo parts of query row g, the two parts summed in fp32 -> [BS, GQ]. (GQ = 4: an
-    N = 8 mma.sync; GQ >= 8 makes triton 3.6 take wgmma, whose register operand layout is not the
-    one `_unpack_codes` aims at: ~0.5 PRMT + 0.3 HADD2 more per code, still fewer instructions than
-    splitting it into N = 8 MMAs, which was measured: 910 vs 829 per tile at g = 8, d = 128.)"""
+    N = 8 mma.sync; GQ >= 8 makes triton 3.6 take wgmma, whose register operand (kWidth 2) wants
+    another column order of the codes: `_unpack_codes(WG=1)` produces it and the B rows follow
+    (`_code_dims`), no PRMT / extra HADD2 per code; splitting into N = 8 MMAs instead was measured
+    worse: 910 vs 829 per tile at g = 8, d = 128, before that reordering.)"""
     acc = tl.dot(c, tl.reshape(tl.join(a_hi, a_lo), (D, 2 * GQ)))
     acc_hi, acc_lo = tl.split(tl.reshape(acc, (BS, GQ, 2)))
     return acc_hi + acc_lo
@@ -266,8 +330,15 @@ def _sketch_scores_kernel(
     else:  # the sketch; the loop has no branch, so its code loads can be pipelined
         offs_q = tl.arange(0, GQ)
         q_ok = offs_q < G
-        qt = tl.load(q_ptr + (bh * G + offs_q)[None, :] * D + offs_d[:, None], mask=q_ok[None, :], other=0.0)
-        qt = qt.to(tl.float32) * scale  # [D, GQ]
+        # the MMA is a wgmma (N >= 16): codes in its column order (with words shared by lanes,
+        # d * bits < 128, that order is no cheaper: 466 vs 460 at d = 64, 1 bit)
+        WG: tl.constexpr = GQ >= 8 and D * BITS >= 128
+        dims = _code_dims(D, WG)  # B's rows in the code tile's column order
+        qt = tl.load(q_ptr + (bh * G + offs_q)[None, :] * D + dims[:, None], mask=q_ok[None, :], other=0.0)
+        qt = qt.to(tl.float32) * scale  # [D, GQ], rows in `dims` order
+        if WG:  # q . lo summed in dim order (the same fp32 sum as without the permutation)
+            qn = tl.load(q_ptr + (bh * G + offs_q)[None, :] * D + offs_d[:, None], mask=q_ok[None, :], other=0.0)
+            qn = qn.to(tl.float32) * scale
         code_row = codes_ptr + bh.to(tl.int64) * code_cap * W
         widx = _code_words(D, BITS)  # [1, 4, HH]
         rng = bh.to(tl.int64) * n_blk_cap * D
@@ -276,17 +347,20 @@ def _sketch_scores_kernel(
         l_e = tl.zeros([BLOCK_S, GQ], tl.float32)
         for s0 in range(start, end, BLOCK_S):
             s = s0 + offs_s
-            s_ok = s < end
+            s_ok = offs_s < end - s0  # (a scalar bound: s0 stays out of the per-row compares)
             r = tl.minimum(s0 // BLOCK, n_full - 1)  # own block, or the last finished one
             # the range loaded as [D, GQ] (each column the same) in qt's layout: no layout conversion
-            rp = rng + r * D + offs_d[:, None] + offs_q[None, :] * 0
+            rp = rng + r * D + dims[:, None] + offs_q[None, :] * 0
             lo = tl.load(lo_ptr + rp).to(tl.float32)
             hi = tl.load(hi_ptr + rp).to(tl.float32)
-            step = tl.math.div_rn(hi - lo, tl.full([D, GQ], LEVELS, tl.float32))
+            step = _step(lo, hi, LEVELS, ASM)
             a = qt * step  # [D, GQ]; step 0: the channel is lo whatever its code
-            base = tl.sum(qt * lo, axis=0)  # [GQ]
-            words = tl.load(code_row + s.to(tl.int64)[:, None, None] * W + widx, mask=s_ok[:, None, None], other=0)
-            c = _unpack_codes(words, BLOCK_S, D, BITS, ASM)  # [BLOCK_S, D] fp16
+            if WG:
+                base = tl.sum(qn * tl.load(lo_ptr + rng + r * D + offs_d[:, None] + offs_q[None, :] * 0).to(tl.float32), axis=0)
+            else:
+                base = tl.sum(qt * lo, axis=0)  # [GQ]
+            words = _load_words(code_row, s, s_ok, widx, BLOCK_S, D, BITS)
+            c = _unpack_codes(words, BLOCK_S, D, BITS, ASM, WG)  # [BLOCK_S, D] fp16
             if SPLIT_C:  # q * step as fp16 hi + lo parts, the two columns 2g, 2g + 1 of one B operand
                 a_hi = a.to(tl.float16)
                 a_lo = (a - a_hi.to(tl.float32)).to(tl.float16)
@@ -297,11 +371,11 @@ def _sketch_scores_kernel(
             if s0 + BLOCK_S <= s_cap:
                 tl.store(out_q + s[:, None], logit, mask=q_ok[None, :])
             else:
-                tl.store(out_q + s[:, None], logit, mask=q_ok[None, :] & (s[:, None] < s_cap))
+                tl.store(out_q + s[:, None], logit, mask=q_ok[None, :] & (offs_s[:, None] < s_cap - s0))
             if STATS:  # running max and sum of exp per element (no cross-thread reduction per tile)
                 m_e_new = tl.maximum(m_e, logit)
                 m_eref = tl.where(m_e_new > float("-inf"), m_e_new, 0.0)
-                l_e = l_e * tl.exp(m_e - m_eref) + tl.exp(logit - m_eref)
+                l_e = l_e * _exp(m_e - m_eref, ASM) + _exp(logit - m_eref, ASM)
                 m_e = m_e_new
         stat_q = (bh * G + offs_q) * n_split + split
         if STATS:
