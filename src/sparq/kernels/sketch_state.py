@@ -1,7 +1,8 @@
 """The packed key sketch of one layer, kept incrementally for the sketch scorer (`sketch_scores`).
 
 The sketch is `methods/sketch.py`'s `key_sketch`, stored instead of recomputed: per KV head, every
-valid position's key quantised per channel to `bits` bits (1 or 2) with the (min, max) of a block
+valid position's key quantised per channel to `bits` bits (1 or 2 on the kernels; 4 and 8 too in
+PyTorch) with the (min, max) of a block
 of `block` consecutive valid positions, counted from the row's first valid token (left padding:
 row b's valid positions are [starts[b], starts[b] + lengths[b]) of the K buffer; the sketch is
 indexed by the LOGICAL position s = buffer position - starts[b]).
@@ -25,7 +26,8 @@ d = 128, block = 128: 1 bit 16 + 4 = 20 B, 2 bits 32 + 4 = 36 B (the fp16 K and 
 so +3.9% / +7.0% of the KV cache; the transposed fp16 copy of the paper's step 1 is +50%).
 
 Operations: `prefill` builds everything from the K buffer (PyTorch, O(S), no host sync);
-`append` codes one new position per row in place (one Triton launch per layer, no host sync):
+`append` codes one new position per row in place (one Triton launch per layer, no host sync; where
+the kernels cannot run, `kernels` False, the same codes in PyTorch, also without a host sync):
 the new position's codes with the last finished block's range, and when this position finishes
 a block, that block's range from its exact keys (read from the K buffer) and its codes, once
 (O(block * d), amortised O(d) per step).
@@ -34,94 +36,105 @@ a block, that block's range from its exact keys (read from the K buffer) and its
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+try:  # the Triton append; without triton (a CPU install) only the PyTorch path exists
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - depends on the environment
+    triton = None
 
 
-@triton.jit
-def _round_half_even(x):
-    """torch.round (half to even) for x >= 0 in fp32, exact: x - floor(x) has no rounding."""
-    f = tl.floor(x)
-    frac = x - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-    return tl.where((frac > 0.5) | ((frac == 0.5) & odd), f + 1.0, f)
+if triton is not None:
+    @triton.jit
+    def _round_half_even(x):
+        """torch.round (half to even) for x >= 0 in fp32, exact: x - floor(x) has no rounding."""
+        f = tl.floor(x)
+        frac = x - f
+        odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+        return tl.where((frac > 0.5) | ((frac == 0.5) & odd), f + 1.0, f)
 
 
-@triton.jit
-def _encode(x, lo, hi, LEVELS: tl.constexpr):
-    """Codes (int32) of x fp32 with the range lo, hi (fp32, x's shape), as key_sketch computes them
-    (IEEE divisions: the same codes as the PyTorch prefill, bit for bit)."""
-    step = tl.math.div_rn(hi - lo, tl.full(hi.shape, LEVELS, tl.float32))
-    safe = tl.where(step > 0, step, 1.0)
-    c = _round_half_even(tl.maximum(tl.math.div_rn(x - lo, safe), 0.0))
-    return tl.minimum(c, LEVELS).to(tl.int32)
+    @triton.jit
+    def _encode(x, lo, hi, LEVELS: tl.constexpr):
+        """Codes (int32) of x fp32 with the range lo, hi (fp32, x's shape), as key_sketch computes them
+        (IEEE divisions: the same codes as the PyTorch prefill, bit for bit)."""
+        step = tl.math.div_rn(hi - lo, tl.full(hi.shape, LEVELS, tl.float32))
+        safe = tl.where(step > 0, step, 1.0)
+        c = _round_half_even(tl.maximum(tl.math.div_rn(x - lo, safe), 0.0))
+        return tl.minimum(c, LEVELS).to(tl.int32)
 
 
-@triton.jit
-def _pack(c, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    """[N, D] int32 codes -> [N, D * BITS / 32] int32 words (disjoint bit fields: sum == or)."""
-    PER: tl.constexpr = 32 // BITS
-    shifts = (tl.arange(0, PER) * BITS)[None, None, :]
-    return tl.sum(tl.reshape(c, (N, D // PER, PER)) << shifts, axis=2)
-
-
-@triton.jit
-def _sketch_append_kernel(
-    knew_ptr, key_ptr, codes_ptr, lo_ptr, hi_ptr, pos_ptr, starts_ptr,
-    stride_nb, stride_nh, stride_kb, stride_kh, stride_ks,
-    num_kv_heads, s_cap, n_blk_cap,
-    D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, HAS_STARTS: tl.constexpr,
-):
-    """Codes the new position p = pos[b] (logical) of one (row, KV head).
-
-    p does not finish a block: reads the new key (d * elt) and the last finished block's range
-    (2 * d * elt), writes d * bits / 8 bytes of codes (nothing while the row has no finished block).
-    p finishes block j: reads block j's exact keys from the K buffer (BLOCK * d * elt), writes its
-    range (2 * d * elt) and its codes (BLOCK * d * bits / 8).
-    """
-    bh = tl.program_id(0)
-    b = bh // num_kv_heads
-    h = bh % num_kv_heads
-    p = tl.load(pos_ptr + b)
-    LEVELS: tl.constexpr = (1 << BITS) - 1
-    W: tl.constexpr = D * BITS // 32
-    offs_d = tl.arange(0, D)
-    offs_w = tl.arange(0, W)
-    n_full = p // BLOCK  # finished blocks before this position
-    code_row = codes_ptr + bh.to(tl.int64) * s_cap * W
-    rng = bh.to(tl.int64) * n_blk_cap * D
-    if p >= s_cap:  # no room: nothing to code (the caller's cache is full)
-        pass
-    elif (p + 1) % BLOCK == 0:  # this position finishes block n_full: its range, then its codes
-        first = 0
-        if HAS_STARTS:
-            first = tl.load(starts_ptr + b)
-        offs_n = tl.arange(0, BLOCK)
-        rows = (first + n_full * BLOCK + offs_n).to(tl.int64)
-        x = tl.load(key_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-                    + rows[:, None] * stride_ks + offs_d[None, :])
-        lo = tl.min(x, axis=0)
-        hi = tl.max(x, axis=0)
-        tl.store(lo_ptr + rng + n_full * D + offs_d, lo)
-        tl.store(hi_ptr + rng + n_full * D + offs_d, hi)
-        xf = x.to(tl.float32)
-        c = _encode(xf, tl.broadcast_to(lo.to(tl.float32)[None, :], xf.shape),
-                    tl.broadcast_to(hi.to(tl.float32)[None, :], xf.shape), LEVELS)
-        words = _pack(c, BLOCK, D, BITS)
-        pos = (n_full * BLOCK + offs_n).to(tl.int64)
-        tl.store(code_row + pos[:, None] * W + offs_w[None, :], words)
-    elif n_full > 0:  # unfinished block: clamped codes with the last finished block's range
-        x = tl.load(knew_ptr + b * stride_nb + h * stride_nh + offs_d).to(tl.float32)
-        lo = tl.load(lo_ptr + rng + (n_full - 1) * D + offs_d).to(tl.float32)
-        hi = tl.load(hi_ptr + rng + (n_full - 1) * D + offs_d).to(tl.float32)
-        c = _encode(x, lo, hi, LEVELS)
+    @triton.jit
+    def _pack(c, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+        """[N, D] int32 codes -> [N, D * BITS / 32] int32 words (disjoint bit fields: sum == or)."""
         PER: tl.constexpr = 32 // BITS
-        words = tl.sum(tl.reshape(c, (W, PER)) << (tl.arange(0, PER) * BITS)[None, :], axis=1)
-        tl.store(code_row + p.to(tl.int64) * W + offs_w, words)
+        shifts = (tl.arange(0, PER) * BITS)[None, None, :]
+        return tl.sum(tl.reshape(c, (N, D // PER, PER)) << shifts, axis=2)
+
+
+    @triton.jit
+    def _sketch_append_kernel(
+        knew_ptr, key_ptr, codes_ptr, lo_ptr, hi_ptr, pos_ptr, starts_ptr,
+        stride_nb, stride_nh, stride_kb, stride_kh, stride_ks,
+        num_kv_heads, s_cap, n_blk_cap,
+        D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, HAS_STARTS: tl.constexpr,
+    ):
+        """Codes the new position p = pos[b] (logical) of one (row, KV head).
+
+        p does not finish a block: reads the new key (d * elt) and the last finished block's range
+        (2 * d * elt), writes d * bits / 8 bytes of codes (nothing while the row has no finished block).
+        p finishes block j: reads block j's exact keys from the K buffer (BLOCK * d * elt), writes its
+        range (2 * d * elt) and its codes (BLOCK * d * bits / 8).
+        """
+        bh = tl.program_id(0)
+        b = bh // num_kv_heads
+        h = bh % num_kv_heads
+        p = tl.load(pos_ptr + b)
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        W: tl.constexpr = D * BITS // 32
+        offs_d = tl.arange(0, D)
+        offs_w = tl.arange(0, W)
+        n_full = p // BLOCK  # finished blocks before this position
+        code_row = codes_ptr + bh.to(tl.int64) * s_cap * W
+        rng = bh.to(tl.int64) * n_blk_cap * D
+        if p >= s_cap:  # no room: nothing to code (the caller's cache is full)
+            pass
+        elif (p + 1) % BLOCK == 0:  # this position finishes block n_full: its range, then its codes
+            first = 0
+            if HAS_STARTS:
+                first = tl.load(starts_ptr + b)
+            offs_n = tl.arange(0, BLOCK)
+            rows = (first + n_full * BLOCK + offs_n).to(tl.int64)
+            x = tl.load(key_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+                        + rows[:, None] * stride_ks + offs_d[None, :])
+            lo = tl.min(x, axis=0)
+            hi = tl.max(x, axis=0)
+            tl.store(lo_ptr + rng + n_full * D + offs_d, lo)
+            tl.store(hi_ptr + rng + n_full * D + offs_d, hi)
+            xf = x.to(tl.float32)
+            c = _encode(xf, tl.broadcast_to(lo.to(tl.float32)[None, :], xf.shape),
+                        tl.broadcast_to(hi.to(tl.float32)[None, :], xf.shape), LEVELS)
+            words = _pack(c, BLOCK, D, BITS)
+            pos = (n_full * BLOCK + offs_n).to(tl.int64)
+            tl.store(code_row + pos[:, None] * W + offs_w[None, :], words)
+        elif n_full > 0:  # unfinished block: clamped codes with the last finished block's range
+            x = tl.load(knew_ptr + b * stride_nb + h * stride_nh + offs_d).to(tl.float32)
+            lo = tl.load(lo_ptr + rng + (n_full - 1) * D + offs_d).to(tl.float32)
+            hi = tl.load(hi_ptr + rng + (n_full - 1) * D + offs_d).to(tl.float32)
+            c = _encode(x, lo, hi, LEVELS)
+            PER: tl.constexpr = 32 // BITS
+            words = tl.sum(tl.reshape(c, (W, PER)) << (tl.arange(0, PER) * BITS)[None, :], axis=1)
+            tl.store(code_row + p.to(tl.int64) * W + offs_w, words)
+
+
+def sketch_storable(head_dim: int, bits: int, block: int) -> bool:
+    """Can a `SketchState` hold this sketch at all (PyTorch prefill and append, `dequantised`): codes
+    of 1, 2, 4 or 8 bits that fill whole 32-bit words per position, blocks of any size."""
+    return bits in (1, 2, 4, 8) and block >= 1 and (head_dim * bits) % 32 == 0
 
 
 def sketch_supported(head_dim: int, bits: int, block: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Can the sketch kernels keep and score this layer (else the method's PyTorch path runs)?"""
+    """Can the sketch kernels keep and score this layer (else the method's PyTorch path runs, from a
+    PyTorch-kept state where `sketch_storable`)?"""
     from . import SUPPORTED_HEAD_DIMS, available
 
     return (bits in (1, 2) and block >= 16 and not block & (block - 1) and head_dim in SUPPORTED_HEAD_DIMS
@@ -135,16 +148,22 @@ class SketchState:
     codes int32 [B, Hkv, capacity, d * bits / 32]; lo, hi [B, Hkv, capacity // block, d] in the key
     dtype. Entries of positions >= a row's length, of an unfinished first block and of blocks not
     finished are unspecified (never read).
+
+    `kernels` (decided once, from `sketch_supported`): the Triton append keeps it and the kernels score
+    from it. Otherwise (CPU without the interpreter, 4 or 8 bits, other block sizes or head dims,
+    fp32 on CUDA) `append` is PyTorch (the same codes, bit for bit) and the method's PyTorch path
+    scores from `dequantised`: the sketch is still kept incrementally, never rebuilt per step.
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, capacity: int, *, bits: int = 2,
                  block: int = 128, dtype: torch.dtype = torch.float16, device: torch.device | str = "cuda") -> None:
-        if bits not in (1, 2):
-            raise ValueError(f"bits must be 1 or 2, got {bits}")
-        if block < 16 or block & (block - 1):
-            raise ValueError(f"block must be a power of two >= 16, got {block}")
+        if bits not in (1, 2, 4, 8):
+            raise ValueError(f"bits must be 1, 2, 4 or 8, got {bits}")
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
         if (head_dim * bits) % 32:
             raise ValueError(f"head_dim * bits must be a multiple of 32, got {head_dim} * {bits}")
+        self.kernels = sketch_supported(head_dim, bits, block, dtype, torch.device(device))
         self.batch, self.num_kv_heads, self.head_dim, self.capacity = batch, num_kv_heads, head_dim, capacity
         self.bits, self.block, self.dtype = bits, block, dtype
         self.device = torch.device(device)
@@ -228,6 +247,9 @@ class SketchState:
         """
         if key_new.dim() == 4:
             key_new = key_new[:, :, 0]
+        if not self.kernels:
+            self._append_torch(key_new, key, positions, starts)
+            return
         if key_new.stride(-1) != 1 or key.stride(-1) != 1:
             raise ValueError("key_new and key must be contiguous along head_dim")
         b, h, d = key_new.shape
@@ -241,22 +263,85 @@ class SketchState:
             num_warps=8 if self.block * d >= 16384 else 4,  # the finishing block sits in registers
         )
 
-    def dequantised(self, lengths: torch.Tensor) -> torch.Tensor:
-        """The keys as the scorer sees them, [B, Hkv, capacity, d] fp32 in logical order, rows
-        with no finished block and positions >= length zero (for tests; what key_sketch returns
-        on the coded rows)."""
-        b, h, cap, d = self.batch, self.num_kv_heads, self.capacity, self.head_dim
+    def _pack_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """int64 codes [..., d] -> int32 words [..., d * bits / 32] (as `prefill` packs them)."""
+        per = 32 // self.bits
+        shifts = torch.arange(per, device=codes.device) * self.bits
+        words = (codes.reshape(*codes.shape[:-1], self.words, per) << shifts).sum(-1)
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+    def _encode(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """int64 codes of x (fp32) with the range lo, hi (fp32, broadcast): `prefill`'s operations."""
+        levels = 2**self.bits - 1
+        step = (hi - lo) / levels
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        return ((x - lo) / safe).round().clamp(0, levels).long()
+
+    def _append_torch(self, key_new: torch.Tensor, key: torch.Tensor, positions: torch.Tensor,
+                      starts: torch.Tensor | None) -> None:
+        """`append` in PyTorch (the kernel's semantics, the same codes bit for bit, no host sync):
+        every row computes both cases and a mask picks what is written, so the work per step is
+        O(block * d) per row and KV head whatever happens."""
+        b, h, d = key_new.shape
+        blk, cap, dev = self.block, self.capacity, self.codes.device
+        p = positions.to(dev).long()
+        rows = torch.arange(b, device=dev)
+        live = p < cap
+        n_full = p // blk
+        finishing = live & ((p + 1) % blk == 0)
+        # the new position, coded with the last finished block's range (a row with one)
+        r = (n_full - 1).clamp(0, self.n_blocks - 1)
+        lo, hi = self.lo[rows, :, r].float(), self.hi[rows, :, r].float()  # [B, Hkv, d]
+        words = self._pack_codes(self._encode(key_new.float(), lo, hi))
+        pc = p.clamp(max=cap - 1)
+        write = (live & (n_full > 0) & ~finishing)[:, None, None]
+        self.codes[rows, :, pc] = torch.where(write, words, self.codes[rows, :, pc])
+        # a finished block: its range from the exact keys in the K buffer, then its codes
+        if blk > cap:
+            return
+        first = starts.to(dev).long() if starts is not None else torch.zeros_like(p)
+        j = n_full.clamp(max=self.n_blocks - 1)
+        src = (first + j * blk)[:, None] + torch.arange(blk, device=dev)  # [B, blk] buffer rows
+        x = key[rows[:, None], :, src.clamp(max=key.shape[2] - 1)]  # [B, blk, Hkv, d]
+        x = x.transpose(1, 2)  # [B, Hkv, blk, d]
+        blo, bhi = x.amin(2), x.amax(2)  # exact in the key dtype, as prefill stores them
+        fin = finishing[:, None, None]
+        self.lo[rows, :, j] = torch.where(fin, blo.to(self.dtype), self.lo[rows, :, j])
+        self.hi[rows, :, j] = torch.where(fin, bhi.to(self.dtype), self.hi[rows, :, j])
+        lo_f, hi_f = blo.to(self.dtype).float()[:, :, None], bhi.to(self.dtype).float()[:, :, None]
+        bwords = self._pack_codes(self._encode(x.float(), lo_f, hi_f))  # [B, Hkv, blk, W]
+        dst = (j * blk)[:, None] + torch.arange(blk, device=dev)  # [B, blk] logical positions
+        old = self.codes[rows[:, None], :, dst].transpose(1, 2)
+        self.codes[rows[:, None], :, dst] = torch.where(fin[..., None], bwords, old).transpose(1, 2)
+
+    def dequantised(self, lengths: torch.Tensor, upto: int | None = None, *, zero_invalid: bool = True) -> torch.Tensor:
+        """The keys as the scorer sees them, [B, Hkv, n, d] fp32 in logical order (n = upto, default
+        the capacity): what key_sketch returns on the coded rows, value for value. Rows with no
+        finished block and positions >= length are zero (zero_invalid=False: unspecified but
+        finite, for a caller that masks them anyway). O(n * d) elementwise work, per block (no
+        per-position gather): the PyTorch scorer's step 1 on a kept sketch."""
+        b, h, d, blk = self.batch, self.num_kv_heads, self.head_dim, self.block
+        n = self.capacity if upto is None else upto
+        if n > self.capacity:
+            raise ValueError(f"{n} positions exceed the sketch's capacity {self.capacity}")
         dev = self.codes.device
         lengths = lengths.to(dev).long()
+        nb = -(-n // blk)  # blocks covering [0, n)
+        words = self.codes[:, :, : min(nb * blk, self.capacity)]
+        if words.shape[2] < nb * blk:  # pad the packed words (1/16 of the unpacked size at 2 bits)
+            words = torch.nn.functional.pad(words, (0, 0, 0, nb * blk - words.shape[2]))
         per = 32 // self.bits
         shifts = torch.arange(per, device=dev, dtype=torch.int32) * self.bits
-        codes = ((self.codes[..., None] >> shifts) & (2**self.bits - 1)).reshape(b, h, cap, d).float()
-        pos = torch.arange(cap, device=dev)
-        n_full = lengths // self.block
-        r = torch.minimum(pos[None, :] // self.block, (n_full - 1).clamp_min(0)[:, None]).clamp(max=self.n_blocks - 1)
-        r4 = r[:, None, :, None].expand(b, h, cap, d)
-        lo, hi = self.lo.float().gather(2, r4), self.hi.float().gather(2, r4)
-        step = (hi - lo) / (2**self.bits - 1)
-        deq = torch.where(step > 0, lo + codes * step, lo)
-        coded = (pos[None, :] < lengths[:, None]) & (n_full > 0)[:, None]
-        return deq.masked_fill(~coded[:, None, :, None], 0.0)
+        codes = ((words[..., None] >> shifts) & (2**self.bits - 1)).float().reshape(b, h, nb, blk, d)
+        n_full = lengths // blk
+        # block j is coded with its own range, or (unfinished) the last finished block's
+        r = torch.minimum(torch.arange(nb, device=dev)[None, :], (n_full - 1).clamp_min(0)[:, None])
+        r4 = r.clamp(max=self.n_blocks - 1)[:, None, :, None].expand(b, h, nb, d)
+        lo, hi = self.lo.float().gather(2, r4)[:, :, :, None], self.hi.float().gather(2, r4)[:, :, :, None]
+        # lo + c * step: where step is 0 (a constant channel) that is lo, as key_sketch's where() gives
+        deq = codes.mul_((hi - lo) / (2**self.bits - 1)).add_(lo).reshape(b, h, nb * blk, d)[:, :, :n]
+        if zero_invalid:
+            pos = torch.arange(n, device=dev)
+            coded = (pos[None, :] < lengths[:, None]) & (n_full > 0)[:, None]
+            deq = deq.masked_fill(~coded[:, None, :, None], 0.0)
+        return deq
