@@ -238,11 +238,13 @@ def test_snapshot_restores_a_window_ring():
 def test_the_cache_keeps_what_the_method_needs(method, key_t):
     dec = FastDecoder(tiny("llama"), method, batch=2, max_len=16)
     assert all((c.key_t is not None) == key_t for c in dec.cache)
-    # the sketch only for the sketch method (where the kernels run: here under the interpreter)
+    # the sketch only for the sketch method: kept by the kernels where they run (here under the
+    # interpreter), else by its PyTorch append
     from sparq import kernels
 
-    sketched = isinstance(method, SparQSketch) and kernels.available(dec.device)
+    sketched = isinstance(method, SparQSketch)
     assert all((c.sketch is not None) == sketched for c in dec.cache)
+    assert all(c.sketch.kernels == kernels.available(dec.device) for c in dec.cache if sketched)
     assert all(c.derived.sketch_spec == method.sketch_spec for c in dec.cache)
     assert dec.method.graph_safe  # dense, SparQ and (on the kernels) the sketch
 

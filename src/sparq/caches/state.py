@@ -6,9 +6,11 @@ Both decode caches keep, beside K and V, the same derived state per layer:
   * value_sum [B, Hkv, d] fp32: the sum of V over the valid positions, for step 3's mean;
   * lengths [B] int32 and, for left-padded rows, starts [B] int32: row b's valid positions are
     the run [starts[b], starts[b] + lengths[b]), which is what the kernels take;
-  * sketch (only methods that score with one: `sketch_spec` = (bits, block)): the packed 1-2 bit
-    per-channel key sketch with per-block ranges (`kernels.sketch_state.SketchState`), where the
-    kernels can keep it (else the method computes its sketch in PyTorch).
+  * sketch (only methods that score with one: `sketch_spec` = (bits, block)): the packed low-bit
+    per-channel key sketch with per-block ranges (`kernels.sketch_state.SketchState`), kept by the
+    Triton append where the kernels run and by its PyTorch append elsewhere (CPU), so no path
+    rebuilds it per step (only a head_dim * bits that is not a multiple of 32 has none: the method
+    then computes its sketch in PyTorch every step).
 `DerivedState` writes it at prefill (`write`: a chunk of positions, masked by validity), extends it
 on a decode step (`append_column`: one position per row, no host sync) and forgets it (`reset`).
 The static kernel cache (`caches.static.KernelCacheLayer`) holds one over its fixed capacity and its
@@ -37,17 +39,14 @@ class DerivedState:
         device = torch.device(device)
         self.growable = growable
         self.sketch_spec = sketch_spec
-        self.sketch = None  # kernels.sketch_state.SketchState where the kernels can keep one
+        self.sketch = None  # kernels.sketch_state.SketchState: kept by the kernels or in PyTorch
         if sketch_spec is not None:
-            from ..kernels import triton_importable
+            from ..kernels.sketch_state import SketchState, sketch_storable
 
-            if triton_importable():
-                from ..kernels.sketch_state import SketchState, sketch_supported
-
-                bits, block = sketch_spec
-                if sketch_supported(head_dim, bits, block, dtype, device):
-                    self.sketch = SketchState(batch, num_kv_heads, head_dim, capacity, bits=bits, block=block,
-                                              dtype=dtype, device=device)
+            bits, block = sketch_spec
+            if sketch_storable(head_dim, bits, block):
+                self.sketch = SketchState(batch, num_kv_heads, head_dim, capacity, bits=bits, block=block,
+                                          dtype=dtype, device=device)
         self.key_t_buf = (torch.zeros(batch, num_kv_heads, head_dim, capacity, dtype=dtype, device=device)
                           if keep_key_t else None)
         self.value_sum = torch.zeros(batch, num_kv_heads, head_dim, dtype=torch.float32, device=device)

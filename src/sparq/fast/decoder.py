@@ -158,7 +158,8 @@ class FastDecoder:
 
     def _graphed(self, use_graph: bool) -> bool:
         # a sketch method is graph-safe only on the kernels, i.e. where the cache keeps its sketch
-        on_kernels = self.method.sketch_spec is None or bool(self._global and self._global[0].sketch is not None)
+        on_kernels = self.method.sketch_spec is None or bool(
+            self._global and self._global[0].sketch is not None and self._global[0].sketch.kernels)
         return use_graph and self.device.type == "cuda" and self.method.graph_safe and on_kernels
 
     def use(self, method: DecodeMethod | SparQConfig) -> None:

@@ -37,11 +37,20 @@ a block, that block's range from its exact keys (read from the K buffer) and its
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+try:  # the Triton append; without triton (a CPU install) only the PyTorch path exists
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = tl = None
+
+    def _jit(fn):  # the kernels below are then never launched (sketch_supported is False)
+        return fn
 
 
-@triton.jit
+@_jit
 def _round_half_even(x):
     """torch.round (half to even) for x >= 0 in fp32, exact: x - floor(x) has no rounding."""
     f = tl.floor(x)
@@ -50,7 +59,7 @@ def _round_half_even(x):
     return tl.where((frac > 0.5) | ((frac == 0.5) & odd), f + 1.0, f)
 
 
-@triton.jit
+@_jit
 def _encode(x, lo, hi, LEVELS: tl.constexpr):
     """Codes (int32) of x fp32 with the range lo, hi (fp32, x's shape), as key_sketch computes them
     (IEEE divisions: the same codes as the PyTorch prefill, bit for bit)."""
@@ -60,7 +69,7 @@ def _encode(x, lo, hi, LEVELS: tl.constexpr):
     return tl.minimum(c, LEVELS).to(tl.int32)
 
 
-@triton.jit
+@_jit
 def _pack(c, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
     """[N, D] int32 codes -> [N, D * BITS / 32] int32 words in `code_layout`'s order (disjoint
     bit fields: sum == or). One masked row sum per word (W of them) instead of a permute of the
@@ -91,7 +100,7 @@ def code_layout(head_dim: int, bits: int, device=None) -> tuple[torch.Tensor, to
     return pair // slots, (pair % slots) * bits + 16 * e
 
 
-@triton.jit
+@_jit
 def _sketch_append_kernel(
     knew_ptr, key_ptr, codes_ptr, lo_ptr, hi_ptr, pos_ptr, starts_ptr,
     stride_nb, stride_nh, stride_kb, stride_kh, stride_ks,
@@ -145,8 +154,16 @@ def _sketch_append_kernel(
         tl.store(code_row + p.to(tl.int64) * W + offs_w, words)
 
 
+def sketch_storable(head_dim: int, bits: int, block: int) -> bool:
+    """Can a `SketchState` hold this sketch at all (PyTorch prefill and append, `dequantised`): codes
+    of 1, 2, 4 or 8 bits that fill whole 32-bit words per position (head_dim a multiple of 16:
+    `code_layout` interleaves 16-dim chunks), blocks of any size."""
+    return bits in (1, 2, 4, 8) and block >= 1 and head_dim % 16 == 0 and (head_dim * bits) % 32 == 0
+
+
 def sketch_supported(head_dim: int, bits: int, block: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Can the sketch kernels keep and score this layer (else the method's PyTorch path runs)?"""
+    """Can the sketch kernels keep and score this layer (else the method's PyTorch path runs, from a
+    PyTorch-kept state where `sketch_storable`)?"""
     from . import SUPPORTED_HEAD_DIMS, available
 
     return (bits in (1, 2) and block >= 16 and not block & (block - 1) and head_dim in SUPPORTED_HEAD_DIMS
@@ -172,16 +189,22 @@ class SketchState:
     codes int32 [B, Hkv, capacity, d * bits / 32]; lo, hi [B, Hkv, capacity // block, d] in the key
     dtype. Entries of positions >= a row's length, of an unfinished first block and of blocks not
     finished are unspecified (never read).
+
+    `kernels` (decided once, from `sketch_supported`): the Triton append keeps it and the kernels score
+    from it. Otherwise (CPU without the interpreter, 4 or 8 bits, other block sizes or head dims,
+    fp32 on CUDA) `append` is PyTorch (the same codes, bit for bit) and the method's PyTorch path
+    scores from `dequantised`: the sketch is still kept incrementally, never rebuilt per step.
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, capacity: int, *, bits: int = 2,
                  block: int = 128, dtype: torch.dtype = torch.float16, device: torch.device | str = "cuda") -> None:
-        if bits not in (1, 2):
-            raise ValueError(f"bits must be 1 or 2, got {bits}")
-        if block < 16 or block & (block - 1):
-            raise ValueError(f"block must be a power of two >= 16, got {block}")
-        if (head_dim * bits) % 32:
-            raise ValueError(f"head_dim * bits must be a multiple of 32, got {head_dim} * {bits}")
+        if bits not in (1, 2, 4, 8):
+            raise ValueError(f"bits must be 1, 2, 4 or 8, got {bits}")
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        if head_dim % 16 or (head_dim * bits) % 32:
+            raise ValueError(f"head_dim must be a multiple of 16 and head_dim * bits of 32, got {head_dim} * {bits}")
+        self.kernels = sketch_supported(head_dim, bits, block, dtype, torch.device(device))
         self.batch, self.num_kv_heads, self.head_dim, self.capacity = batch, num_kv_heads, head_dim, capacity
         self.bits, self.block, self.dtype = bits, block, dtype
         self.device = torch.device(device)
@@ -272,6 +295,9 @@ class SketchState:
         """
         if key_new.dim() == 4:
             key_new = key_new[:, :, 0]
+        if not self.kernels:
+            self._append_torch(key_new, key, positions, starts)
+            return
         if key_new.stride(-1) != 1 or key.stride(-1) != 1:
             raise ValueError("key_new and key must be contiguous along head_dim")
         b, h, d = key_new.shape
@@ -285,21 +311,77 @@ class SketchState:
             num_warps=8 if self.block * d >= 16384 else 4,  # the finishing block sits in registers
         )
 
-    def dequantised(self, lengths: torch.Tensor) -> torch.Tensor:
-        """The keys as the scorer sees them, [B, Hkv, capacity, d] fp32 in logical order, rows
-        with no finished block and positions >= length zero (for tests; what key_sketch returns
-        on the coded rows)."""
-        b, h, cap, d = self.batch, self.num_kv_heads, self.capacity, self.head_dim
+    def _encode(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """int64 codes of x (fp32) with the range lo, hi (fp32, broadcast): `prefill`'s operations."""
+        levels = 2**self.bits - 1
+        step = (hi - lo) / levels
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        return ((x - lo) / safe).round().clamp(0, levels).long()
+
+    def _append_torch(self, key_new: torch.Tensor, key: torch.Tensor, positions: torch.Tensor,
+                      starts: torch.Tensor | None) -> None:
+        """`append` in PyTorch (the kernel's semantics, the same codes bit for bit, no host sync):
+        every row computes both cases and a mask picks what is written, so the work per step is
+        O(block * d) per row and KV head whatever happens."""
+        b, h, d = key_new.shape
+        blk, cap, dev = self.block, self.capacity, self.codes.device
+        p = positions.to(dev).long()
+        rows = torch.arange(b, device=dev)
+        live = p < cap
+        n_full = p // blk
+        finishing = live & ((p + 1) % blk == 0)
+        # the new position, coded with the last finished block's range (a row with one)
+        r = (n_full - 1).clamp(0, self.n_blocks - 1)
+        lo, hi = self.lo[rows, :, r].float(), self.hi[rows, :, r].float()  # [B, Hkv, d]
+        words = pack_codes(self._encode(key_new.float(), lo, hi), self.bits)
+        pc = p.clamp(max=cap - 1)
+        write = (live & (n_full > 0) & ~finishing)[:, None, None]
+        self.codes[rows, :, pc] = torch.where(write, words, self.codes[rows, :, pc])
+        # a finished block: its range from the exact keys in the K buffer, then its codes
+        if blk > cap:
+            return
+        first = starts.to(dev).long() if starts is not None else torch.zeros_like(p)
+        j = n_full.clamp(max=self.n_blocks - 1)
+        src = (first + j * blk)[:, None] + torch.arange(blk, device=dev)  # [B, blk] buffer rows
+        x = key[rows[:, None], :, src.clamp(max=key.shape[2] - 1)]  # [B, blk, Hkv, d]
+        x = x.transpose(1, 2)  # [B, Hkv, blk, d]
+        blo, bhi = x.amin(2), x.amax(2)  # exact in the key dtype, as prefill stores them
+        fin = finishing[:, None, None]
+        self.lo[rows, :, j] = torch.where(fin, blo.to(self.dtype), self.lo[rows, :, j])
+        self.hi[rows, :, j] = torch.where(fin, bhi.to(self.dtype), self.hi[rows, :, j])
+        lo_f, hi_f = blo.to(self.dtype).float()[:, :, None], bhi.to(self.dtype).float()[:, :, None]
+        bwords = pack_codes(self._encode(x.float(), lo_f, hi_f), self.bits)  # [B, Hkv, blk, W]
+        dst = (j * blk)[:, None] + torch.arange(blk, device=dev)  # [B, blk] logical positions
+        old = self.codes[rows[:, None], :, dst].transpose(1, 2)
+        self.codes[rows[:, None], :, dst] = torch.where(fin[..., None], bwords, old).transpose(1, 2)
+
+    def dequantised(self, lengths: torch.Tensor, upto: int | None = None, *, zero_invalid: bool = True) -> torch.Tensor:
+        """The keys as the scorer sees them, [B, Hkv, n, d] fp32 in logical order (n = upto, default
+        the capacity): what key_sketch returns on the coded rows, value for value. Rows with no
+        finished block and positions >= length are zero (zero_invalid=False: unspecified but
+        finite, for a caller that masks them anyway). O(n * d) elementwise work, per block (no
+        per-position gather): the PyTorch scorer's step 1 on a kept sketch."""
+        b, h, d, blk = self.batch, self.num_kv_heads, self.head_dim, self.block
+        n = self.capacity if upto is None else upto
+        if n > self.capacity:
+            raise ValueError(f"{n} positions exceed the sketch's capacity {self.capacity}")
         dev = self.codes.device
         lengths = lengths.to(dev).long()
+        nb = -(-n // blk)  # blocks covering [0, n)
+        words = self.codes[:, :, : min(nb * blk, self.capacity)]
+        if words.shape[2] < nb * blk:  # pad the packed words (1/16 of the unpacked size at 2 bits)
+            words = torch.nn.functional.pad(words, (0, 0, 0, nb * blk - words.shape[2]))
         word, bit = code_layout(d, self.bits, dev)
-        codes = ((self.codes[..., word] >> bit.to(torch.int32)) & (2**self.bits - 1)).float()
-        pos = torch.arange(cap, device=dev)
-        n_full = lengths // self.block
-        r = torch.minimum(pos[None, :] // self.block, (n_full - 1).clamp_min(0)[:, None]).clamp(max=self.n_blocks - 1)
-        r4 = r[:, None, :, None].expand(b, h, cap, d)
-        lo, hi = self.lo.float().gather(2, r4), self.hi.float().gather(2, r4)
-        step = (hi - lo) / (2**self.bits - 1)
-        deq = torch.where(step > 0, lo + codes * step, lo)
-        coded = (pos[None, :] < lengths[:, None]) & (n_full > 0)[:, None]
-        return deq.masked_fill(~coded[:, None, :, None], 0.0)
+        codes = ((words[..., word] >> bit.to(torch.int32)) & (2**self.bits - 1)).float().reshape(b, h, nb, blk, d)
+        n_full = lengths // blk
+        # block j is coded with its own range, or (unfinished) the last finished block's
+        r = torch.minimum(torch.arange(nb, device=dev)[None, :], (n_full - 1).clamp_min(0)[:, None])
+        r4 = r.clamp(max=self.n_blocks - 1)[:, None, :, None].expand(b, h, nb, d)
+        lo, hi = self.lo.float().gather(2, r4)[:, :, :, None], self.hi.float().gather(2, r4)[:, :, :, None]
+        # lo + c * step: where step is 0 (a constant channel) that is lo, as key_sketch's where() gives
+        deq = codes.mul_((hi - lo) / (2**self.bits - 1)).add_(lo).reshape(b, h, nb * blk, d)[:, :, :n]
+        if zero_invalid:
+            pos = torch.arange(n, device=dev)
+            coded = (pos[None, :] < lengths[:, None]) & (n_full > 0)[:, None]
+            deq = deq.masked_fill(~coded[:, None, :, None], 0.0)
+        return deq

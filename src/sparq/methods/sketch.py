@@ -67,6 +67,26 @@ def key_sketch(key: Tensor, valid: Tensor, bits: int, block: int) -> Tensor:
     return out.masked_fill(~valid[:, None, :, None], 0.0)
 
 
+def kept_sketch(x: DecodeInputs) -> Tensor:
+    """`key_sketch(x.key, x.valid, bits, block)` from the cache's kept sketch (`x.sketch`, a
+    `kernels.sketch_state.SketchState` over the valid runs `x.starts`, `x.lengths`) instead of from
+    every key: [B, Hkv, S, d] fp32 in buffer order, the same values on the valid positions (others are
+    finite but unspecified: the scorer masks them). Rows with no finished block read their exact
+    keys, as in `key_sketch`. O(S * d) elementwise work, no min/max or re-quantisation of the whole
+    sequence."""
+    b, _, s, _ = x.key.shape
+    deq = x.sketch.dequantised(x.lengths, upto=s, zero_invalid=False)  # [B, Hkv, S, d], logical order
+    if x.starts is not None:  # left padding: logical position p of row i is buffer position starts[i] + p
+        out = torch.zeros_like(deq)
+        for i, (s0, n) in enumerate(zip(x.starts.tolist(), x.lengths.tolist())):
+            out[i, :, s0:s0 + n] = deq[i, :, :n]
+        deq = out
+    exact = (x.lengths // x.sketch.block == 0)[:, None] & x.valid  # [B, S]: no finished block yet
+    if bool(exact.any()):
+        deq = torch.where(exact[:, None, :, None], x.key.float(), deq)
+    return deq
+
+
 @dataclass(frozen=True)
 class SparQSketch(DecodeMethod):
     """fraction: target share of dense data; bits: sketch bits per key element (1, 2, 4 or 8);
@@ -112,15 +132,21 @@ class SparQSketch(DecodeMethod):
     def local_for(self, k: int) -> int:
         return min(k, round(self.local_fraction * k))
 
+    def _kept(self, x: DecodeInputs) -> bool:
+        """The cache hands over this method's sketch, kept incrementally (and the valid runs)."""
+        return (x.sketch is not None and x.lengths is not None
+                and (x.sketch.bits, x.sketch.block) == self.sketch_spec)
+
     def approx_scores(self, x: DecodeInputs) -> Tensor:
-        """s_hat [B, Hkv, g, S] from the sketch."""
-        ks = key_sketch(x.key, x.valid, self.bits, self.block)
+        """s_hat [B, Hkv, g, S] from the sketch: the cache's kept one where it hands one over (the
+        same values as `key_sketch`, bit for bit: `kept_sketch`), else built from all the keys."""
+        ks = kept_sketch(x) if self._kept(x) else key_sketch(x.key, x.valid, self.bits, self.block)
         q = grouped(x.query, x.key.shape[1])
         logits = (q @ ks.transpose(-1, -2)) * x.scale
         return logits.masked_fill(~x.valid[:, None, None, :], NEG_INF).softmax(-1)
 
     def attend(self, x: DecodeInputs) -> Tensor:
-        if x.sketch is not None and x.lengths is not None and (x.sketch.bits, x.sketch.block) == self.sketch_spec:
+        if self._kept(x) and x.sketch.kernels:
             # the kernels, reading the cache's packed sketch (kept incrementally: no per-step rebuild)
             from ..kernels.dispatch import sparq_decode
             from ..kernels.sketch_scores import SketchConfig
