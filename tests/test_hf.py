@@ -305,9 +305,10 @@ with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     out = model.generate(ids, max_new_tokens=6, do_sample=False)
 assert any("default" in str(x.message) for x in w), [str(x.message) for x in w]
-default = sparq.SparQConfig.from_compression(8, head_dim=16)
+from sparq.methods import default_method
+default = default_method(1 / 8, 16)  # sparq-sketch:local=0:realloc=0 at 1/8
 tags = [m._sparq_method for m in model.modules() if hasattr(m, "_sparq_method")]
-assert len(tags) == 2 and all(t.config == default for t in tags), tags
+assert len(tags) == 2 and all(t == default for t in tags), tags
 plain = tf.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
 with sparq.enabled(plain, default):
     want = plain.generate(ids, max_new_tokens=6, do_sample=False)
@@ -318,8 +319,8 @@ print("OK")
 
 def test_attn_implementation_sparq_after_plain_import(tmp_path):
     """`import sparq` (which loads neither torch nor transformers) then
-    from_pretrained(attn_implementation="sparq"): the model runs the default method, SparQ at 1/8,
-    exactly as `sparq.enabled(model, SparQConfig.from_compression(8, d))` does."""
+    from_pretrained(attn_implementation="sparq"): the model runs the default method at 1/8
+    (`sparq.methods.default_method`), exactly as `sparq.enabled(model, default_method(1/8, d))` does."""
     import os
     import subprocess
     import sys

@@ -123,8 +123,8 @@ def _attention_entry(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
                      dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
     """What transformers calls under the name "sparq". A module `enable` switched on goes straight
     to `sparq_attention_forward`. A module of a model loaded with ``attn_implementation="sparq"``
-    and never passed to `enable` gets the default method first (SparQ at 1/DEFAULT_COMPRESSION,
-    `SparQConfig.from_compression`), without the incremental cache that `enable` adds."""
+    and never passed to `enable` gets the default method first (`methods.default_method` at
+    1/DEFAULT_COMPRESSION), without the incremental cache that `enable` adds."""
     if getattr(module, _CTX_ATTR, None) is None and not getattr(module, _DEFAULTED, False):
         _adopt_default(module, query.shape[-1], kwargs)
     return sparq_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -135,12 +135,14 @@ def _adopt_default(module: nn.Module, head_dim: int, kwargs: dict[str, Any]) -> 
         raise ValueError(f"attn_implementation='sparq': {type(module).__name__} has learned attention sinks, which "
                          f"sparq's methods would ignore (the output would silently differ from dense)")
     if not _stays_dense(module) and hasattr(module, "layer_idx"):
-        setattr(module, _METHOD_ATTR, SparQ(SparQConfig.from_compression(DEFAULT_COMPRESSION, head_dim)))
+        from .methods.registry import DEFAULT_SPEC, default_method
+
+        setattr(module, _METHOD_ATTR, default_method(1 / DEFAULT_COMPRESSION, head_dim))
         if not _warned:
             _warned.append(True)
             warnings.warn(f"sparq: this model was loaded with attn_implementation='sparq' and not passed to "
-                          f"sparq.enable: running the default, SparQ at 1/{DEFAULT_COMPRESSION} "
-                          f"(SparQConfig.from_compression({DEFAULT_COMPRESSION}, head_dim={head_dim})), without the "
+                          f"sparq.enable: running the default method, {DEFAULT_SPEC} at 1/{DEFAULT_COMPRESSION} "
+                          f"(sparq.methods.default_method(1/{DEFAULT_COMPRESSION}, head_dim={head_dim})), without the "
                           f"incremental cache; sparq.enable(model, config) chooses the method and adds the cache",
                           stacklevel=2)
     setattr(module, _DEFAULTED, True)

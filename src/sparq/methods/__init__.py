@@ -4,7 +4,7 @@ from .base import DecodeInputs, DecodeMethod
 from .dense import Dense
 from .h2o import H2O
 from .quest import Quest
-from .registry import METHODS, budget_label, build_method, parse_budget, parse_spec
+from .registry import DEFAULT_SPEC, METHODS, budget_label, build_method, default_method, parse_budget, parse_spec
 from .sketch import SparQSketch
 from .sparq import SparQ
 from .streaming import Streaming
@@ -12,5 +12,5 @@ from .topk import TopK
 
 __all__ = [
     "DecodeInputs", "DecodeMethod", "Dense", "SparQ", "SparQSketch", "Streaming", "H2O", "Quest", "TopK",
-    "METHODS", "budget_label", "build_method", "parse_budget", "parse_spec",
+    "DEFAULT_SPEC", "METHODS", "budget_label", "build_method", "default_method", "parse_budget", "parse_spec",
 ]

@@ -30,6 +30,18 @@ from .topk import TopK
 
 METHODS = ("dense", "sparq", "sparq-sketch", "streaming", "h2o", "quest", "topk")
 
+# The library's default method (what `attn_implementation="sparq"`, `sparq generate` and `sparq demo`
+# run, and what the spec "default" names): step 1 from a 2-bit key sketch at 1/8 (bits = 16 f), no
+# local window, no reallocation. Chosen by the evaluation of 2026-11-30 (docs/EVAL.md, "Re-evaluation
+# at 20+ items per task"): at or above dense on every task on SmolLM2-135M and Gemma 3 270M, where the
+# paper's method (spec "sparq") keeps 0-11% on Gemma 3.
+DEFAULT_SPEC = "sparq-sketch:local=0:realloc=0"
+
+
+def default_method(budget: float | str, head_dim: int) -> DecodeMethod:
+    """The default method at a target fraction of dense data (`DEFAULT_SPEC`)."""
+    return build_method(DEFAULT_SPEC, budget, head_dim)
+
 
 def parse_budget(text: str | float) -> float:
     """A target fraction of dense attention's data, in (0, 1].
@@ -56,10 +68,14 @@ def budget_label(text: str | float) -> str:
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """"sparq-sketch:bits=1:local=0" -> ("sparq-sketch", {"bits": "1", "local": "0"})."""
+    """"sparq-sketch:bits=1:local=0" -> ("sparq-sketch", {"bits": "1", "local": "0"}). "default"
+    (options may follow: "default:bits=1") is `DEFAULT_SPEC` with them."""
     if not isinstance(spec, str):
         raise TypeError(f"a method spec must be a string, got {type(spec).__name__}")
     name, *parts = spec.strip().split(":")
+    if name == "default":
+        name, *base_parts = DEFAULT_SPEC.split(":")
+        parts = base_parts + parts
     opts: dict[str, str] = {}
     for part in parts:
         if "=" not in part:
@@ -69,7 +85,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     if name not in METHODS:
         close = difflib.get_close_matches(name, METHODS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ValueError(f"unknown method {name!r}{hint}; known: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {name!r}{hint}; known: default, {', '.join(METHODS)}")
     return name, opts
 
 

@@ -126,8 +126,9 @@ def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt text.")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from this file.")] = None,
     model: ModelOpt = "smollm2",
-    method: Annotated[str, typer.Option(help="dense, sparq (the paper's), or any method spec of `sparq eval`, "
-                                               "e.g. sparq-sketch:local=0, h2o, quest.")] = "sparq",
+    method: Annotated[str, typer.Option(help="default (sparq-sketch:local=0:realloc=0, the recommended method), "
+                                               "dense, sparq (the paper's), or any method spec of `sparq eval`, "
+                                               "e.g. sparq-sketch:bits=1, h2o, quest.")] = "default",
     compression: Annotated[str, typer.Option(help="Read 1/N of dense attention data: 8 or 1/8 (the same budget "
                                                   "as `sparq eval --budgets 1/8`).")] = "8",
     r: Annotated[Optional[int], typer.Option(help="sparq only: key dimensions read in step 1 (k takes what is "
@@ -214,12 +215,12 @@ def generate(
 def demo(
     model: ModelOpt = "smollm2",
     context: Annotated[int, typer.Option(min=16, help="Prompt length in tokens.")] = 2000,
-    compression: Annotated[str, typer.Option(help="SparQ reads 1/N of dense attention data: 8 or 1/8.")] = "8",
+    compression: Annotated[str, typer.Option(help="The default method reads 1/N of dense attention data: 8 or 1/8.")] = "8",
     keys: Annotated[int, typer.Option(min=1, help="Number of passkey prompts (different keys and depths).")] = 3,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Passkey retrieval over a long prompt: dense and SparQ answers side by side."""
+    """Passkey retrieval over a long prompt: dense and the default method's answers side by side."""
     _check_model(model)
     c = _compression(compression)
     _check_device(device)
@@ -238,7 +239,7 @@ def demo(
     table = Table(title=f"Passkey retrieval, {model}, ~{context}-token prompts")
     table.add_column("key")
     runs = {}
-    for name in ("dense", "sparq"):
+    for name in ("dense", "default"):
         method = generation.make_method(name, d, compression=c)
         console.print(f"[dim]running {method.label} ...[/dim]")
         try:
