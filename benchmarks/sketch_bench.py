@@ -9,8 +9,9 @@ between runs), k of each method and the floor bytes (what each method must read 
 
 Budgets at the same target fraction f of dense data (the methods' own accounting):
   paper   r = d * f, k = S * f / 2, local window k / 4, reallocation on (as `sparq bench kernels`)
-  sketch  SparQSketch(f, bits, block 128): k = rows_for(f, S, d, overhead = sketch), local k / 4,
-          reallocation on (the method's default)
+  sketch  SparQSketch(f, bits, block 128): k = rows_for(f, S, d, overhead = sketch), the default
+          method's settings (no local window, no reallocation; --paper-settings: local k / 4,
+          reallocation on, as JSON before 2026-11-30 16:00 UTC)
 Floors (bytes per KV head and step): dense 2 S d e; paper S r e + 2 k d e + 4 d;
 sketch S d bits / 8 + (S / block) 2 d e + 2 k d e + 4 d (e = element bytes).
 """
@@ -40,13 +41,34 @@ def _graphed(fn):
     return g(fn)
 
 
+def _kernel_profile(fn, steps: int = 5) -> dict[str, float]:
+    """Median-free per-kernel GPU time of one un-graphed step (us, mean over `steps`), by kernel name:
+    where the step's time goes, launch gaps excluded."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if t > 0 and ev.key and not ev.key.startswith(("cudaLaunch", "cudaStream", "cudaGraph")):
+            out[ev.key[:60]] = round(t / steps, 1)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def _bench(fn) -> float:
     from triton.testing import do_bench
 
     return do_bench(_graphed(fn), warmup=25, rep=100, return_mode="median") * 1e3
 
 
-def run_shape(label, batch, hq, hkv, seq, d, dtype, fraction, block, with_paper=True):
+def run_shape(label, batch, hq, hkv, seq, d, dtype, fraction, block, with_paper=True, paper_settings=False,
+              kernel_profile=False):
     from sparq.tools.bench_kernels import _dense_candidates, random_cache
     from sparq.config import SparQConfig
     from sparq.kernels.dispatch import DecodePlan
@@ -75,7 +97,8 @@ def run_shape(label, batch, hq, hkv, seq, d, dtype, fraction, block, with_paper=
     cache.derived.key_t_buf = None  # the sketch method does not keep Kᵀ
     torch.cuda.empty_cache()
     for bits in (1, 2):
-        m = SparQSketch(fraction, bits=bits, block=block)
+        m = (SparQSketch(fraction, bits=bits, block=block) if paper_settings  # local k/4, reallocation on
+             else SparQSketch(fraction, bits=bits, block=block, local_fraction=0.0, reallocate=False))  # the default
         st = SketchState(batch, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=q.device)
         for b in range(batch):  # row by row: the PyTorch prefill's fp32 temporaries stay small
             st_b = SketchState(1, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=q.device)
@@ -91,8 +114,11 @@ def run_shape(label, batch, hq, hkv, seq, d, dtype, fraction, block, with_paper=
         row["floor_bytes"][name] = heads * (seq * d * bits // 8 + (seq // block) * 2 * d * elt + 2 * k * d * elt + 4 * d)
         row["state_bytes_per_token_per_kv_head"] = row.get("state_bytes_per_token_per_kv_head", {})
         row["state_bytes_per_token_per_kv_head"][name] = st.bytes_per_position()
-        row["us"][name] = _bench(lambda plan=plan, c=cache, st=st: plan.run(q, c.key, c.value, c.lengths,
-                                                                             value_sum=c.value_sum, out=out, sketch=st))
+        step = (lambda plan=plan, c=cache, st=st: plan.run(q, c.key, c.value, c.lengths,
+                                                            value_sum=c.value_sum, out=out, sketch=st))
+        row["us"][name] = _bench(step)
+        if kernel_profile and bits == 2:
+            row["kernels_us_sketch2b"] = _kernel_profile(step)
         # step 1 alone (the scorer + budgets), to see where the time goes
         import triton
 
@@ -126,6 +152,10 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.125)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--no-paper", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also each kernel's time in the 2-bit step (torch.profiler)")
+    ap.add_argument("--paper-settings", action="store_true",
+                    help="sketch rows with a local window of k/4 and reallocation on (as before 2026-11-30's "
+                         "default switch) instead of the default method's settings")
     args = ap.parse_args()
     shapes = _shapes()
     shapes = shapes if args.shapes == "all" else [shapes[0], shapes[3]]
@@ -139,9 +169,12 @@ def main() -> None:
            f"{'x paper':>7s} {'x sk1':>6s} {'x sk2':>6s} | {'sk2 step1':>9s} {'sk2 %floor':>10s}")
     print(hdr)
     for shape in shapes:
-        row = run_shape(*shape, fraction=args.fraction, block=args.block, with_paper=not args.no_paper)
+        row = run_shape(*shape, fraction=args.fraction, block=args.block, with_paper=not args.no_paper,
+                        paper_settings=args.paper_settings, kernel_profile=args.profile)
         rows.append(row)
         torch.cuda.empty_cache()
+        if args.profile:
+            print("   kernels (us): " + ", ".join(f"{k.split('(')[0][:28]} {v}" for k, v in row["kernels_us_sketch2b"].items()))
         us = row["us"]
         dense = min(v for k, v in us.items() if k.startswith("dense-"))
         row["best_dense_us"] = dense
@@ -152,6 +185,8 @@ def main() -> None:
               f" | {us['sketch2b-step1']:9.1f} {100 * floor2 / us['sketch2b']:9.0f}%", flush=True)
     result = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
               "read_bandwidth_TBps": bw, "fraction": args.fraction, "block": args.block,
+              "sketch_settings": ("local k/4, reallocation on" if args.paper_settings
+                                  else "default method: no local window, no reallocation"),
               "timing": "triton.testing.do_bench median of the CUDA-graphed step (L2 flushed), us",
               "rows": rows, "seconds": time.time() - t0}
     out_dir = os.environ.get("OUT", "benchmarks/results")

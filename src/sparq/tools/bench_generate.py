@@ -159,7 +159,9 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
             kv_read_dense = kv_dense * int(lengths.sum())
             methods = [("dense", Dense(), 1.0)] + [
                 (f"sparq 1/{c}", SparQConfig.from_compression(c, head_dim=head_dim, reallocate=True), None) for c in compressions]
-            methods += [(f"sketch{sketch_bits}b 1/{c}", SparQSketch(1 / c, bits=sketch_bits), None) for c in sketch]
+            # the default method's settings (methods.DEFAULT_SPEC: no local window, no reallocation)
+            methods += [(f"sketch{sketch_bits}b 1/{c}", SparQSketch(1 / c, bits=sketch_bits, local_fraction=0.0,
+                                                                     reallocate=False), None) for c in sketch]
             if auto:  # the policy: dense or SparQ at 1/auto, whichever autotune measures faster
                 methods.append((f"auto 1/{auto}", SparQConfig.from_compression(auto, head_dim=head_dim,
                                                                                reallocate=True), "auto"))

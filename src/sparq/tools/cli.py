@@ -305,8 +305,9 @@ def bench_generate(
                                                   "is measured faster); 0 = off.")] = 8,
     tp: Annotated[bool, typer.Option("--tp", help="Tensor parallelism over the GPUs of a torchrun launch "
                                                "(torchrun --nproc-per-node N -m sparq.tools.cli bench generate --tp).")] = False,
-    sketch: Annotated[str, typer.Option(help="Also run sparq-sketch at these budgets 1/N (comma-separated N; "
-                                             "'' = none).")] = "",
+    sketch: Annotated[str, typer.Option(help="Also run sparq-sketch at these budgets 1/N with the "
+                                             "default method's settings (no local window, no reallocation; "
+                                             "comma-separated N; '' = none).")] = "",
     sketch_bits: Annotated[int, typer.Option(min=1, max=2, help="Bits of the sketch (1 or 2).")] = 2,
     engine: Annotated[str, typer.Option(help="fast: dense and SparQ in the fast loop (floors, autotune, TP). hf: "
                                              "through model.generate -- dense with transformers' cache settings, "
