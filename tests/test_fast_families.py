@@ -199,3 +199,17 @@ def test_softcapped_dense_attention_is_the_eager_formula(mask_shape):
     scores = (torch.tanh(scores / 2.0) * 2.0).masked_fill(~mask, float("-inf"))
     expected = torch.softmax(scores, -1) @ v.repeat_interleave(3, 1)
     torch.testing.assert_close(dense_attention(q, k, v, mask, 0.3, softcap=2.0), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_model_stays_trainable_after_fast_generate(arch):
+    """fast_generate runs under inference mode; the fused weights it re-points the model at must still
+    be normal tensors (an inference-tensor parameter breaks autograd and later dtype moves)."""
+    model = build(arch)
+    ids, mask, _ = prompts()
+    fast_generate(model, ids, mask, Dense(), 2)
+    assert not [n for n, p in model.named_parameters() if p.is_inference()]
+    model.to(torch.bfloat16).to(torch.float32)
+    model(ids[:1, -8:]).logits.sum().backward()
+    assert model.model.layers[0].self_attn.qkv_proj.weight.grad is not None if arch == "phi3" else \
+        model.model.layers[0].self_attn.q_proj.weight.grad is not None

@@ -423,5 +423,5 @@ def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), GQ=max(4, triton.next_power_of_2(g)), D=head_dim,
         BITS=sketch.bits, BLOCK=sketch.block, CHUNK=ws.chunk1, BLOCK_S=sketch_block_s(ws, sketch),
         HAS_STARTS=has_starts, SPLIT_C=split_c, SPLIT_K=split_k, STATS=stats, ASM=query.device.type == "cuda",
-        num_warps=ws.score_warps,
+        num_warps=ws.score_warps, **({"num_stages": ws.score_stages} if ws.score_stages else {}),
     )

@@ -141,7 +141,8 @@ class Family(ABC):
                                             for a, b in zip(ws, ws[1:]))
         if adjacent:
             return ws[0].as_strided((rows, ws[0].shape[1]), (ws[0].shape[1], 1)), bias
-        fused = torch.cat(ws)
+        with torch.inference_mode(False):  # a normal tensor even when built inside fast_generate's
+            fused = torch.cat(ws)  # inference mode: the model's parameters must stay usable for autograd
         for m, piece in zip(linears, fused.split([w.shape[0] for w in ws])):
             old = m.weight
             if isinstance(old, DTensor):  # keep the module a working tensor-parallel layer

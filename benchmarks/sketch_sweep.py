@@ -1,0 +1,97 @@
+"""GPU sweep of the sketch step's launch knobs (`dispatch.Tuning`), one knob at a time from the defaults.
+
+For each shape (the issue's large ones by default), builds the 2-bit sketch of a random cache once,
+then times the whole CUDA-graphed `sparq-sketch` step (default method: no local window, no
+reallocation) for the default Tuning and for each variant. Prints a table per shape and writes
+sketch-sweep-<device>-<UTC>.json to $OUT (or benchmarks/results). Usage (GPU, repository root):
+  PYTHONPATH=src python benchmarks/sketch_sweep.py [--shapes MHA:8:65536,GQA:16:65536,GQA:8:32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from sketch_bench import _bench  # noqa: E402  (the graphed do_bench median, us)
+
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "score_warps=2": {"score_warps": 2}, "score_warps=8": {"score_warps": 8},
+    "score_bpsm=8": {"score_blocks_per_sm": 8}, "score_bpsm=16": {"score_blocks_per_sm": 16},
+    "score_bpsm=64": {"score_blocks_per_sm": 64},
+    "score_stages=1": {"score_stages": 1}, "score_stages=2": {"score_stages": 2}, "score_stages=4": {"score_stages": 4},
+    "emit_bpsm=8": {"emit_blocks_per_sm": 8}, "emit_bpsm=32": {"emit_blocks_per_sm": 32},
+    "emit_block=2048": {"emit_block": 2048}, "emit_block=512": {"emit_block": 512}, "emit_warps=8": {"emit_warps": 8},
+    "select_warps=8": {"select_warps": 8}, "select_warps=32": {"select_warps": 32},
+    "pivots=1": {"search_pivots": 1}, "pivots=8": {"search_pivots": 8},
+    "gather_bpsm=16": {"gather_blocks_per_sm": 16}, "gather_bpsm=64": {"gather_blocks_per_sm": 64},
+    "gather_warps=8": {"gather_warps": 8}, "gather_block=32": {"gather_block": 32},
+}
+
+
+def main() -> None:
+    import triton
+
+    from sparq.kernels.dispatch import DEFAULT_TUNING, DecodePlan
+    from sparq.kernels.sketch_scores import SketchConfig
+    from sparq.kernels.sketch_state import SketchState
+    from sparq.methods.sketch import SparQSketch
+    from sparq.tools.bench_kernels import random_cache
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="MHA:8:65536,GQA:16:65536,GQA:8:32768,GQA:1:32768")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    device = torch.cuda.get_device_name(0)
+    rows = []
+    for spec in args.shapes.split(","):
+        kind, batch, seq = spec.split(":")
+        batch, seq = int(batch), int(seq)
+        hq, hkv, dtype = (32, 32, torch.float16) if kind == "MHA" else (32, 8, torch.bfloat16)
+        d, bits, block = 128, 2, 128
+        cache, q = random_cache(batch, hq, hkv, seq, d, dtype)
+        cache.derived.key_t_buf = None
+        out = torch.empty_like(q)
+        st = SketchState(batch, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=q.device)
+        for b in range(batch):
+            st_b = SketchState(1, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=q.device)
+            st_b.prefill(cache.key[b:b + 1], cache.lengths[b:b + 1])
+            st.codes[b].copy_(st_b.codes[0]); st.lo[b].copy_(st_b.lo[0]); st.hi[b].copy_(st_b.hi[0])
+            del st_b
+        m = SparQSketch(0.125, bits=bits, block=block, local_fraction=0.0, reallocate=False)
+        cfg = SketchConfig.from_method(m, d)
+        row = {"shape": kind, "B": batch, "S": seq, "Hq": hq, "Hkv": hkv, "d": d, "dtype": str(dtype), "us": {}}
+        for name in args.variants.split(","):
+            plan = None
+            try:
+                plan = DecodePlan(batch, hq, hkv, d, seq, cfg, q.device, dtype, tuning=DEFAULT_TUNING.with_(**VARIANTS[name]))
+                row["us"][name] = round(_bench(lambda plan=plan, c=cache: plan.run(
+                    q, c.key, c.value, c.lengths, value_sum=c.value_sum, out=out, sketch=st)), 1)
+            except Exception as e:  # a variant the kernels cannot launch (registers, shared memory)
+                row["us"][name] = None
+                row.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:120]}"
+            plan = None
+        base = row["us"]["default"]
+        print(f"{kind} B{batch} S{seq}: default {base} us | " + ", ".join(
+            f"{k} {v} ({100 * (v / base - 1):+.0f}%)" for k, v in row["us"].items() if k != "default" and v), flush=True)
+        rows.append(row)
+        del cache, q, st
+        torch.cuda.empty_cache()
+    out_dir = os.environ.get("OUT", "benchmarks/results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"sketch-sweep-{device.replace(' ', '_')}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
+    with open(path, "w") as f:
+        json.dump({"device": device, "torch": torch.__version__, "triton": triton.__version__,
+                   "method": "sparq-sketch 1/8, 2 bits, block 128, no local window, no reallocation",
+                   "timing": "do_bench median of the CUDA-graphed step, us", "rows": rows}, f, indent=1)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
