@@ -18,7 +18,7 @@ import time
 import torch
 
 import sparq
-from sparq.fast import fast_generate
+from sparq.fast import FastDecoder, fast_generate, left_align
 from sparq.methods import Dense, default_method
 from test_fast_families import ARCHS, EVERY, build
 from test_hf import greedy, prompts
@@ -40,6 +40,18 @@ def main() -> None:
             expected = greedy(model, ids, mask, n=8)
             got, _ = fast_generate(model, ids, mask, Dense(), 8)
             row["fp32_dense_equal"] = bool(torch.equal(got, expected))
+            # the first step's logits, fast loop's prefill against transformers' forward (and the top-2
+            # margin: a tiny one makes a greedy flip between two correct implementations likely)
+            aligned, lengths = left_align(ids, mask)
+            dec = FastDecoder(model, Dense(), batch=ids.shape[0], max_len=int(lengths.max()) + 8, keep_logits=True)
+            dec.prefill(aligned, lengths)
+            with torch.no_grad():
+                ref = model(ids, attention_mask=mask).logits[:, -1].float()
+            top2 = ref.topk(2, dim=-1).values
+            row["fp32_prefill_logits_max_abs_diff"] = float((dec.logits - ref).abs().max())
+            row["fp32_min_top2_margin"] = float((top2[:, 0] - top2[:, 1]).min())
+            if not row["fp32_dense_equal"]:
+                row["first_differing_step"] = int((got != expected).any(0).float().argmax())
             if arch != "gemma2":
                 full, _ = fast_generate(model, ids, mask, EVERY, 8)
                 row["fp32_sparq_full_k_equal"] = bool(torch.equal(full, expected))

@@ -25,7 +25,7 @@ VARIANTS: dict[str, dict] = {
     "score_warps=2": {"score_warps": 2}, "score_warps=8": {"score_warps": 8},
     "score_bpsm=8": {"score_blocks_per_sm": 8}, "score_bpsm=16": {"score_blocks_per_sm": 16},
     "score_bpsm=64": {"score_blocks_per_sm": 64},
-    "score_stages=1": {"score_stages": 1}, "score_stages=2": {"score_stages": 2}, "score_stages=4": {"score_stages": 4},
+    "score_stages=1": {"score_stages": 1}, "score_stages=3": {"score_stages": 3}, "score_stages=4": {"score_stages": 4},
     "emit_bpsm=8": {"emit_blocks_per_sm": 8}, "emit_bpsm=32": {"emit_blocks_per_sm": 32},
     "emit_block=2048": {"emit_block": 2048}, "emit_block=512": {"emit_block": 512}, "emit_warps=8": {"emit_warps": 8},
     "select_warps=8": {"select_warps": 8}, "select_warps=32": {"select_warps": 32},

@@ -230,3 +230,16 @@ def test_registry_specs_and_errors():
         build_method("h2o:bits=2", 0.5, 64)
     with pytest.raises(ValueError):
         build_method("topk", "3/2", 64)
+
+
+def test_graph_safety_follows_what_the_kernels_cover():
+    """The fast loop captures a CUDA graph only where attend has no host sync: SparQ's kernels take
+    fp16/bf16 and the power-of-two head dims; elsewhere it runs the reference (host syncs)."""
+    from sparq import SparQConfig
+    from sparq.methods import Dense, SparQ
+
+    m = SparQ(SparQConfig(r=2, k=8))
+    assert m.graph_safe_for(torch.float16, 128) and m.graph_safe_for(torch.bfloat16, 64)
+    assert not m.graph_safe_for(torch.float32, 128)
+    assert not m.graph_safe_for(torch.float16, 80) and not m.graph_safe_for(torch.bfloat16, 96)
+    assert Dense().graph_safe_for(torch.float32, 80)

@@ -160,7 +160,8 @@ class FastDecoder:
         # a sketch method is graph-safe only on the kernels, i.e. where the cache keeps its sketch
         on_kernels = self.method.sketch_spec is None or bool(
             self._global and self._global[0].sketch is not None and self._global[0].sketch.kernels)
-        return use_graph and self.device.type == "cuda" and self.method.graph_safe and on_kernels
+        return (use_graph and self.device.type == "cuda" and self.method.graph_safe_for(self.dtype, self.head_dim)
+                and on_kernels)
 
     def use(self, method: DecodeMethod | SparQConfig) -> None:
         """Switch the decode method (same cache; a graph-safe method's CUDA graph is captured on its

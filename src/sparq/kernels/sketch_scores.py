@@ -415,6 +415,7 @@ def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState
     split_k = {torch.float16: 2, torch.bfloat16: 3}.get(key.dtype, 0)
     # the split statistics feed logZ, read by the selection keys (g > 1) and the reallocation only
     stats = g > 1 or bool(ws.config.reallocate)
+    stages = None if query.device.type != "cuda" else (ws.score_stages or ws.tuning.sketch_stages)
     _sketch_scores_kernel[(batch * num_kv_heads, ws.n_split1)](
         query, sketch.codes, sketch.lo, sketch.hi, key, lengths, starts,
         ws.logits, ws.split_m, ws.split_l,
@@ -423,5 +424,5 @@ def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), GQ=max(4, triton.next_power_of_2(g)), D=head_dim,
         BITS=sketch.bits, BLOCK=sketch.block, CHUNK=ws.chunk1, BLOCK_S=sketch_block_s(ws, sketch),
         HAS_STARTS=has_starts, SPLIT_C=split_c, SPLIT_K=split_k, STATS=stats, ASM=query.device.type == "cuda",
-        num_warps=ws.score_warps, **({"num_stages": ws.score_stages} if ws.score_stages else {}),
+        num_warps=ws.score_warps, **({"num_stages": stages} if stages else {}),
     )

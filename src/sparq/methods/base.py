@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 
@@ -64,6 +65,11 @@ class DecodeMethod(ABC):
     graph_safe: ClassVar[bool] = False
     # (bits, block) of the packed key sketch the caches keep for the method (None: no sketch)
     sketch_spec: ClassVar[tuple[int, int] | None] = None
+
+    def graph_safe_for(self, dtype: torch.dtype, head_dim: int) -> bool:
+        """`graph_safe` for a CUDA cache of this dtype and head dim (a method whose kernels cover only
+        some of them falls back to a reference with host syncs elsewhere, which a graph cannot hold)."""
+        return self.graph_safe
 
     @abstractmethod
     def attend(self, x: DecodeInputs) -> Tensor:

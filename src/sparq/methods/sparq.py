@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from .. import reference
@@ -29,6 +30,11 @@ class SparQ(DecodeMethod):
         return reference.sparq_reference(
             x.query, x.key, x.value, self.config, x.valid, x.scale, key_t=x.key_t, value_sum=x.value_sum
         )
+
+    def graph_safe_for(self, dtype: torch.dtype, head_dim: int) -> bool:
+        from ..kernels import SUPPORTED_HEAD_DIMS  # the kernels: fp16/bf16 and these head dims
+
+        return dtype in (torch.float16, torch.bfloat16) and head_dim in SUPPORTED_HEAD_DIMS
 
     def data_fraction(self, length: int, head_dim: int) -> float:
         return self.config.data_fraction(length, head_dim)
