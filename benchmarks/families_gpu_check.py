@@ -5,6 +5,9 @@ at k >= every length equals dense (the step runs as a CUDA graph); (2) bf16, pro
 tokens (finished sketch blocks): the default method at 1/8 through the fast loop (the sketch
 kernels) against the same method through transformers' loop (`sparq.enabled(..., fast_loop=False)`,
 the PyTorch path over SparQCache), and both against dense, as token agreement. Gemma 2 is dense-only.
+The fp32 rows also compare the fast loop's first logits with transformers' forward and its eager
+attention: transformers 5.17 runs Gemma 2 under sdpa, which ignores attn_logit_softcapping (5.24
+refuses sdpa for Gemma 2); the fast loop soft-caps like the eager path.
 Usage (GPU, repository root): PYTHONPATH=src:tests python benchmarks/families_gpu_check.py
 Writes families-gpu-<device>-<UTC>.json to $OUT (or benchmarks/results).
 """
@@ -50,6 +53,14 @@ def main() -> None:
             top2 = ref.topk(2, dim=-1).values
             row["fp32_prefill_logits_max_abs_diff"] = float((dec.logits - ref).abs().max())
             row["fp32_min_top2_margin"] = float((top2[:, 0] - top2[:, 1]).min())
+            if hasattr(model, "set_attn_implementation"):  # the eager formula (the reference for soft-capping)
+                impl = model.config._attn_implementation
+                model.set_attn_implementation("eager")
+                with torch.no_grad():
+                    eager = model(ids, attention_mask=mask).logits[:, -1].float()
+                model.set_attn_implementation(impl)
+                row["hf_attn_implementation"] = impl
+                row["fp32_prefill_vs_eager_max_abs_diff"] = float((dec.logits - eager).abs().max())
             if not row["fp32_dense_equal"]:
                 row["first_differing_step"] = int((got != expected).any(0).float().argmax())
             if arch != "gemma2":

@@ -31,6 +31,8 @@ VARIANTS: dict[str, dict] = {
     "select_warps=8": {"select_warps": 8}, "select_warps=32": {"select_warps": 32},
     "pivots=1": {"search_pivots": 1}, "pivots=8": {"search_pivots": 8},
     "gather_bpsm=16": {"gather_blocks_per_sm": 16}, "gather_bpsm=64": {"gather_blocks_per_sm": 64},
+    "compact_tiles=1": {"compact_tiles": 1}, "compact_tiles=2": {"compact_tiles": 2},
+    "emit512+stages1": {"emit_block": 512, "score_stages": 1},
     "gather_warps=8": {"gather_warps": 8}, "gather_block=32": {"gather_block": 32},
 }
 

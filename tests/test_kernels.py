@@ -585,3 +585,19 @@ def test_plan_cache_grows_geometrically_and_stays_bounded():
     static = PlanCache(growth=False)
     k = torch.randn(1, 1, 77, 32, device=DEVICE, dtype=dtype)
     assert static.get(q, k, cfg) is static.get(q, k, cfg) and static.get(q, k, cfg).capacity == 77
+
+
+def test_compaction_split_into_single_tiles():
+    """`Tuning.compact_tiles`: the ordered compaction with one emit tile per program (more programs,
+    each starting from the scan of the tile counts before it) gives the same kept lists."""
+    from sparq.kernels.dispatch import DEFAULT_TUNING
+
+    # one emit split per KV head (the whole row), compaction in programs of 2 tiles
+    tuning = DEFAULT_TUNING.with_(deterministic=True, emit_blocks_per_sm=1, compact_tiles=2)
+    for case in (CPU_CASES[0], CPU_CASES[1]):
+        batch, hq, hkv, seq, d, dtype, cfg = case
+        plan = _plan(torch.empty(batch, hq, d, dtype=dtype), torch.empty(batch, hkv, seq, d, dtype=dtype), cfg, tuning)
+        assert plan.n_split_e == 1 and plan.n_split_c > 1
+        rows, flipped, _ = run_case(batch, hq, hkv, seq, d, dtype, cfg, 11, tuning)
+        assert flipped <= max(1, rows // 4), f"{flipped}/{rows} rows flipped"
+    _bracket_case(tuning, False, cap=16, tied=True)  # ties in memory: the reference's kept set

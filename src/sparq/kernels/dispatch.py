@@ -83,6 +83,7 @@ class Tuning:
     emit_block: int = 1024
     emit_warps: int = 4
     emit_blocks_per_sm: int | None = 16
+    compact_tiles: int | None = None  # emit tiles per `_compact_kernel` program (None: the emit chunk's)
     select_warps: int | None = None
     samples: int | None = None      # sample size per KV head (None: select.selection_sizes)
     select_cap: int | None = None   # resolve kernel's register capacity (None: selection_sizes)
@@ -152,6 +153,8 @@ class DecodePlan:
                                 triton.cdiv(tuning.emit_blocks_per_sm * sm, bh)))
         self.chunk_e = triton.cdiv(triton.cdiv(s_cap, want_e), self.emit_block) * self.emit_block
         self.n_split_e = triton.cdiv(s_cap, self.chunk_e)
+        self.chunk_c = tuning.compact_tiles * self.emit_block if tuning.compact_tiles else self.chunk_e
+        self.n_split_c = triton.cdiv(s_cap, self.chunk_c)
         # step 2 geometry over the kept-index list
         # (a sketch plan's k can drop by one as a block finishes: its bound is the max over lengths)
         self.k_max = max(1, config.k_bound(s_cap) if hasattr(config, "k_bound") else config.k_for(s_cap))
@@ -315,9 +318,9 @@ class DecodePlan:
             TILE=self.emit_block, DET=self.deterministic, num_warps=self.resolve_warps,
         )
         if self.deterministic:
-            _compact_kernel[(bh, self.n_split_e)](
+            _compact_kernel[(bh, self.n_split_c)](
                 lengths, self.bits, self.tile_counts, self.idx, num_kv_heads, self.k_max, self.n_tiles,
-                CHUNK=self.chunk_e, TILE=self.emit_block, NT_PAD=triton.next_power_of_2(self.n_tiles), num_warps=4,
+                CHUNK=self.chunk_c, TILE=self.emit_block, NT_PAD=triton.next_power_of_2(self.n_tiles), num_warps=4,
             )
         # step 2b + 3
         _gather_attention_kernel[(bh, self.n_split2)](
