@@ -196,11 +196,6 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
 
     from . import hf
 
-    cache = kwargs.pop("cache", None)
-    if not isinstance(cache, PagedAttentionCache):
-        raise ValueError(f"attn_implementation={PAGED_ATTN_NAME!r} runs only inside transformers' continuous batching "
-                         f"(model.generate_batch / ContinuousBatchingManager), which passes its paged cache; got "
-                         f"cache={type(cache).__name__}. For model.generate use sparq.enable (attn_implementation='sparq')")
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"{PAGED_ATTN_NAME!r} reads the batch's request boundaries on the host once per forward, "
                            f"which a CUDA graph cannot capture: run continuous batching with use_cuda_graph=False "
@@ -216,6 +211,12 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
     if method is not None and type(method).observe_prefill is not DecodeMethod.observe_prefill:
         raise ValueError(f"{method.label} keeps per-request state from the prefill, which continuous batching does "
                          f"not give it; use a stateless method (sparq, sparq-sketch, quest, streaming, topk, dense)")
+
+    cache = kwargs.pop("cache", None)
+    if not isinstance(cache, PagedAttentionCache):
+        raise ValueError(f"attn_implementation={PAGED_ATTN_NAME!r} runs only inside transformers' continuous batching "
+                         f"(model.generate_batch / ContinuousBatchingManager), which passes its paged cache; got "
+                         f"cache={type(cache).__name__}. For model.generate use sparq.enable (attn_implementation='sparq')")
 
     key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
                               read_index=kwargs["read_index"], write_index=kwargs["write_index"])  # [K, Hkv, d]

@@ -1,0 +1,223 @@
+"""SparQ inside transformers' continuous batching ("paged|sparq", `sparq.serving`) on a tiny random Llama.
+
+The continuous-batching tests need transformers 5.17 or 5.18 (`serving.SUPPORTED_VERSIONS`); on other
+versions they are skipped with the reason, and the version check itself is tested. To run them next
+to a newer transformers, put an unpacked 5.17/5.18 wheel first on PYTHONPATH (docs/SERVING.md).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import transformers as tf
+
+import sparq
+from sparq import SparQConfig, serving
+from sparq.methods import H2O, SparQ, build_method
+
+from test_hf import counting, tiny
+
+needs_cb = pytest.mark.skipif(not serving.cb_supported(),
+                              reason=f"continuous batching with 'paged|sparq' needs transformers "
+                                     f"{'/'.join(serving.SUPPORTED_VERSIONS)}, found {tf.__version__}")
+NEW = 12
+
+
+def prompts(lengths=(40, 31, 22, 70, 5, 53), seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 96, (n,), generator=g).tolist() for n in lengths]
+
+
+def gen_config(new: int = NEW) -> tf.GenerationConfig:
+    return tf.GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def cb_config() -> object:
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    # small blocks and a small token budget per step: chunked prefill and batches that mix prefill
+    # chunks with decode tokens, and requests that wait for room
+    return ContinuousBatchingConfig(block_size=16, num_blocks=48, max_batch_tokens=48)
+
+
+def run_batch(model, inputs, new: int = NEW) -> list[list[int]]:
+    out = model.generate_batch(inputs, generation_config=gen_config(new), continuous_batching_config=cb_config())
+    assert len(out) == len(inputs), "some requests did not finish"
+    return [r.generated_tokens for r in out.values()]
+
+
+def dense_batch(model, inputs, new: int = NEW) -> list[list[int]]:
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("paged|sdpa")
+    try:
+        return run_batch(model, inputs, new)
+    finally:
+        model.set_attn_implementation(impl)
+
+
+@pytest.fixture
+def plans(monkeypatch):
+    """Every batch the paged function saw, as (new tokens, keys) per request: proves what ran."""
+    seen: list[list[tuple[int, int]]] = []
+    real = serving._plan
+
+    def spy(cu_q, cu_k, *a):
+        fresh = not (serving._LAST_PLAN and serving._LAST_PLAN[0].cu_q is cu_q)
+        p = real(cu_q, cu_k, *a)
+        if fresh:
+            bq, bk = cu_q.tolist(), cu_k.tolist()
+            seen.append([(bq[i + 1] - bq[i], bk[i + 1] - bk[i]) for i in range(len(bq) - 1)])
+        return p
+
+    monkeypatch.setattr(serving, "_plan", spy)
+    return seen
+
+
+@needs_cb
+def test_k_at_least_length_equals_dense_cb_and_generate(plans):
+    model = tiny("llama")
+    inputs = prompts()
+    dense = dense_batch(model, inputs)
+    alone = [model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False)[0, len(p):].tolist()
+             for p in inputs]
+    assert dense == alone  # transformers' own CB equals plain generate here, so the comparison means something
+    method = counting(SparQConfig(r=2, k=10_000, local_window=3))
+    with sparq.enabled(model, method):
+        got = run_batch(model, inputs)
+    assert got == dense
+    assert method.calls, "the SparQ decode path never ran"
+    assert any(any(q == 1 for q, _ in b) and any(q > 1 for q, _ in b) for b in plans), "no mixed prefill+decode batch"
+    assert any(q > 1 and k > q for b in plans for q, k in b), "no chunked prefill (a chunk reading earlier pages)"
+
+
+@needs_cb
+def test_default_method_and_paper_method_keep_everything_equal_dense():
+    model = tiny("llama")
+    inputs = prompts()
+    dense = dense_batch(model, inputs)
+    for method in (build_method("default:min_k=1000", "1/8", 16), build_method("sparq:min_k=1000", "1/8", 16)):
+        with sparq.enabled(model, method):
+            assert run_batch(model, inputs) == dense, method.label
+
+
+@needs_cb
+def test_tight_budget_runs_and_differs_from_dense():
+    model = tiny("llama")
+    inputs = prompts()
+    dense = dense_batch(model, inputs)
+    for method in (SparQ(SparQConfig(r=4, k=4, local_window=1)), build_method("default:min_k=4", "1/8", 16)):
+        with sparq.enabled(model, method):
+            got = run_batch(model, inputs)
+        assert [len(t) for t in got] == [NEW] * len(inputs)
+        assert got != dense, f"{method.label} read fewer rows but changed no token"
+        # the prefill stays dense, so every request's first token (from the prefill's logits) is dense's
+        assert [t[0] for t in got] == [t[0] for t in dense]
+
+
+@needs_cb
+def test_tight_budget_batch_equals_each_request_alone():
+    """Per request, SparQ in a continuous batch does what it does alone (rows never mix)."""
+    model = tiny("llama")
+    inputs = prompts()[:4]
+    method = SparQ(SparQConfig(r=4, k=6, local_window=2))
+    with sparq.enabled(model, method):
+        together = run_batch(model, inputs)
+        alone = [run_batch(model, [p])[0] for p in inputs]
+    assert together == alone
+
+
+@needs_cb
+def test_request_joining_late_gets_the_tokens_it_gets_alone(plans):
+    model = tiny("llama")
+    long_run, short_run, late = prompts((30, 25, 44), seed=3)
+    method = SparQ(SparQConfig(r=4, k=6, local_window=2))
+    with sparq.enabled(model, method):
+        alone_late = run_batch(model, [late])[0]
+        alone_long = run_batch(model, [long_run], new=60)[0]
+        plans.clear()
+        manager = model.init_continuous_batching(generation_config=gen_config(), continuous_batching_config=cb_config())
+        manager.start()
+        try:
+            manager.add_request(long_run, request_id="long", max_new_tokens=60)
+            manager.add_request(short_run, request_id="short", max_new_tokens=3)
+            results = {}
+            deadline = time.time() + 60
+            while "short" not in results and time.time() < deadline:
+                r = manager.get_result(timeout=1)
+                if r is not None and r.is_finished():
+                    results[r.request_id] = r
+            assert "long" not in results, "the long request finished before the late one could join"
+            manager.add_request(late, request_id="late", max_new_tokens=NEW)
+            while len(results) < 3 and time.time() < deadline:
+                r = manager.get_result(timeout=1)
+                if r is not None and r.is_finished():
+                    results[r.request_id] = r
+        finally:
+            manager.stop(block=True, timeout=10)
+    assert results["late"].generated_tokens == alone_late
+    assert results["long"].generated_tokens == alone_long
+    joined = [b for b in plans if len(b) >= 2 and any(q == 1 for q, _ in b) and any(q > 1 and q == k for q, k in b)]
+    assert joined, "the late request's prefill never ran beside a decoding request"
+
+
+@needs_cb
+def test_prefix_sharing_reads_shared_blocks_and_gives_the_tokens_alone(plans):
+    model = tiny("llama")
+    shared = prompts((48,), seed=5)[0]  # three full 16-token blocks
+    first, second = shared + [7, 8, 9], shared + [11, 12]
+    method = SparQ(SparQConfig(r=4, k=6, local_window=2))
+    with sparq.enabled(model, method):
+        alone = run_batch(model, [second])[0]
+        manager = model.init_continuous_batching(generation_config=gen_config(), continuous_batching_config=cb_config())
+        manager.start()
+        try:
+            manager.add_request(first, request_id="first", max_new_tokens=NEW)
+            r = None
+            while r is None or not r.is_finished():
+                r = manager.get_result(request_id="first", timeout=5)
+            plans.clear()
+            manager.add_request(second, request_id="second", max_new_tokens=NEW)
+            r = None
+            while r is None or not r.is_finished():
+                r = manager.get_result(request_id="second", timeout=5)
+        finally:
+            manager.stop(block=True, timeout=10)
+    assert r.generated_tokens == alone
+    first_batch = plans[0]
+    assert len(first_batch) == 1 and first_batch[0][1] - first_batch[0][0] >= 32, (
+        f"the second request's prefill did not start from shared blocks: {first_batch}")
+
+
+def test_version_check_names_the_version():
+    assert serving.cb_supported("5.17.0") and serving.cb_supported("5.18.0")
+    assert not serving.cb_supported("5.19.0") and not serving.cb_supported("5.24.0")
+    with pytest.raises(RuntimeError, match="5.24.0"):
+        serving.check_version("5.24.0")
+
+
+def test_paged_function_refuses_bad_use():
+    model = tiny("llama")
+    attn = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 3, 16)
+    kv = torch.randn(1, 2, 3, 16)
+    with pytest.raises(ValueError, match="only inside transformers' continuous batching"):
+        serving.paged_attention_forward(attn, q, kv, kv, None, scaling=0.25)
+    with sparq.enabled(model, H2O(0.5)):
+        with pytest.raises(ValueError, match="keeps per-request state"):
+            serving.paged_attention_forward(attn, q, kv, kv, None, scaling=0.25)
+    gemma = tiny("gemma3")
+    sliding = gemma.model.layers[0].self_attn
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        serving.paged_attention_forward(sliding, q, kv, kv, None, scaling=0.25)
+
+
+@needs_cb
+def test_use_paged_switches_the_model():
+    model = tiny("llama")
+    with sparq.enabled(model, SparQConfig(r=2, k=10_000, local_window=3)):
+        serving.use_paged(model)
+        assert model.config._attn_implementation == serving.PAGED_ATTN_NAME
+        assert run_batch(model, prompts()[:2]) == dense_batch(model, prompts()[:2])
+    assert model.config._attn_implementation != serving.PAGED_ATTN_NAME
