@@ -221,3 +221,29 @@ def test_use_paged_switches_the_model():
         assert model.config._attn_implementation == serving.PAGED_ATTN_NAME
         assert run_batch(model, prompts()[:2]) == dense_batch(model, prompts()[:2])
     assert model.config._attn_implementation != serving.PAGED_ATTN_NAME
+
+
+@needs_cb
+def test_bench_serve_smoke(tmp_path):
+    """`sparq bench serve` on the CPU: every variant finishes every request; a cache too small for all
+    requests at once holds fewer in flight (the same for both: same cache, no extra SparQ state);
+    SparQ at k >= length gives dense's tokens."""
+    import json
+
+    from sparq.tools.bench_serve import bench_serve, format_serve_table
+
+    kw = dict(requests=6, min_prompt=40, max_prompt=90, new_tokens=6, block_size=16, max_batch_tokens=128,
+              device="cpu", out_dir=tmp_path, print_rows=False)
+    res = bench_serve("tiny", methods=("dense", "sparq:min_k=1000"), cache_gib=0.0001, **kw)  # 13 blocks of 16: ~2 requests
+    saved = json.loads(open(res["path"]).read())
+    assert saved["settings"]["num_blocks"] == 13 and saved["versions"]["transformers"] == tf.__version__
+    dense, sq = saved["rows"]
+    for r in (dense, sq):
+        assert r["requests_finished"] == 6 and r["generated_tokens"] == 36 and r["throughput_tokens_per_s"] > 0
+        assert 1 <= r["max_requests_in_flight"] < 6
+        assert r["tpot_ms_median"] > 0 and r["tpot_ms_p95"] >= r["tpot_ms_median"]
+    assert sq["requests_equal_to_dense"] == 6 and "throughput_vs_dense" in sq
+    assert "tokens/s" in format_serve_table(res)
+    with pytest.raises(ValueError, match="max_prompt"):
+        bench_serve("tiny", min_prompt=50, max_prompt=40, **{k: v for k, v in kw.items() if k not in
+                                                             ("min_prompt", "max_prompt")})
