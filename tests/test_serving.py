@@ -162,12 +162,34 @@ def test_request_joining_late_gets_the_tokens_it_gets_alone(plans):
     assert joined, "the late request's prefill never ran beside a decoding request"
 
 
+@pytest.fixture
+def sketch_writes(monkeypatch):
+    """Finished sketch blocks written into the kept paged sketch (all layers), as a list of counts."""
+    from sparq.caches.paged import PagedSketch
+
+    seen: list[int] = []
+    real = PagedSketch.write_blocks
+
+    def spy(self, keys, slots):
+        seen.append(keys.shape[0])
+        return real(self, keys, slots)
+
+    monkeypatch.setattr(PagedSketch, "write_blocks", spy)
+    return seen
+
+
+# 2-bit sketch in 8-token blocks (the cache's 16-token blocks hold two), a tight budget
+KEPT_SKETCH = "sparq-sketch:local=0:realloc=0:block=8:min_k=4"
+
+
 @needs_cb
-def test_prefix_sharing_reads_shared_blocks_and_gives_the_tokens_alone(plans):
+@pytest.mark.parametrize("spec", ["sparq", KEPT_SKETCH])
+def test_prefix_sharing_reads_shared_blocks_and_gives_the_tokens_alone(spec, plans, sketch_writes):
     model = tiny("llama")
     shared = prompts((48,), seed=5)[0]  # three full 16-token blocks
     first, second = shared + [7, 8, 9], shared + [11, 12]
-    method = SparQ(SparQConfig(r=4, k=6, local_window=2))
+    method = (SparQ(SparQConfig(r=4, k=6, local_window=2)) if spec == "sparq"
+              else build_method(spec, "1/8", 16))
     with sparq.enabled(model, method):
         alone = run_batch(model, [second])[0]
         manager = model.init_continuous_batching(generation_config=gen_config(), continuous_batching_config=cb_config())
@@ -178,6 +200,7 @@ def test_prefix_sharing_reads_shared_blocks_and_gives_the_tokens_alone(plans):
             while r is None or not r.is_finished():
                 r = manager.get_result(request_id="first", timeout=5)
             plans.clear()
+            sketch_writes.clear()
             manager.add_request(second, request_id="second", max_new_tokens=NEW)
             r = None
             while r is None or not r.is_finished():
@@ -188,6 +211,55 @@ def test_prefix_sharing_reads_shared_blocks_and_gives_the_tokens_alone(plans):
     first_batch = plans[0]
     assert len(first_batch) == 1 and first_batch[0][1] - first_batch[0][0] >= 32, (
         f"the second request's prefill did not start from shared blocks: {first_batch}")
+    if spec != "sparq":  # 50 + 12 tokens: only sketch block 6 (positions 48-55) is new, in each of 2 layers;
+        # the shared blocks' sketch (blocks 0-5, written by the first request) is read, not rewritten
+        assert sum(sketch_writes) == 2, sketch_writes
+
+
+@needs_cb
+def test_kept_paged_sketch_gives_the_tokens_of_the_sketch_from_keys(monkeypatch, sketch_writes):
+    """The default method's sketch kept per page (written once per finished block, read through the
+    pages) is `key_sketch` value for value: same tokens as deriving it from the keys every step, at a
+    budget tight enough to change tokens."""
+    model = tiny("llama")
+    inputs = prompts()
+    method = build_method(KEPT_SKETCH, "1/8", 16)
+    with sparq.enabled(model, method):
+        kept = run_batch(model, inputs)
+        written = sum(sketch_writes)
+        monkeypatch.setattr(serving, "KEEP_SKETCH", False)
+        sketch_writes.clear()
+        derived = run_batch(model, inputs)
+    # every finished 8-token block of every request, once, in each of the 2 layers
+    assert written == 2 * sum((len(p) + NEW - 1) // 8 for p in inputs) and not sketch_writes
+    assert kept == derived
+    assert kept != dense_batch(model, inputs)
+
+
+def test_sketch_is_kept_only_where_it_can_be_exact():
+    """A sketch block that straddles two non-adjacent pages, or block sharing off (forks would copy
+    finished blocks without their sketch): the sketch is derived from the keys, with a warning."""
+    class FakeCache:  # what _kept_sketch reads of transformers' paged cache (weakly referenced)
+        def __init__(self, sharing: bool) -> None:
+            self.allow_block_sharing = sharing
+
+    method = build_method(KEPT_SKETCH, "1/8", 16)
+    key = torch.randn(20, 2, 16)
+    bq, bk = [0, 20], [0, 20]  # one request, a 20-token prefill: blocks 0 and 1 finish
+    plan = serving._Plan(cu_q=torch.tensor(bq), cu_k=torch.tensor(bk), total_k=20, prefill=True, dense_mask=None,
+                         rows=[], q_pos=torch.zeros(0, dtype=torch.long), k_start=[], lengths=[], bounds=(bq, bk))
+    adjacent = torch.arange(100, 120)
+    split = torch.cat([torch.arange(100, 112), torch.arange(300, 308)])  # block 1 = slots 108-111, 300-303
+    cache = FakeCache(True)
+    sk, slots = serving._kept_sketch(cache, 0, method, key, plan, {"read_index": [adjacent], "write_index": [adjacent]})
+    assert sk is not None and sk.written == 2 and torch.equal(slots, adjacent)
+    for c, index, why in ((cache, split, "not contiguous"),
+                          (FakeCache(False), adjacent, "block sharing is off")):
+        plan.finished.clear()
+        serving._warned_sketch.clear()
+        with pytest.warns(UserWarning, match=why):
+            assert serving._kept_sketch(c, 1, method, key, plan, {"read_index": [index], "write_index": [index]}) \
+                == (None, None)
 
 
 def test_version_check_names_the_version():
@@ -247,3 +319,38 @@ def test_bench_serve_smoke(tmp_path):
     with pytest.raises(ValueError, match="max_prompt"):
         bench_serve("tiny", min_prompt=50, max_prompt=40, **{k: v for k, v in kw.items() if k not in
                                                              ("min_prompt", "max_prompt")})
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_paged_sketch_equals_key_sketch_value_for_value(bits):
+    """Keys of 3 requests scattered over shuffled 16-token pages, written block by block as they
+    finish; read back through the pages, the sketch is `key_sketch` on every valid position."""
+    from sparq.caches.paged import PagedSketch
+    from sparq.methods.sketch import key_sketch
+
+    torch.manual_seed(0)
+    hkv, d, blk, page = 2, 16, 8, 16
+    lengths = [5, 37, 64]  # no finished block; 4 finished + a partial one; 8 finished
+    s = max(lengths)
+    key = torch.randn(3, hkv, s, d).to(torch.bfloat16)
+    pages = torch.randperm(20)
+    slots = torch.zeros(3, s, dtype=torch.long)
+    used = 0
+    for b, n in enumerate(lengths):  # each request's pages, in logical order
+        for p in range(-(-n // page)):
+            slots[b, p * page:(p + 1) * page] = pages[used] * page + torch.arange(page)
+            used += 1
+    sk = PagedSketch(hkv, d, bits, blk, torch.bfloat16, torch.device("cpu"))
+    for b, n in enumerate(lengths):
+        for j in range(n // blk):
+            sl = slots[b, j * blk:(j + 1) * blk]
+            sk.write_blocks(key[b, :, j * blk:(j + 1) * blk].transpose(0, 1)[None], sl[None])
+    lens = torch.tensor(lengths)
+    valid = torch.arange(s)[None, :] < lens[:, None]
+    got = sk.dequantised(key, slots, lens)
+    want = key_sketch(key, valid, bits, blk)
+    coded = valid & (lens // blk > 0)[:, None]
+    assert torch.equal(got[coded[:, None, :, None].expand_as(got)], want[coded[:, None, :, None].expand_as(want)])
+    assert torch.isfinite(got).all() and sk.written == sum(n // blk for n in lengths)
+    with pytest.raises(ValueError, match="head_dim \\* bits"):
+        PagedSketch(hkv, 6, 1, blk, torch.bfloat16, torch.device("cpu"))

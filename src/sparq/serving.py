@@ -17,21 +17,27 @@ This module registers "paged|sparq" there. Per layer and step it
   * for every decode request (one new token) runs the module's `DecodeMethod` (`sparq.enable` set it;
     the default method otherwise) on that request's keys/values, gathered from the packed read into
     [B, Hkv, S, d] with ragged lengths.
+For a method that scores with a key sketch (the default method), the sketch is kept beside the paged
+cache (`caches.paged.PagedSketch`: codes per physical page, ranges per finished block, written once
+when a block finishes, read through the request's pages; shared prefix blocks share it).
 What it does NOT do yet (stated in docs/SERVING.md): the decode step reads the pages through a
-PyTorch gather (a copy of each decode request's K and V per layer and step), not a kernel that reads
-the block table, and it keeps no per-block sketch beside the paged cache (the sketch method derives
-its sketch from the gathered keys every step). It syncs with the host once per forward pass (the
-request boundaries), so it cannot be captured in a CUDA graph.
+PyTorch gather (a copy of each decode request's K and V per layer and step, and the sketch unpacked
+to fp32), not a kernel that reads the block table, so it reads more than dense attention does. It
+syncs with the host once per forward pass (the request boundaries), so it cannot be captured in a
+CUDA graph.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .caches.paged import PagedSketch, _KeptSketch
 from .methods import DecodeInputs, DecodeMethod
 
 PAGED_ATTN_NAME = "paged|sparq"
@@ -82,6 +88,8 @@ class _Plan:
     q_pos: Tensor           # [Bd] long: their query token in the packed batch
     k_start: list[int]      # where each one's keys begin in the packed read
     lengths: list[int]      # how many keys each one has (its whole context, the new token included)
+    bounds: tuple[list[int], list[int]] = ([], [])  # cu_seq_lens_q/k on the host (every request)
+    finished: dict[int, tuple[Tensor, bool]] = field(default_factory=dict)  # per sketch block size: see _finished
 
 
 _LAST_PLAN: list[_Plan] = []  # one slot: the current forward pass's plan
@@ -103,7 +111,7 @@ def _plan(cu_q: Tensor, cu_k: Tensor, q_len: int, k_len: int, dtype: torch.dtype
         mask = _packed_causal_mask(bq, bk, q_len, k_len, dtype, device)
     plan = _Plan(cu_q=cu_q, cu_k=cu_k, total_k=k_len, prefill=prefill, dense_mask=mask, rows=rows,
                  q_pos=torch.tensor([bq[i] for i in rows], dtype=torch.long, device=device),
-                 k_start=[bk[i] for i in rows], lengths=[len_k[i] for i in rows])
+                 k_start=[bk[i] for i in rows], lengths=[len_k[i] for i in rows], bounds=(bq, bk))
     _LAST_PLAN[:] = [plan]
     return plan
 
@@ -159,14 +167,15 @@ def _dense(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: T
     return out.transpose(1, 2).contiguous()
 
 
-def _decode(method: DecodeMethod, query: Tensor, key: Tensor, value: Tensor, plan: _Plan, scale: float) -> Tensor:
+def _decode(method: DecodeMethod, query: Tensor, key: Tensor, value: Tensor, plan: _Plan, scale: float,
+            sketch: PagedSketch | None = None, slots: Tensor | None = None) -> Tensor:
     """The method over each decode request's own keys/values: [Bd, Hq, d]. Requests are gathered
     from the packed read into [b, Hkv, S, d] (S = the chunk's longest context, valid = a prefix of
     lengths[b] positions), in chunks whose fp32 copy stays under GATHER_BYTES."""
     _, hkv, d = key.shape
     q = query[0].index_select(1, plan.q_pos).transpose(0, 1)  # [Bd, Hq, d]
     outs: list[Tensor] = []
-    per_pos = 2 * hkv * d * 4  # K and V, fp32 (the reference methods compute in fp32)
+    per_pos = (2 if sketch is None else 3) * hkv * d * 4  # K and V (and the dequantised sketch), fp32
     i = 0
     n = len(plan.rows)
     while i < n:
@@ -182,6 +191,8 @@ def _decode(method: DecodeMethod, query: Tensor, key: Tensor, value: Tensor, pla
         k = key[idx].permute(0, 2, 1, 3).contiguous()  # [b, Hkv, S, d]
         v = value[idx].permute(0, 2, 1, 3).contiguous()
         x = DecodeInputs(query=q[i:j].contiguous(), key=k, value=v, valid=valid, scale=scale, lengths=lengths)
+        if sketch is not None and slots is not None:  # step 1 from the kept sketch, read through the pages
+            x.sketch = _KeptSketch(sketch.dequantised(k, slots[idx], lengths), sketch.bits, sketch.block)
         outs.append(method.attend(x))
         i = j
     return torch.cat(outs, 0)
@@ -231,14 +242,74 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
         out = _dense(module, query, key, value, plan.dense_mask, dropout, scaling)
     else:  # decode-only batch: every token below is overwritten (padding tokens stay zero)
         out = query.new_zeros(1, query.shape[2], query.shape[1], head_dim)
+    sketch, slots = _kept_sketch(cache, module.layer_idx, method, key, plan, kwargs)
     if plan.rows:
         if method is None:  # an untagged layer: dense for decode tokens too
             from .methods import Dense
 
             method = Dense()
-        y = _decode(method, query, key, value, plan, scale)  # [Bd, Hq, d]
+        y = _decode(method, query, key, value, plan, scale, sketch, slots)  # [Bd, Hq, d]
         out[0].index_copy_(0, plan.q_pos, y.to(out.dtype))
     return out, None
+
+
+# The sketch kept beside each paged cache, per layer (`caches.paged.PagedSketch`); freed with the cache.
+_SKETCHES: WeakKeyDictionary = WeakKeyDictionary()
+KEEP_SKETCH = True  # False: the sketch method derives its sketch from the gathered keys every step
+_warned_sketch: list[str] = []
+
+
+def _finished(plan: _Plan, block: int, slots: Tensor) -> tuple[Tensor, bool]:
+    """The sketch blocks this step finishes, [n, block] packed positions (a request whose keys grew from
+    p to n finishes blocks p // block .. n // block - 1; blocks before p are either its own, written
+    earlier, or shared prefix blocks written by their first owner), and whether every one of them is
+    contiguous in the slot space. Once per forward pass and block size (one host sync)."""
+    if block not in plan.finished:
+        bq, bk = plan.bounds
+        rows = []
+        for r in range(len(bq) - 1):
+            n_k, n_q = bk[r + 1] - bk[r], bq[r + 1] - bq[r]
+            for b in range((n_k - n_q) // block, n_k // block):
+                rows.append(bk[r] + b * block)
+        start = torch.tensor(rows, dtype=torch.long, device=slots.device)
+        idx = start[:, None] + torch.arange(block, device=slots.device)[None, :]
+        ok = True if not rows else bool((slots[idx].diff(dim=1) == 1).all())
+        plan.finished[block] = (idx, ok)
+    return plan.finished[block]
+
+
+def _kept_sketch(cache: Any, layer_idx: int, method: DecodeMethod | None, key: Tensor, plan: _Plan,
+                 kwargs: dict[str, Any]) -> tuple[PagedSketch | None, Tensor | None]:
+    """The layer's kept sketch, updated with the blocks this step finishes, and the packed keys'
+    physical slots; (None, None) where it is not kept (another method, KEEP_SKETCH off, block sharing
+    off, several layer groups, or a sketch block that is not contiguous in the pages)."""
+    spec = getattr(method, "sketch_spec", None)
+    if spec is None or not KEEP_SKETCH:
+        return None, None
+    read, write = kwargs["read_index"], kwargs["write_index"]
+    reason = None
+    if not getattr(cache, "allow_block_sharing", False):
+        reason = "block sharing is off (forks would copy finished blocks without their sketch)"
+    elif len(read) != 1:
+        reason = "the cache has several layer groups"
+    if reason is None:
+        slots = read[0][: key.shape[0]] if read[0].numel() else write[0][: key.shape[0]]
+        idx, ok = _finished(plan, spec[1], slots)
+        if not ok:
+            reason = f"a {spec[1]}-token sketch block is not contiguous in the cache's pages (use a sketch block " \
+                     f"that divides the cache's block size)"
+    if reason is not None:
+        if reason not in _warned_sketch:
+            _warned_sketch.append(reason)
+            warnings.warn(f"sparq serving: the key sketch is derived from the keys every step, not kept: {reason}",
+                          stacklevel=3)
+        return None, None
+    per_layer = _SKETCHES.setdefault(cache, {})
+    sk = per_layer.get(layer_idx)
+    if sk is None or (sk.bits, sk.block) != spec:
+        sk = per_layer[layer_idx] = PagedSketch(key.shape[1], key.shape[2], spec[0], spec[1], key.dtype, key.device)
+    sk.write_blocks(key[idx], slots[idx])
+    return sk, slots
 
 
 def register() -> None:

@@ -190,7 +190,8 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
                      "kv_bytes_per_token": per_token, "max_batch_tokens": max_batch_tokens, "seed": seed,
                      "cuda_graphs": False, "greedy": True},
         "decode_path": "paged|sparq decode: per-step PyTorch gather of each decode request's K/V from the paged read, "
-                       "then the method's attend (no kernel reads the block table; no per-block sketch kept)",
+                       "then the method's attend in PyTorch (no kernel reads the block table); the sketch method's "
+                       "sketch kept per page beside the cache (caches.paged), unpacked to fp32 per step",
         "timing": "wall clock of model.generate_batch over all requests (prefill included), after a warm-up call; "
                   "TPOT and TTFT from transformers' per-token timestamps",
         "rows": rows,
