@@ -308,13 +308,14 @@ def test_bench_serve_smoke(tmp_path):
               device="cpu", out_dir=tmp_path, print_rows=False)
     res = bench_serve("tiny", methods=("dense", "sparq:min_k=1000"), cache_gib=0.0001, **kw)  # 13 blocks of 16: ~2 requests
     saved = json.loads(open(res["path"]).read())
-    assert saved["settings"]["num_blocks"] == 13 and saved["versions"]["transformers"] == tf.__version__
+    assert saved["settings"]["num_blocks_dense"] == 13 and saved["versions"]["transformers"] == tf.__version__
     dense, sq = saved["rows"]
     for r in (dense, sq):
         assert r["requests_finished"] == 6 and r["generated_tokens"] == 36 and r["throughput_tokens_per_s"] > 0
         assert 1 <= r["max_requests_in_flight"] < 6
         assert r["tpot_ms_median"] > 0 and r["tpot_ms_p95"] >= r["tpot_ms_median"]
     assert sq["requests_equal_to_dense"] == 6 and "throughput_vs_dense" in sq
+    assert dense["num_blocks"] == sq["num_blocks"] == 13  # the paper's method keeps nothing beside the cache
     assert "tokens/s" in format_serve_table(res)
     with pytest.raises(ValueError, match="max_prompt"):
         bench_serve("tiny", min_prompt=50, max_prompt=40, **{k: v for k, v in kw.items() if k not in
@@ -354,3 +355,16 @@ def test_paged_sketch_equals_key_sketch_value_for_value(bits):
     assert torch.isfinite(got).all() and sk.written == sum(n // blk for n in lengths)
     with pytest.raises(ValueError, match="head_dim \\* bits"):
         PagedSketch(hkv, 6, 1, blk, torch.bfloat16, torch.device("cpu"))
+
+
+def test_bench_serve_budgets_the_kept_sketch():
+    """Same memory budget: the default method's sketch beside the paged cache costs +7% of the fp16 KV
+    bytes at the Llama-3-8B shape, so it gets ~7% fewer blocks; the paper's method keeps nothing."""
+    from sparq.tools.bench_generate import SHAPES
+    from sparq.tools.bench_serve import kv_bytes_per_token, sketch_bytes_per_token
+
+    cfg = tf.LlamaConfig(**SHAPES["llama3-8b"])
+    kv = kv_bytes_per_token(cfg, torch.bfloat16)
+    assert kv == 32 * 8 * 128 * 2 * 2
+    assert sketch_bytes_per_token(cfg, build_method("default", "1/8", 128), torch.bfloat16) == 32 * 8 * (32 + 4)
+    assert sketch_bytes_per_token(cfg, build_method("sparq", "1/8", 128), torch.bfloat16) == 0

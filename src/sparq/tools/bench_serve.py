@@ -14,7 +14,8 @@ no EOS). Per variant it reports
     together;
   * peak device memory (CUDA) over the call.
 Both variants get the same `ContinuousBatchingConfig`: block size, number of blocks (from
-`cache_gib`, so the same memory budget) and tokens per step; no CUDA graphs and no compile (the
+`cache_gib`, so the same memory budget: a variant that keeps a sketch beside the cache gets fewer
+blocks, by the sketch's bytes) and tokens per step; no CUDA graphs and no compile (the
 defaults for both implementations; "paged|sparq" cannot be captured). The JSON goes to out_dir.
 """
 
@@ -67,6 +68,20 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     return 2 * text.num_hidden_layers * kv * d * torch.finfo(dtype).bits // 8
 
 
+def sketch_bytes_per_token(config: Any, method: Any, dtype: torch.dtype) -> int:
+    """Bytes per token of the sketch kept beside the paged cache for `method` (0 without one): per
+    layer and KV head, d * bits / 8 of codes and 2 * d / block range values of the key dtype."""
+    spec = getattr(method, "sketch_spec", None)
+    if spec is None:
+        return 0
+    bits, block = spec
+    text = config.get_text_config(decoder=True)
+    d = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    per_head = d * bits / 8 + 2 * d * (torch.finfo(dtype).bits // 8) / block
+    return math.ceil(text.num_hidden_layers * kv * per_head)
+
+
 def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 8192, max_prompt: int = 32768,
                 new_tokens: int = 256, methods: tuple[str, ...] = ("dense", "default", "sparq"), budget: str = "1/8",
                 *, cache_gib: float = 40.0, block_size: int = 256, max_batch_tokens: int = 8192,
@@ -102,21 +117,25 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     variants = {m: (None if m == "dense" else build_method(m, budget, head_dim)) for m in methods}  # checked up front
     per_token = kv_bytes_per_token(cfg, dtype)
-    num_blocks = int(cache_gib * 2**30) // (per_token * block_size)
+    num_blocks = int(cache_gib * 2**30) // (per_token * block_size)  # dense's; see blocks_for
     if num_blocks < 1:
         raise ValueError(f"cache_gib={cache_gib} holds no block of {block_size} tokens ({per_token} B per token)")
     prompts = _prompts(requests, min_prompt, max_prompt, cfg.vocab_size, seed)
     gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
 
-    def cb_config() -> ContinuousBatchingConfig:
-        return ContinuousBatchingConfig(block_size=block_size, num_blocks=num_blocks,
-                                        max_batch_tokens=max_batch_tokens, use_cuda_graph=False)
+    def blocks_for(method: Any) -> tuple[int, int]:
+        """(blocks, extra bytes per token): the same memory budget for every variant -- a method whose
+        state lives beside the paged cache (the kept sketch, `caches.paged`) gets fewer blocks."""
+        extra = sketch_bytes_per_token(cfg, method, dtype)
+        return int(cache_gib * 2**30) // ((per_token + extra) * block_size), extra
 
-    def run(inputs: list[list[int]], n_new: int) -> tuple[dict, float]:
+    def run(inputs: list[list[int]], n_new: int, blocks: int) -> tuple[dict, float]:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = lm.generate_batch(inputs, generation_config=gen, continuous_batching_config=cb_config(),
+        cb = ContinuousBatchingConfig(block_size=block_size, num_blocks=blocks, max_batch_tokens=max_batch_tokens,
+                                      use_cuda_graph=False)
+        out = lm.generate_batch(inputs, generation_config=gen, continuous_batching_config=cb,
                                 record_timestamps=True, max_new_tokens=n_new)
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -133,11 +152,12 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
                 serving.use_paged(lm)  # explicit "paged|sparq": CB would swap in flash attention where installed
             else:
                 lm.set_attn_implementation("paged|sdpa")
-            run([p[: min(len(p), 64)] for p in prompts[:2]], 2)  # warm-up: kernels, allocator, CB set-up
+            blocks, extra = blocks_for(method)
+            run([p[: min(len(p), 64)] for p in prompts[:2]], 2, blocks)  # warm-up: kernels, allocator, CB set-up
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(dev)
-            out, wall = run(prompts, new_tokens)
+            out, wall = run(prompts, new_tokens, blocks)
             peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
         finally:
             if ctx is not None:
@@ -161,6 +181,7 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
             "tpot_ms_p95": _percentile(tpot, 0.95),
             "ttft_ms_median": statistics.median(ttft) if ttft else float("nan"),
             "max_requests_in_flight": max_in_flight(spans), "peak_memory_GiB": peak,
+            "num_blocks": blocks, "state_bytes_per_token": extra,
         }
         if dense_tokens is None and method is None:
             dense_tokens = tokens
@@ -186,7 +207,7 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
         "settings": {"model": model, "dtype": str(dtype).replace("torch.", ""), "requests": requests,
                      "prompt_lengths": [min_prompt, max_prompt], "new_tokens": new_tokens, "budget": budget,
                      "methods": list(methods), "cache_gib": cache_gib, "block_size": block_size,
-                     "num_blocks": num_blocks, "cache_tokens": num_blocks * block_size,
+                     "num_blocks_dense": num_blocks, "cache_tokens_dense": num_blocks * block_size,
                      "kv_bytes_per_token": per_token, "max_batch_tokens": max_batch_tokens, "seed": seed,
                      "cuda_graphs": False, "greedy": True},
         "decode_path": "paged|sparq decode: per-step PyTorch gather of each decode request's K/V from the paged read, "
@@ -220,9 +241,10 @@ def format_serve_table(result: dict) -> str:
              f"{r['throughput_vs_dense']:.2f}x" if "throughput_vs_dense" in r else "",
              f"{r['tpot_ms_median']:.2f}", f"{r['tpot_ms_p95']:.2f}", f"{r['ttft_ms_median']:.0f}",
              str(r["max_requests_in_flight"]), f"{r['peak_memory_GiB']:.2f}" if r["peak_memory_GiB"] is not None else "",
-             f"{r['requests_finished']}/{s['requests']}"] for r in result["rows"]]
+             f"{r['requests_finished']}/{s['requests']}", str(r["num_blocks"])] for r in result["rows"]]
     title = (f"{s['model']} ({s['dtype']}) on {result['device']}, transformers {result['versions']['transformers']}, "
              f"{s['requests']} requests of {s['prompt_lengths'][0]}-{s['prompt_lengths'][1]} tokens, "
-             f"{s['new_tokens']} new, cache {s['cache_tokens']} tokens ({s['cache_gib']} GiB), budget {s['budget']}")
+             f"{s['new_tokens']} new, cache {s['cache_gib']} GiB ({s['cache_tokens_dense']} tokens for dense), "
+             f"budget {s['budget']}")
     return markdown_table(title, ["variant", "method", "tokens/s", "vs dense", "TPOT median ms", "TPOT p95 ms",
-                                  "TTFT median ms", "max in flight", "peak GiB", "finished"], rows)
+                                  "TTFT median ms", "max in flight", "peak GiB", "finished", "cache blocks"], rows)
