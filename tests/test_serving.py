@@ -248,12 +248,13 @@ def test_sketch_is_kept_only_where_it_can_be_exact():
     bq, bk = [0, 20], [0, 20]  # one request, a 20-token prefill: blocks 0 and 1 finish
     plan = serving._Plan(cu_q=torch.tensor(bq), cu_k=torch.tensor(bk), total_k=20, prefill=True, dense_mask=None,
                          rows=[], q_pos=torch.zeros(0, dtype=torch.long), k_start=[], lengths=[], bounds=(bq, bk))
-    adjacent = torch.arange(100, 120)
-    split = torch.cat([torch.arange(100, 112), torch.arange(300, 308)])  # block 1 = slots 108-111, 300-303
+    adjacent = torch.arange(96, 116)
+    split = torch.cat([torch.arange(96, 108), torch.arange(304, 312)])  # block 1 = slots 104-107, 304-307
+    shifted = torch.arange(100, 120)  # contiguous, but blocks do not start at multiples of 8
     cache = FakeCache(True)
     sk, slots = serving._kept_sketch(cache, 0, method, key, plan, {"read_index": [adjacent], "write_index": [adjacent]})
     assert sk is not None and sk.written == 2 and torch.equal(slots, adjacent)
-    for c, index, why in ((cache, split, "not contiguous"),
+    for c, index, why in ((cache, split, "not contiguous"), (cache, shifted, "not aligned"),
                           (FakeCache(False), adjacent, "block sharing is off")):
         plan.finished.clear()
         serving._warned_sketch.clear()
@@ -353,6 +354,9 @@ def test_paged_sketch_equals_key_sketch_value_for_value(bits):
     coded = valid & (lens // blk > 0)[:, None]
     assert torch.equal(got[coded[:, None, :, None].expand_as(got)], want[coded[:, None, :, None].expand_as(want)])
     assert torch.isfinite(got).all() and sk.written == sum(n // blk for n in lengths)
+    sk.invalidate(slots[2, 9:10])  # a key of request 2's block 1 rewritten without its sketch
+    assert sk.dequantised(key, slots, lens) is None  # unknown: the caller derives the sketch from the keys
+    assert sk.dequantised(key[:2], slots[:2], lens[:2]) is not None
     with pytest.raises(ValueError, match="head_dim \\* bits"):
         PagedSketch(hkv, 6, 1, blk, torch.bfloat16, torch.device("cpu"))
 

@@ -192,7 +192,9 @@ def _decode(method: DecodeMethod, query: Tensor, key: Tensor, value: Tensor, pla
         v = value[idx].permute(0, 2, 1, 3).contiguous()
         x = DecodeInputs(query=q[i:j].contiguous(), key=k, value=v, valid=valid, scale=scale, lengths=lengths)
         if sketch is not None and slots is not None:  # step 1 from the kept sketch, read through the pages
-            x.sketch = _KeptSketch(sketch.dequantised(k, slots[idx], lengths), sketch.bits, sketch.block)
+            deq = sketch.dequantised(k, slots[idx], lengths)
+            if deq is not None:  # else a block's sketch is unknown: the method derives it from the keys
+                x.sketch = _KeptSketch(deq, sketch.bits, sketch.block)
         outs.append(method.attend(x))
         i = j
     return torch.cat(outs, 0)
@@ -227,7 +229,8 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
     if not isinstance(cache, PagedAttentionCache):
         raise ValueError(f"attn_implementation={PAGED_ATTN_NAME!r} runs only inside transformers' continuous batching "
                          f"(model.generate_batch / ContinuousBatchingManager), which passes its paged cache; got "
-                         f"cache={type(cache).__name__}. For model.generate use sparq.enable (attn_implementation='sparq')")
+                         f"cache={type(cache).__name__}. For model.generate use sparq.enable "
+                         f"(attn_implementation='sparq')")
 
     key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
                               read_index=kwargs["read_index"], write_index=kwargs["write_index"])  # [K, Hkv, d]
@@ -273,7 +276,8 @@ def _finished(plan: _Plan, block: int, slots: Tensor) -> tuple[Tensor, bool]:
                 rows.append(bk[r] + b * block)
         start = torch.tensor(rows, dtype=torch.long, device=slots.device)
         idx = start[:, None] + torch.arange(block, device=slots.device)[None, :]
-        ok = True if not rows else bool((slots[idx].diff(dim=1) == 1).all())
+        sl = slots[idx]
+        ok = True if not rows else bool(((sl.diff(dim=1) == 1).all() & (sl[:, 0] % block == 0).all()))
         plan.finished[block] = (idx, ok)
     return plan.finished[block]
 
@@ -284,9 +288,13 @@ def _kept_sketch(cache: Any, layer_idx: int, method: DecodeMethod | None, key: T
     physical slots; (None, None) where it is not kept (another method, KEEP_SKETCH off, block sharing
     off, several layer groups, or a sketch block that is not contiguous in the pages)."""
     spec = getattr(method, "sketch_spec", None)
-    if spec is None or not KEEP_SKETCH:
-        return None, None
     read, write = kwargs["read_index"], kwargs["write_index"]
+    per_layer = _SKETCHES.get(cache, {})
+    if spec is None or not KEEP_SKETCH:
+        sk = per_layer.get(layer_idx)
+        if sk is not None:  # keys written without keeping the sketch: those blocks' sketch is unknown now
+            sk.invalidate(write[0])
+        return None, None
     reason = None
     if not getattr(cache, "allow_block_sharing", False):
         reason = "block sharing is off (forks would copy finished blocks without their sketch)"
@@ -296,9 +304,11 @@ def _kept_sketch(cache: Any, layer_idx: int, method: DecodeMethod | None, key: T
         slots = read[0][: key.shape[0]] if read[0].numel() else write[0][: key.shape[0]]
         idx, ok = _finished(plan, spec[1], slots)
         if not ok:
-            reason = f"a {spec[1]}-token sketch block is not contiguous in the cache's pages (use a sketch block " \
-                     f"that divides the cache's block size)"
+            reason = f"a {spec[1]}-token sketch block is not contiguous or not aligned in the cache's pages " \
+                     f"(use a sketch block that divides the cache's block size)"
     if reason is not None:
+        if per_layer.get(layer_idx) is not None:
+            per_layer[layer_idx].invalidate(write[0])
         if reason not in _warned_sketch:
             _warned_sketch.append(reason)
             warnings.warn(f"sparq serving: the key sketch is derived from the keys every step, not kept: {reason}",
@@ -306,8 +316,9 @@ def _kept_sketch(cache: Any, layer_idx: int, method: DecodeMethod | None, key: T
         return None, None
     per_layer = _SKETCHES.setdefault(cache, {})
     sk = per_layer.get(layer_idx)
-    if sk is None or (sk.bits, sk.block) != spec:
+    if sk is None or (sk.bits, sk.block) != spec:  # a new sketch knows no block (all `known` False)
         sk = per_layer[layer_idx] = PagedSketch(key.shape[1], key.shape[2], spec[0], spec[1], key.dtype, key.device)
+    sk.invalidate(write[0])
     sk.write_blocks(key[idx], slots[idx])
     return sk, slots
 

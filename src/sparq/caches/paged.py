@@ -14,8 +14,12 @@ never read before its new owner finishes the block and rewrites it.
 Indexing by physical page is what makes requests come and go for free: a finished block shared by
 prefix sharing is shared with its sketch (a request that reuses blocks never rewrites them, and
 their keys are the same physical keys); a request's pages are freed by transformers and their sketch
-is overwritten by their next owner. Needs: each sketch block contiguous in the slot space (the
-cache's block size a multiple of the sketch block; checked as blocks finish) and no copies of
+is overwritten by their next owner. Every block id also has a `known` flag, cleared whenever keys
+are written into it and set when its sketch is written, so a block whose keys were written by a
+step that did not keep the sketch (another method on the same cache) is never read from a stale
+sketch. Needs: each sketch block
+contiguous in the slot space and starting at a multiple of `block` (the cache's block size a
+multiple of the sketch block; checked as blocks finish) and no copies of
 finished blocks -- transformers copies whole finished blocks only when forking with block sharing
 off, so the caller keeps the sketch only while `allow_block_sharing` is on.
 Memory per position and KV head: d * bits / 8 bytes of codes + 4 * d / block bytes of ranges (2-bit,
@@ -43,6 +47,7 @@ class PagedSketch:
         self.codes = torch.zeros(0, num_kv_heads, head_dim // self.per_byte, dtype=torch.uint8, device=device)
         self.lo = torch.zeros(0, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.hi = torch.zeros_like(self.lo)
+        self.known = torch.zeros(0, dtype=torch.bool, device=device)  # per block id: written since its keys last were
         self.written = 0  # finished blocks written over this sketch's life (tests watch it)
 
     def reserve(self, slots: int) -> None:
@@ -55,7 +60,16 @@ class PagedSketch:
         nb = n // self.block + 1
         lo, hi = self.lo.new_zeros(nb, self.hkv, self.d), self.hi.new_zeros(nb, self.hkv, self.d)
         lo[: self.lo.shape[0]], hi[: self.hi.shape[0]] = self.lo, self.hi
-        self.codes, self.lo, self.hi = codes, lo, hi
+        known = self.known.new_zeros(nb)
+        known[: self.known.shape[0]] = self.known
+        self.codes, self.lo, self.hi, self.known = codes, lo, hi, known
+
+    def invalidate(self, slots: Tensor) -> None:
+        """Keys were written at these slots: their blocks' sketch is unknown until rewritten (call before
+        `write_blocks` of the same step). Needs blocks aligned in the slot space (the caller checks)."""
+        ids = slots // self.block
+        ids = ids[ids < self.known.shape[0]]
+        self.known[ids] = False
 
     def _code(self, k: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
         """`key_sketch`'s codes of k (fp32) with ranges lo, hi (broadcast): float codes in [0, levels]."""
@@ -91,14 +105,17 @@ class PagedSketch:
         self.codes[slots.reshape(-1)] = self._pack(codes).reshape(-1, self.hkv, self.d // self.per_byte)
         ids = slots[:, 0] // self.block
         self.lo[ids], self.hi[ids] = lo.to(self.dtype), hi.to(self.dtype)
+        self.known[ids] = True
         self.written += keys.shape[0]
 
-    def dequantised(self, key: Tensor, slots: Tensor, lengths: Tensor) -> Tensor:
+    def dequantised(self, key: Tensor, slots: Tensor, lengths: Tensor) -> Tensor | None:
         """The keys as step 1 sees them, [b, Hkv, S, d] fp32, for rows whose keys are key [b, Hkv, S, d]
         (logical order, valid = a prefix of lengths[b]) at physical slots [b, S]: finished blocks from
         the stored codes and ranges, the unfinished block coded now with the last finished block's
         range. Positions past a row's length, and rows with no finished block, are finite but
-        unspecified (the scorer masks the first and reads exact keys for the second)."""
+        unspecified (the scorer masks the first and reads exact keys for the second). None when a
+        finished block's sketch is unknown (its keys were written by a step that did not keep the
+        sketch, e.g. under another method): the caller derives the sketch from the keys instead."""
         b, _, s, _ = key.shape
         blk = self.block
         if self.codes.shape[0] == 0:  # nothing finished yet: room to index (the values are never used)
@@ -112,8 +129,11 @@ class PagedSketch:
         ids = (first // blk).clamp(max=self.lo.shape[0] - 1)
         lo = self.lo[ids].float().permute(0, 2, 1, 3)  # [b, Hkv, S, d]
         hi = self.hi[ids].float().permute(0, 2, 1, 3)
+        finished2 = pos[None, :] < (n_full * blk)[:, None]  # [b, S]
+        if bool((finished2 & ~self.known[ids]).any()):  # one host sync per chunk
+            return None
         stored = self._unpack(self.codes[slots.clamp(max=self.codes.shape[0] - 1)]).permute(0, 2, 1, 3)
-        finished = (pos[None, :] < (n_full * blk)[:, None])[:, None, :, None]
+        finished = finished2[:, None, :, None]
         codes = torch.where(finished, stored, self._code(key.float(), lo, hi))
         return self._deq(codes, lo, hi)
 

@@ -175,7 +175,8 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
         row = {
             "variant": label, "method": "dense (transformers paged sdpa)" if method is None else method.label,
             "attn_implementation": "paged|sdpa" if method is None else serving.PAGED_ATTN_NAME,
-            "requests_finished": finished, "failed": len(prompts) - finished, "generated_tokens": generated, "wall_s": wall,
+            "requests_finished": finished, "failed": len(prompts) - finished, "generated_tokens": generated,
+            "wall_s": wall,
             "throughput_tokens_per_s": generated / wall,
             "tpot_ms_median": statistics.median(tpot) if tpot else float("nan"),
             "tpot_ms_p95": _percentile(tpot, 0.95),
