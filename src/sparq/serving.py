@@ -66,8 +66,9 @@ def check_version(version: str | None = None) -> None:
     """RuntimeError naming the installed transformers when its continuous batching cannot run SparQ."""
     v = _version() if version is None else version
     if not cb_supported(v):
+        wanted = " or ".join(s + ".x" for s in SUPPORTED_VERSIONS)
         raise RuntimeError(
-            f"sparq serving (continuous batching) needs transformers {' or '.join(s + '.x' for s in SUPPORTED_VERSIONS)}; found {v}. "
+            f"sparq serving (continuous batching) needs transformers {wanted}; found {v}. "
             f"From 5.19 on, transformers' continuous batching accepts only 'paged|eager', 'sdpa' and flash attention "
             f"implementations and refuses any registered function, so SparQ cannot run there without patching "
             f"transformers (docs/SERVING.md)")
