@@ -32,7 +32,7 @@ _LAZY = {
     "register": "hf",
 }
 _SUBMODULES = frozenset({
-    "api", "caches", "config", "fast", "hf", "kernels", "methods", "models", "reference", "tools",
+    "api", "caches", "config", "fast", "hf", "kernels", "methods", "models", "reference", "serving", "tools",
 })
 
 __all__ = [

@@ -158,6 +158,11 @@ def register() -> None:
     AttentionInterface.register(ATTN_NAME, _attention_entry)
     # The mask function must be registered too, or padded batches silently get no mask.
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    # "paged|sparq": the same methods inside transformers' continuous batching (`sparq.serving`);
+    # CB turns "sparq" into it by its own "paged|" convention (transformers 5.17/5.18)
+    from . import serving
+
+    serving.register()
 
 
 _register = register  # the old private name

@@ -357,6 +357,45 @@ def bench_generate(
         console.print(f"wrote {result.get('path')}")
 
 
+@bench_app.command("serve")
+def bench_serve(
+    model: Annotated[str, typer.Option(help="Random-weight shape (llama3-8b, tiny, ...) or an HF id / path.")]
+    = "llama3-8b",
+    requests: Annotated[int, typer.Option(min=1, help="Requests submitted at once.")] = 64,
+    min_prompt: Annotated[int, typer.Option(min=1, help="Shortest prompt (tokens).")] = 8192,
+    max_prompt: Annotated[int, typer.Option(min=1, help="Longest prompt (tokens); lengths spread evenly.")] = 32768,
+    new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated per request (greedy, no EOS).")] = 256,
+    methods: Annotated[str, typer.Option(help="Variants, comma-separated: dense (transformers' paged|sdpa) and "
+                                              "method specs run as paged|sparq (default, sparq, ...).")]
+    = "dense,default,sparq",
+    budget: Annotated[str, typer.Option(help="SparQ budget: a fraction of dense data (1/8) or a ratio (8).")] = "1/8",
+    cache_gib: Annotated[float, typer.Option(min=0.0, help="Paged KV cache size, the same for every variant.")] = 40.0,
+    block_size: Annotated[int, typer.Option(min=4, help="Tokens per cache block.")] = 256,
+    max_batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per continuous-batching step.")] = 8192,
+    device: Annotated[str, typer.Option(help="cuda, or cpu for a smoke test (--model tiny).")] = "cuda",
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("benchmarks/results"),
+) -> None:
+    """Continuous batching (transformers' generate_batch, paged KV cache): dense vs SparQ, same requests and
+    cache. Throughput, time per output token (median, p95), requests in flight, peak memory."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail("bench serve --device cuda needs a CUDA device (--device cpu --model tiny for a smoke test)")
+    names = tuple(x.strip() for x in methods.split(",") if x.strip())
+    from .. import serving
+    from .bench_serve import bench_serve as run
+    from .bench_serve import format_serve_table
+
+    try:
+        serving.check_version()
+        result = run(model, requests, min_prompt, max_prompt, new_tokens, names, budget, cache_gib=cache_gib,
+                     block_size=block_size, max_batch_tokens=max_batch_tokens, device=device, out_dir=out_dir)
+    except (ValueError, RuntimeError) as e:
+        fail(str(e))
+    console.print(format_serve_table(result), soft_wrap=True)
+    console.print(f"wrote {result.get('path')}")
+
+
 @app.command()
 def info() -> None:
     """Versions, device and which kernels are available."""

@@ -1,0 +1,155 @@
+"""The key sketch of the default method kept beside transformers' paged KV cache (continuous batching).
+
+What `methods.sketch.key_sketch` computes from a request's keys, stored per physical page instead of
+recomputed per step, in PyTorch (no kernel yet):
+  * codes  uint8 [slots, Hkv, d * bits / 8]: every position of a finished sketch block, quantised
+    per channel with that block's own range, `bits` bits per element packed along d;
+  * lo, hi key dtype [slots // block + 1, Hkv, d]: each finished block's per-channel min and max
+    (exact in the key dtype), at index (physical slot of the block's first position) // block.
+A sketch block is `block` consecutive positions of a request, counted from its first token; it is
+written once, in the step whose keys finish it, and read by later steps through the request's pages.
+The request's newest, unfinished block is never stored: it is coded at read time with the last
+finished block's range (its keys are read anyway), so a freed page reused by another request is
+never read before its new owner finishes the block and rewrites it.
+Indexing by physical page is what makes requests come and go for free: a finished block shared by
+prefix sharing is shared with its sketch (a request that reuses blocks never rewrites them, and
+their keys are the same physical keys); a request's pages are freed by transformers and their sketch
+is overwritten by their next owner. Every block id also has a `known` flag, cleared whenever keys
+are written into it and set when its sketch is written, so a block whose keys were written by a
+step that did not keep the sketch (another method on the same cache) is never read from a stale
+sketch. Needs: each sketch block
+contiguous in the slot space and starting at a multiple of `block` (the cache's block size a
+multiple of the sketch block; checked as blocks finish) and no copies of
+finished blocks -- transformers copies whole finished blocks only when forking with block sharing
+off, so the caller keeps the sketch only while `allow_block_sharing` is on.
+Memory per position and KV head: d * bits / 8 bytes of codes + 4 * d / block bytes of ranges (2-bit,
+d = 128, block 128: 36 B, +7% of fp16 K and V), allocated on first use (transformers' memory
+planner does not count it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class PagedSketch:
+    """One layer's sketch over the paged cache's slots (see the module docstring)."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int, bits: int, block: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        if bits not in (1, 2, 4, 8) or head_dim * bits % 8:
+            raise ValueError(f"a paged sketch needs bits in (1, 2, 4, 8) and head_dim * bits a multiple of 8, got "
+                             f"bits={bits}, head_dim={head_dim}")
+        self.hkv, self.d, self.bits, self.block = num_kv_heads, head_dim, bits, block
+        self.dtype, self.device = dtype, torch.device(device)
+        self.per_byte = 8 // bits
+        self.codes = torch.zeros(0, num_kv_heads, head_dim // self.per_byte, dtype=torch.uint8, device=device)
+        self.lo = torch.zeros(0, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.hi = torch.zeros_like(self.lo)
+        self.known = torch.zeros(0, dtype=torch.bool, device=device)  # per block id: written since its keys last were
+        self.written = 0  # finished blocks written over this sketch's life (tests watch it)
+
+    def reserve(self, slots: int) -> None:
+        """Room for slot indices < slots (capacity doubles: O(1) amortised)."""
+        if slots <= self.codes.shape[0]:
+            return
+        n = max(slots, 2 * self.codes.shape[0])
+        codes = self.codes.new_zeros(n, *self.codes.shape[1:])
+        codes[: self.codes.shape[0]] = self.codes
+        nb = n // self.block + 1
+        lo, hi = self.lo.new_zeros(nb, self.hkv, self.d), self.hi.new_zeros(nb, self.hkv, self.d)
+        lo[: self.lo.shape[0]], hi[: self.hi.shape[0]] = self.lo, self.hi
+        known = self.known.new_zeros(nb)
+        known[: self.known.shape[0]] = self.known
+        self.codes, self.lo, self.hi, self.known = codes, lo, hi, known
+
+    def invalidate(self, slots: Tensor) -> None:
+        """Keys were written at these slots: their blocks' sketch is unknown until rewritten (call before
+        `write_blocks` of the same step). Needs blocks aligned in the slot space (the caller checks)."""
+        ids = slots // self.block
+        ids = ids[ids < self.known.shape[0]]
+        self.known[ids] = False
+
+    def _code(self, k: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """`key_sketch`'s codes of k (fp32) with ranges lo, hi (broadcast): float codes in [0, levels]."""
+        levels = 2**self.bits - 1
+        step = (hi - lo) / levels
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        return ((k - lo) / safe).round().clamp(0, levels)
+
+    def _deq(self, codes: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        step = (hi - lo) / (2**self.bits - 1)
+        return torch.where(step > 0, lo + codes * step, lo)
+
+    def _pack(self, codes: Tensor) -> Tensor:
+        """[..., d] float codes -> [..., d / per_byte] uint8 (element j in byte j // per_byte)."""
+        c = codes.to(torch.uint8).reshape(*codes.shape[:-1], self.d // self.per_byte, self.per_byte)
+        shifts = torch.arange(self.per_byte, device=c.device, dtype=torch.uint8) * self.bits
+        return (c << shifts).sum(-1, dtype=torch.uint8)
+
+    def _unpack(self, packed: Tensor) -> Tensor:
+        shifts = torch.arange(self.per_byte, device=packed.device, dtype=torch.uint8) * self.bits
+        c = (packed[..., None] >> shifts) & (2**self.bits - 1)
+        return c.reshape(*packed.shape[:-1], self.d).float()
+
+    def write_blocks(self, keys: Tensor, slots: Tensor) -> None:
+        """Finished blocks: keys [n, block, Hkv, d], slots [n, block] (their physical slots, contiguous
+        per block). Stores each block's range and its codes with that range."""
+        if keys.shape[0] == 0:
+            return
+        self.reserve(int(slots.max()) + 1)
+        k = keys.float()
+        lo, hi = k.amin(1), k.amax(1)  # [n, Hkv, d], exact in the key dtype
+        codes = self._code(k, lo[:, None].to(self.dtype).float(), hi[:, None].to(self.dtype).float())
+        self.codes[slots.reshape(-1)] = self._pack(codes).reshape(-1, self.hkv, self.d // self.per_byte)
+        ids = slots[:, 0] // self.block
+        self.lo[ids], self.hi[ids] = lo.to(self.dtype), hi.to(self.dtype)
+        self.known[ids] = True
+        self.written += keys.shape[0]
+
+    def dequantised(self, key: Tensor, slots: Tensor, lengths: Tensor) -> Tensor | None:
+        """The keys as step 1 sees them, [b, Hkv, S, d] fp32, for rows whose keys are key [b, Hkv, S, d]
+        (logical order, valid = a prefix of lengths[b]) at physical slots [b, S]: finished blocks from
+        the stored codes and ranges, the unfinished block coded now with the last finished block's
+        range. Positions past a row's length, and rows with no finished block, are finite but
+        unspecified (the scorer masks the first and reads exact keys for the second). None when a
+        finished block's sketch is unknown (its keys were written by a step that did not keep the
+        sketch, e.g. under another method): the caller derives the sketch from the keys instead."""
+        b, _, s, _ = key.shape
+        blk = self.block
+        if self.codes.shape[0] == 0:  # nothing finished yet: room to index (the values are never used)
+            self.reserve(blk)
+        pos = torch.arange(s, device=key.device)
+        n_full = lengths.long() // blk  # [b]
+        last = (n_full - 1).clamp_min(0)  # the last finished block of each row
+        # the range of every position: its own block's if finished, else the last finished block's
+        src = torch.minimum(pos[None, :] // blk, last[:, None])  # [b, S] logical block
+        first = slots.gather(1, (src * blk).clamp(max=s - 1))  # its first position's slot
+        ids = (first // blk).clamp(max=self.lo.shape[0] - 1)
+        lo = self.lo[ids].float().permute(0, 2, 1, 3)  # [b, Hkv, S, d]
+        hi = self.hi[ids].float().permute(0, 2, 1, 3)
+        finished2 = pos[None, :] < (n_full * blk)[:, None]  # [b, S]
+        if bool((finished2 & ~self.known[ids]).any()):  # one host sync per chunk
+            return None
+        stored = self._unpack(self.codes[slots.clamp(max=self.codes.shape[0] - 1)]).permute(0, 2, 1, 3)
+        finished = finished2[:, None, :, None]
+        codes = torch.where(finished, stored, self._code(key.float(), lo, hi))
+        return self._deq(codes, lo, hi)
+
+
+class _KeptSketch:
+    """What `methods.sketch.kept_sketch` reads (`x.sketch`): the already dequantised keys of a chunk of
+    decode requests. `kernels` is False: the PyTorch scorer runs."""
+
+    kernels = False
+
+    def __init__(self, deq: Tensor, bits: int, block: int) -> None:
+        self.deq, self.bits, self.block = deq, bits, block
+
+    def dequantised(self, lengths: Tensor, upto: int | None = None, *, zero_invalid: bool = True) -> Tensor:
+        out = self.deq if upto is None else self.deq[:, :, :upto]
+        if zero_invalid:
+            valid = torch.arange(out.shape[2], device=out.device)[None, :] < lengths[:, None]
+            out = out.masked_fill(~valid[:, None, :, None], 0.0)
+        return out

@@ -1,0 +1,343 @@
+"""SparQ decode inside transformers' continuous batching (`model.generate_batch`,
+`ContinuousBatchingManager`) over its paged KV cache. See docs/SERVING.md.
+
+transformers' continuous batching (CB) packs every request of a step into one sequence: query
+[1, Hq, Q, d] holds the new tokens of all requests back to back (a prefill chunk, or one token for a
+decode request), `cu_seq_lens_q` / `cu_seq_lens_k` cut it into requests, and the paged cache's
+`update(...)` writes the new keys/values to their pages (`write_index`) and returns each request's
+whole keys/values read through its pages (`read_index`), packed the same way: [K, Hkv, d]. The
+attention function is chosen by name from transformers' `AttentionInterface`; CB keeps any name that
+starts with "paged|" (transformers 5.17 and 5.18; 5.19 changed this, see `check_version`).
+
+This module registers "paged|sparq" there. Per layer and step it
+  * writes the new K/V through the cache exactly as transformers' "paged|sdpa" does;
+  * runs dense attention for the prefill tokens (a request with more than one new token), with the
+    same block-diagonal causal mask that CB builds for "paged|sdpa" (built here from the cumulative
+    lengths: CB only builds masks for its own eager/sdpa names);
+  * for every decode request (one new token) runs the module's `DecodeMethod` (`sparq.enable` set it;
+    the default method otherwise) on that request's keys/values, gathered from the packed read into
+    [B, Hkv, S, d] with ragged lengths.
+For a method that scores with a key sketch (the default method), the sketch is kept beside the paged
+cache (`caches.paged.PagedSketch`: codes per physical page, ranges per finished block, written once
+when a block finishes, read through the request's pages; shared prefix blocks share it).
+What it does NOT do yet (stated in docs/SERVING.md): the decode step reads the pages through a
+PyTorch gather (a copy of each decode request's K and V per layer and step, and the sketch unpacked
+to fp32), not a kernel that reads the block table, so it reads more than dense attention does. It
+syncs with the host once per forward pass (the request boundaries), so it cannot be captured in a
+CUDA graph.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .caches.paged import PagedSketch, _KeptSketch
+from .methods import DecodeInputs, DecodeMethod
+
+PAGED_ATTN_NAME = "paged|sparq"
+# transformers versions whose continuous batching accepts a registered "paged|<name>" attention
+# function and calls it with (cache, read_index, write_index, cu_seq_lens_q, cu_seq_lens_k) as this
+# module expects. 5.19 made CB accept only "paged|eager", "sdpa" and flash implementations.
+SUPPORTED_VERSIONS = ("5.17", "5.18")
+# Upper bound on the transient fp32 copy of K and V that one chunk of decode requests gathers
+# (bytes); decode requests are processed in chunks below it so the gather cannot exhaust memory.
+GATHER_BYTES = 1 << 30
+
+
+def _version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def cb_supported(version: str | None = None) -> bool:
+    """Whether this transformers version's continuous batching can run "paged|sparq"."""
+    v = _version() if version is None else version
+    return ".".join(v.split(".")[:2]) in SUPPORTED_VERSIONS
+
+
+def check_version(version: str | None = None) -> None:
+    """RuntimeError naming the installed transformers when its continuous batching cannot run SparQ."""
+    v = _version() if version is None else version
+    if not cb_supported(v):
+        wanted = " or ".join(s + ".x" for s in SUPPORTED_VERSIONS)
+        raise RuntimeError(
+            f"sparq serving (continuous batching) needs transformers {wanted}; found {v}. "
+            f"From 5.19 on, transformers' continuous batching accepts only 'paged|eager', 'sdpa' and flash attention "
+            f"implementations and refuses any registered function, so SparQ cannot run there without patching "
+            f"transformers (docs/SERVING.md)")
+
+
+@dataclass
+class _Plan:
+    """What every layer of one forward pass shares: the batch's request boundaries (read once from
+    the device) and the tensors built from them. Keyed on the identity of `cu_seq_lens_q`: CB makes
+    new kwargs tensors for every step and passes the same ones to every layer."""
+
+    cu_q: Tensor  # the kwargs tensor this plan was made from (held so its id cannot be reused)
+    cu_k: Tensor
+    total_k: int
+    prefill: bool           # some request has more than one new token: dense attention runs
+    dense_mask: Tensor | None  # [1, 1, Q, K] additive mask (0 / dtype min) for the dense part
+    rows: list[int]         # the decode requests
+    q_pos: Tensor           # [Bd] long: their query token in the packed batch
+    k_start: list[int]      # where each one's keys begin in the packed read
+    lengths: list[int]      # how many keys each one has (its whole context, the new token included)
+    bounds: tuple[list[int], list[int]] = ([], [])  # cu_seq_lens_q/k on the host (every request)
+    finished: dict[int, tuple[Tensor, bool]] = field(default_factory=dict)  # per sketch block size: see _finished
+
+
+_LAST_PLAN: list[_Plan] = []  # one slot: the current forward pass's plan
+
+
+def _plan(cu_q: Tensor, cu_k: Tensor, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device) -> _Plan:
+    if _LAST_PLAN and _LAST_PLAN[0].cu_q is cu_q and _LAST_PLAN[0].cu_k is cu_k and _LAST_PLAN[0].total_k == k_len:
+        return _LAST_PLAN[0]
+    # One host sync per forward pass (not per layer): the boundaries decide shapes and which
+    # requests decode. A kernel path reading the block table would take them on the device.
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    n_req = len(bq) - 1
+    len_q = [bq[i + 1] - bq[i] for i in range(n_req)]
+    len_k = [bk[i + 1] - bk[i] for i in range(n_req)]
+    rows = [i for i in range(n_req) if len_q[i] == 1 and len_k[i] >= 1]
+    prefill = any(n > 1 for n in len_q)
+    mask = None
+    if prefill:
+        mask = _packed_causal_mask(bq, bk, q_len, k_len, dtype, device)
+    plan = _Plan(cu_q=cu_q, cu_k=cu_k, total_k=k_len, prefill=prefill, dense_mask=mask, rows=rows,
+                 q_pos=torch.tensor([bq[i] for i in rows], dtype=torch.long, device=device),
+                 k_start=[bk[i] for i in rows], lengths=[len_k[i] for i in rows], bounds=(bq, bk))
+    _LAST_PLAN[:] = [plan]
+    return plan
+
+
+def _packed_causal_mask(bq: list[int], bk: list[int], q_len: int, k_len: int, dtype: torch.dtype,
+                        device: torch.device) -> Tensor:
+    """[1, 1, Q, K] additive mask of a packed batch, as CB's `build_attention_mask` makes it for
+    "paged|sdpa": query token i of request r sees key j of r when j's position <= i's position
+    (the request's new tokens are the last ones of its keys). Padding tokens (beyond the last
+    request) see nothing and get a uniform row, as in transformers."""
+    n_req = len(bq) - 1
+    len_q = torch.tensor([bq[i + 1] - bq[i] for i in range(n_req)], device=device)
+    len_k = torch.tensor([bk[i + 1] - bk[i] for i in range(n_req)], device=device)
+    ids = torch.arange(n_req, device=device)
+    req_q = torch.full((q_len,), -1, dtype=torch.long, device=device)
+    req_k = torch.full((k_len,), -2, dtype=torch.long, device=device)
+    req_q[: bq[-1]] = torch.repeat_interleave(ids, len_q)
+    req_k[: bk[-1]] = torch.repeat_interleave(ids, len_k)
+    start_q = torch.tensor(bq[:-1], device=device)
+    start_k = torch.tensor(bk[:-1], device=device)
+    # position of each token within its request's keys (queries are the last len_q of them)
+    pos_q = torch.zeros(q_len, dtype=torch.long, device=device)
+    pos_k = torch.zeros(k_len, dtype=torch.long, device=device)
+    iq = torch.arange(bq[-1], device=device)
+    ik = torch.arange(bk[-1], device=device)
+    rq, rk = req_q[: bq[-1]], req_k[: bk[-1]]
+    pos_q[: bq[-1]] = iq - start_q[rq] + (len_k - len_q)[rq]
+    pos_k[: bk[-1]] = ik - start_k[rk]
+    allowed = (req_q[:, None] == req_k[None, :]) & (pos_k[None, :] <= pos_q[:, None])
+    mask = torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """[B, Hkv, S, d] -> [B, Hkv * n_rep, S, d] (transformers' repeat_kv)."""
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def _dense(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor, dropout: float,
+           scaling: float | None) -> Tensor:
+    """transformers' "paged|sdpa" on the packed batch: query [1, Hq, Q, d]; key, value [K, Hkv, d].
+    Returns [1, Q, Hq, d]."""
+    k = key.transpose(0, 1).unsqueeze(0)
+    v = value.transpose(0, 1).unsqueeze(0)
+    groups = getattr(module, "num_key_value_groups", 1)
+    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.contiguous(), k.contiguous(), v.contiguous(), attn_mask=mask, dropout_p=dropout, scale=scaling,
+        is_causal=False)
+    return out.transpose(1, 2).contiguous()
+
+
+def _decode(method: DecodeMethod, query: Tensor, key: Tensor, value: Tensor, plan: _Plan, scale: float,
+            sketch: PagedSketch | None = None, slots: Tensor | None = None) -> Tensor:
+    """The method over each decode request's own keys/values: [Bd, Hq, d]. Requests are gathered
+    from the packed read into [b, Hkv, S, d] (S = the chunk's longest context, valid = a prefix of
+    lengths[b] positions), in chunks whose fp32 copy stays under GATHER_BYTES."""
+    _, hkv, d = key.shape
+    q = query[0].index_select(1, plan.q_pos).transpose(0, 1)  # [Bd, Hq, d]
+    outs: list[Tensor] = []
+    per_pos = (2 if sketch is None else 3) * hkv * d * 4  # K and V (and the dequantised sketch), fp32
+    i = 0
+    n = len(plan.rows)
+    while i < n:
+        j = i + 1
+        while j < n and (j + 1 - i) * max(plan.lengths[i:j + 1]) * per_pos <= GATHER_BYTES:
+            j += 1
+        s = max(plan.lengths[i:j])
+        lengths = torch.tensor(plan.lengths[i:j], dtype=torch.int32, device=key.device)
+        starts = torch.tensor(plan.k_start[i:j], dtype=torch.long, device=key.device)
+        offs = torch.arange(s, device=key.device)
+        valid = offs[None, :] < lengths[:, None]  # [b, S]
+        idx = torch.where(valid, starts[:, None] + offs[None, :], torch.zeros_like(offs)[None, :])
+        k = key[idx].permute(0, 2, 1, 3).contiguous()  # [b, Hkv, S, d]
+        v = value[idx].permute(0, 2, 1, 3).contiguous()
+        x = DecodeInputs(query=q[i:j].contiguous(), key=k, value=v, valid=valid, scale=scale, lengths=lengths)
+        if sketch is not None and slots is not None:  # step 1 from the kept sketch, read through the pages
+            deq = sketch.dequantised(k, slots[idx], lengths)
+            if deq is not None:  # else a block's sketch is unknown: the method derives it from the keys
+                x.sketch = _KeptSketch(deq, sketch.bits, sketch.block)
+        outs.append(method.attend(x))
+        i = j
+    return torch.cat(outs, 0)
+
+
+def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                            attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                            **kwargs: Any) -> tuple[Tensor, None]:
+    """What transformers calls under "paged|sparq" inside continuous batching: query [1, Hq, Q, d],
+    key/value [1, Hkv, Q, d] (the new tokens); returns ([1, Q, Hq, d], None)."""
+    from transformers.generation.continuous_batching import PagedAttentionCache
+
+    from . import hf
+
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{PAGED_ATTN_NAME!r} reads the batch's request boundaries on the host once per forward, "
+                           f"which a CUDA graph cannot capture: run continuous batching with use_cuda_graph=False "
+                           f"(its default for non-flash attention)")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("sparq does not support attention logit soft-capping (Gemma 2 style)")
+    if hf._stays_dense(module):
+        raise ValueError(f"{PAGED_ATTN_NAME!r} does not support sliding-window layers yet ({type(module).__name__} "
+                         f"layer {module.layer_idx}); serving runs full-attention models (docs/SERVING.md)")
+    if getattr(module, hf._CTX_ATTR, None) is None and not getattr(module, hf._DEFAULTED, False):
+        hf._adopt_default(module, query.shape[-1], kwargs)  # loaded with "paged|sparq", never passed to enable
+    method: DecodeMethod | None = getattr(module, hf._METHOD_ATTR, None)
+    if method is not None and type(method).observe_prefill is not DecodeMethod.observe_prefill:
+        raise ValueError(f"{method.label} keeps per-request state from the prefill, which continuous batching does "
+                         f"not give it; use a stateless method (sparq, sparq-sketch, quest, streaming, topk, dense)")
+
+    cache = kwargs.pop("cache", None)
+    if not isinstance(cache, PagedAttentionCache):
+        raise ValueError(f"attn_implementation={PAGED_ATTN_NAME!r} runs only inside transformers' continuous batching "
+                         f"(model.generate_batch / ContinuousBatchingManager), which passes its paged cache; got "
+                         f"cache={type(cache).__name__}. For model.generate use sparq.enable "
+                         f"(attn_implementation='sparq')")
+
+    key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                              read_index=kwargs["read_index"], write_index=kwargs["write_index"])  # [K, Hkv, d]
+    cu_k = kwargs["cu_seq_lens_k"]
+    if isinstance(cu_k, dict):  # hybrid models pass one per layer type (sliding layers were refused above)
+        cu_k = cu_k["full_attention"]
+    plan = _plan(kwargs["cu_seq_lens_q"], cu_k, query.shape[2], key.shape[0], query.dtype, query.device)
+    head_dim = query.shape[-1]
+    scale = scaling if scaling is not None else head_dim**-0.5
+
+    if plan.prefill:
+        out = _dense(module, query, key, value, plan.dense_mask, dropout, scaling)
+    else:  # decode-only batch: every token below is overwritten (padding tokens stay zero)
+        out = query.new_zeros(1, query.shape[2], query.shape[1], head_dim)
+    sketch, slots = _kept_sketch(cache, module.layer_idx, method, key, plan, kwargs)
+    if plan.rows:
+        if method is None:  # an untagged layer: dense for decode tokens too
+            from .methods import Dense
+
+            method = Dense()
+        y = _decode(method, query, key, value, plan, scale, sketch, slots)  # [Bd, Hq, d]
+        out[0].index_copy_(0, plan.q_pos, y.to(out.dtype))
+    return out, None
+
+
+# The sketch kept beside each paged cache, per layer (`caches.paged.PagedSketch`); freed with the cache.
+_SKETCHES: WeakKeyDictionary = WeakKeyDictionary()
+KEEP_SKETCH = True  # False: the sketch method derives its sketch from the gathered keys every step
+_warned_sketch: list[str] = []
+
+
+def _finished(plan: _Plan, block: int, slots: Tensor) -> tuple[Tensor, bool]:
+    """The sketch blocks this step finishes, [n, block] packed positions (a request whose keys grew from
+    p to n finishes blocks p // block .. n // block - 1; blocks before p are either its own, written
+    earlier, or shared prefix blocks written by their first owner), and whether every one of them is
+    contiguous in the slot space. Once per forward pass and block size (one host sync)."""
+    if block not in plan.finished:
+        bq, bk = plan.bounds
+        rows = []
+        for r in range(len(bq) - 1):
+            n_k, n_q = bk[r + 1] - bk[r], bq[r + 1] - bq[r]
+            for b in range((n_k - n_q) // block, n_k // block):
+                rows.append(bk[r] + b * block)
+        start = torch.tensor(rows, dtype=torch.long, device=slots.device)
+        idx = start[:, None] + torch.arange(block, device=slots.device)[None, :]
+        sl = slots[idx]
+        ok = True if not rows else bool(((sl.diff(dim=1) == 1).all() & (sl[:, 0] % block == 0).all()))
+        plan.finished[block] = (idx, ok)
+    return plan.finished[block]
+
+
+def _kept_sketch(cache: Any, layer_idx: int, method: DecodeMethod | None, key: Tensor, plan: _Plan,
+                 kwargs: dict[str, Any]) -> tuple[PagedSketch | None, Tensor | None]:
+    """The layer's kept sketch, updated with the blocks this step finishes, and the packed keys'
+    physical slots; (None, None) where it is not kept (another method, KEEP_SKETCH off, block sharing
+    off, several layer groups, or a sketch block that is not contiguous in the pages)."""
+    spec = getattr(method, "sketch_spec", None)
+    read, write = kwargs["read_index"], kwargs["write_index"]
+    per_layer = _SKETCHES.get(cache, {})
+    if spec is None or not KEEP_SKETCH:
+        sk = per_layer.get(layer_idx)
+        if sk is not None:  # keys written without keeping the sketch: those blocks' sketch is unknown now
+            sk.invalidate(write[0])
+        return None, None
+    reason = None
+    if not getattr(cache, "allow_block_sharing", False):
+        reason = "block sharing is off (forks would copy finished blocks without their sketch)"
+    elif len(read) != 1:
+        reason = "the cache has several layer groups"
+    if reason is None:
+        slots = read[0][: key.shape[0]] if read[0].numel() else write[0][: key.shape[0]]
+        idx, ok = _finished(plan, spec[1], slots)
+        if not ok:
+            reason = f"a {spec[1]}-token sketch block is not contiguous or not aligned in the cache's pages " \
+                     f"(use a sketch block that divides the cache's block size)"
+    if reason is not None:
+        if per_layer.get(layer_idx) is not None:
+            per_layer[layer_idx].invalidate(write[0])
+        if reason not in _warned_sketch:
+            _warned_sketch.append(reason)
+            warnings.warn(f"sparq serving: the key sketch is derived from the keys every step, not kept: {reason}",
+                          stacklevel=3)
+        return None, None
+    per_layer = _SKETCHES.setdefault(cache, {})
+    sk = per_layer.get(layer_idx)
+    if sk is None or (sk.bits, sk.block) != spec:  # a new sketch knows no block (all `known` False)
+        sk = per_layer[layer_idx] = PagedSketch(key.shape[1], key.shape[2], spec[0], spec[1], key.dtype, key.device)
+    sk.invalidate(write[0])
+    sk.write_blocks(key[idx], slots[idx])
+    return sk, slots
+
+
+def register() -> None:
+    """Register "paged|sparq" with transformers' attention registry (idempotent; `sparq.hf.register`
+    calls it). No mask function is registered: continuous batching passes no mask to it (it builds
+    masks only for "paged|eager"/"paged|sdpa"), and the function builds its own from the lengths."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PAGED_ATTN_NAME, paged_attention_forward)
+
+
+def use_paged(model: nn.Module) -> None:
+    """Switch a model to "paged|sparq" for continuous batching (after `sparq.enable`, which chose the
+    method). Needed only where flash attention is installed: transformers' CB otherwise replaces a
+    non-paged implementation such as "sparq" with flash attention itself, and SparQ would not run.
+    Raises RuntimeError for a transformers version whose CB cannot run it (`check_version`)."""
+    check_version()
+    register()
+    model.set_attn_implementation(PAGED_ATTN_NAME)

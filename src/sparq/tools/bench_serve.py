@@ -1,0 +1,251 @@
+"""Serving benchmark: transformers' continuous batching, dense ("paged|sdpa") against SparQ
+("paged|sparq", `sparq.serving`), same model, same requests, same paged-cache size, same run.
+
+N requests with prompt lengths spread evenly over [min_prompt, max_prompt] (shuffled with a fixed
+seed) are submitted at once to `model.generate_batch`, each asking for `new_tokens` tokens (greedy,
+no EOS). Per variant it reports
+  * throughput: generated tokens over the wall time of the whole `generate_batch` call (prefill
+    included: what a server delivers), after a short warm-up call of the same variant;
+  * time per output token (TPOT) per request: (last token's time - first token's time) / (n - 1)
+    from transformers' per-token timestamps; median and p95 over the requests; time to first
+    token the same way (first token's time - the request's creation time);
+  * the largest number of requests in flight at once: requests whose lifespans (scheduled ->
+    finished, transformers' `GenerationOutput.lifespan`) overlap, i.e. that held cache blocks
+    together;
+  * peak device memory (CUDA) over the call.
+Both variants get the same `ContinuousBatchingConfig`: block size, number of blocks (from
+`cache_gib`, so the same memory budget: a variant that keeps a sketch beside the cache gets fewer
+blocks, by the sketch's bytes) and tokens per step; no CUDA graphs and no compile (the
+defaults for both implementations; "paged|sparq" cannot be captured). The JSON goes to out_dir.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bench_generate import build_model, markdown_table
+
+
+def _prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = [round(lo + (hi - lo) * i / max(1, n - 1)) for i in range(n)]
+    order = torch.randperm(n, generator=g).tolist()  # mixed lengths arrive interleaved, not sorted
+    return [torch.randint(1, vocab, (lengths[i],), generator=g).tolist() for i in order]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    pos = (len(s) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def max_in_flight(spans: list[tuple[float, float]]) -> int:
+    """The largest number of [start, end] intervals that overlap at one time."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
+    best = cur = 0
+    for _, step in events:
+        cur += step
+        best = max(best, cur)
+    return best
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    text = config.get_text_config(decoder=True)
+    d = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return 2 * text.num_hidden_layers * kv * d * torch.finfo(dtype).bits // 8
+
+
+def sketch_bytes_per_token(config: Any, method: Any, dtype: torch.dtype) -> int:
+    """Bytes per token of the sketch kept beside the paged cache for `method` (0 without one): per
+    layer and KV head, d * bits / 8 of codes and 2 * d / block range values of the key dtype."""
+    spec = getattr(method, "sketch_spec", None)
+    if spec is None:
+        return 0
+    bits, block = spec
+    text = config.get_text_config(decoder=True)
+    d = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    per_head = d * bits / 8 + 2 * d * (torch.finfo(dtype).bits // 8) / block
+    return math.ceil(text.num_hidden_layers * kv * per_head)
+
+
+def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 8192, max_prompt: int = 32768,
+                new_tokens: int = 256, methods: tuple[str, ...] = ("dense", "default", "sparq"), budget: str = "1/8",
+                *, cache_gib: float = 40.0, block_size: int = 256, max_batch_tokens: int = 8192,
+                device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0,
+                out_dir: str | Path | None = "benchmarks/results", print_rows: bool = True) -> dict:
+    """Run every variant in `methods` ("dense" = transformers' "paged|sdpa"; any other entry is a
+    method spec for `build_method` at `budget`, run as "paged|sparq") over the same requests;
+    returns {"device", "versions", "settings", "rows"} and writes it as JSON under out_dir."""
+    import transformers
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    import sparq
+    from .. import serving
+    from ..methods import build_method, parse_budget
+
+    serving.check_version()
+    for name, v, lo in (("requests", requests, 1), ("min_prompt", min_prompt, 1), ("new_tokens", new_tokens, 2),
+                        ("block_size", block_size, 4), ("max_batch_tokens", max_batch_tokens, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if not isinstance(max_prompt, int) or max_prompt < min_prompt:
+        raise ValueError(f"max_prompt must be an int >= min_prompt ({min_prompt}), got {max_prompt!r}")
+    if not (isinstance(cache_gib, (int, float)) and cache_gib > 0):
+        raise ValueError(f"cache_gib must be a positive number, got {cache_gib!r}")
+    if not methods:
+        raise ValueError("methods must name at least one variant")
+    parse_budget(budget)
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    lm = build_model(model, max_prompt + new_tokens + 1, dtype=dtype, device=str(dev))
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    variants = {m: (None if m == "dense" else build_method(m, budget, head_dim)) for m in methods}  # checked up front
+    per_token = kv_bytes_per_token(cfg, dtype)
+    num_blocks = int(cache_gib * 2**30) // (per_token * block_size)  # dense's; see blocks_for
+    if num_blocks < 1:
+        raise ValueError(f"cache_gib={cache_gib} holds no block of {block_size} tokens ({per_token} B per token)")
+    prompts = _prompts(requests, min_prompt, max_prompt, cfg.vocab_size, seed)
+    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def blocks_for(method: Any) -> tuple[int, int]:
+        """(blocks, extra bytes per token): the same memory budget for every variant -- a method whose
+        state lives beside the paged cache (the kept sketch, `caches.paged`) gets fewer blocks."""
+        extra = sketch_bytes_per_token(cfg, method, dtype)
+        return int(cache_gib * 2**30) // ((per_token + extra) * block_size), extra
+
+    def run(inputs: list[list[int]], n_new: int, blocks: int) -> tuple[dict, float]:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        cb = ContinuousBatchingConfig(block_size=block_size, num_blocks=blocks, max_batch_tokens=max_batch_tokens,
+                                      use_cuda_graph=False)
+        out = lm.generate_batch(inputs, generation_config=gen, continuous_batching_config=cb,
+                                record_timestamps=True, max_new_tokens=n_new)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    rows: list[dict] = []
+    dense_tokens: list[list[int]] | None = None
+    for label, method in variants.items():
+        ctx = sparq.enabled(lm, method, fast_loop=False) if method is not None else None
+        previous = lm.config._attn_implementation
+        try:
+            if ctx is not None:
+                ctx.__enter__()
+                serving.use_paged(lm)  # explicit "paged|sparq": CB would swap in flash attention where installed
+            else:
+                lm.set_attn_implementation("paged|sdpa")
+            blocks, extra = blocks_for(method)
+            run([p[: min(len(p), 64)] for p in prompts[:2]], 2, blocks)  # warm-up: kernels, allocator, CB set-up
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
+            out, wall = run(prompts, new_tokens, blocks)
+            peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+            else:
+                lm.set_attn_implementation(previous)
+        results = list(out.values())
+        finished = sum(r.error is None for r in results)  # errors and requests missing from the output count as failed
+        tokens = [r.generated_tokens for r in results]
+        tpot = [(r.timestamps[-1] - r.timestamps[0]) / (len(r.timestamps) - 1) * 1e3
+                for r in results if r.timestamps and len(r.timestamps) > 1]
+        ttft = [(r.timestamps[0] - r.created_time) * 1e3 for r in results if r.timestamps]
+        spans = [tuple(r.lifespan) for r in results if r.lifespan[0] >= 0 and r.lifespan[1] >= 0]
+        generated = sum(len(t) for t in tokens)
+        row = {
+            "variant": label, "method": "dense (transformers paged sdpa)" if method is None else method.label,
+            "attn_implementation": "paged|sdpa" if method is None else serving.PAGED_ATTN_NAME,
+            "requests_finished": finished, "failed": len(prompts) - finished, "generated_tokens": generated,
+            "wall_s": wall,
+            "throughput_tokens_per_s": generated / wall,
+            "tpot_ms_median": statistics.median(tpot) if tpot else float("nan"),
+            "tpot_ms_p95": _percentile(tpot, 0.95),
+            "ttft_ms_median": statistics.median(ttft) if ttft else float("nan"),
+            "max_requests_in_flight": max_in_flight(spans), "peak_memory_GiB": peak,
+            "num_blocks": blocks, "state_bytes_per_token": extra,
+        }
+        if dense_tokens is None and method is None:
+            dense_tokens = tokens
+        elif dense_tokens is not None and len(dense_tokens) == len(tokens):
+            row["requests_equal_to_dense"] = sum(a == b for a, b in zip(dense_tokens, tokens))
+        rows.append(row)
+        if print_rows:
+            print(f"{label:<10s} {row['throughput_tokens_per_s']:10.1f} tok/s  TPOT {row['tpot_ms_median']:9.2f} ms "
+                  f"(p95 {row['tpot_ms_p95']:9.2f})  in flight {row['max_requests_in_flight']:4d}  "
+                  f"wall {wall:8.2f} s" + (f"  peak {peak:6.2f} GiB" if peak is not None else ""), flush=True)
+        _free(dev)
+    dense = next((r for r in rows if r["variant"] == "dense"), None)
+    if dense is not None:
+        for r in rows:
+            if r is not dense:
+                r["throughput_vs_dense"] = r["throughput_tokens_per_s"] / dense["throughput_tokens_per_s"]
+                r["in_flight_vs_dense"] = (r["max_requests_in_flight"] / dense["max_requests_in_flight"]
+                                           if dense["max_requests_in_flight"] else float("nan"))
+    result = {
+        "device": torch.cuda.get_device_properties(dev).name if dev.type == "cuda" else "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "cuda": torch.version.cuda, "python": platform.python_version(), "sparq": sparq.__version__},
+        "settings": {"model": model, "dtype": str(dtype).replace("torch.", ""), "requests": requests,
+                     "prompt_lengths": [min_prompt, max_prompt], "new_tokens": new_tokens, "budget": budget,
+                     "methods": list(methods), "cache_gib": cache_gib, "block_size": block_size,
+                     "num_blocks_dense": num_blocks, "cache_tokens_dense": num_blocks * block_size,
+                     "kv_bytes_per_token": per_token, "max_batch_tokens": max_batch_tokens, "seed": seed,
+                     "cuda_graphs": False, "greedy": True},
+        "decode_path": "paged|sparq decode: per-step PyTorch gather of each decode request's K/V from the paged read, "
+                       "then the method's attend in PyTorch (no kernel reads the block table); the sketch method's "
+                       "sketch kept per page beside the cache (caches.paged), unpacked to fp32 per step",
+        "timing": "wall clock of model.generate_batch over all requests (prefill included), after a warm-up call; "
+                  "TPOT and TTFT from transformers' per-token timestamps",
+        "rows": rows,
+    }
+    if out_dir is not None:
+        path = Path(out_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        file = path / f"serve-{model}-{result['device'].replace(' ', '_')}-{stamp}.json"
+        file.write_text(json.dumps(result, indent=1))
+        result["path"] = str(file)
+    return result
+
+
+def _free(dev: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def format_serve_table(result: dict) -> str:
+    s = result["settings"]
+    rows = [[r["variant"], r["method"], f"{r['throughput_tokens_per_s']:.1f}",
+             f"{r['throughput_vs_dense']:.2f}x" if "throughput_vs_dense" in r else "",
+             f"{r['tpot_ms_median']:.2f}", f"{r['tpot_ms_p95']:.2f}", f"{r['ttft_ms_median']:.0f}",
+             str(r["max_requests_in_flight"]), f"{r['peak_memory_GiB']:.2f}" if r["peak_memory_GiB"] is not None else "",
+             f"{r['requests_finished']}/{s['requests']}", str(r["num_blocks"])] for r in result["rows"]]
+    title = (f"{s['model']} ({s['dtype']}) on {result['device']}, transformers {result['versions']['transformers']}, "
+             f"{s['requests']} requests of {s['prompt_lengths'][0]}-{s['prompt_lengths'][1]} tokens, "
+             f"{s['new_tokens']} new, cache {s['cache_gib']} GiB ({s['cache_tokens_dense']} tokens for dense), "
+             f"budget {s['budget']}")
+    return markdown_table(title, ["variant", "method", "tokens/s", "vs dense", "TPOT median ms", "TPOT p95 ms",
+                                  "TTFT median ms", "max in flight", "peak GiB", "finished", "cache blocks"], rows)

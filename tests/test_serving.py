@@ -1,0 +1,374 @@
+"""SparQ inside transformers' continuous batching ("paged|sparq", `sparq.serving`) on a tiny random Llama.
+
+The continuous-batching tests need transformers 5.17 or 5.18 (`serving.SUPPORTED_VERSIONS`); on other
+versions they are skipped with the reason, and the version check itself is tested. To run them next
+to a newer transformers, put an unpacked 5.17/5.18 wheel first on PYTHONPATH (docs/SERVING.md).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import transformers as tf
+
+import sparq
+from sparq import SparQConfig, serving
+from sparq.methods import H2O, SparQ, build_method
+
+from test_hf import counting, tiny
+
+needs_cb = pytest.mark.skipif(not serving.cb_supported(),
+                              reason=f"continuous batching with 'paged|sparq' needs transformers "
+                                     f"{'/'.join(serving.SUPPORTED_VERSIONS)}, found {tf.__version__}")
+NEW = 12
+
+
+def prompts(lengths=(40, 31, 22, 70, 5, 53), seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 96, (n,), generator=g).tolist() for n in lengths]
+
+
+def gen_config(new: int = NEW) -> tf.GenerationConfig:
+    return tf.GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def cb_config() -> object:
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    # small blocks and a small token budget per step: chunked prefill and batches that mix prefill
+    # chunks with decode tokens, and requests that wait for room
+    return ContinuousBatchingConfig(block_size=16, num_blocks=48, max_batch_tokens=48)
+
+
+def run_batch(model, inputs, new: int = NEW) -> list[list[int]]:
+    out = model.generate_batch(inputs, generation_config=gen_config(new), continuous_batching_config=cb_config())
+    assert len(out) == len(inputs), "some requests did not finish"
+    return [r.generated_tokens for r in out.values()]
+
+
+def dense_batch(model, inputs, new: int = NEW) -> list[list[int]]:
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("paged|sdpa")
+    try:
+        return run_batch(model, inputs, new)
+    finally:
+        model.set_attn_implementation(impl)
+
+
+@pytest.fixture
+def plans(monkeypatch):
+    """Every batch the paged function saw, as (new tokens, keys) per request: proves what ran."""
+    seen: list[list[tuple[int, int]]] = []
+    real = serving._plan
+
+    def spy(cu_q, cu_k, *a):
+        fresh = not (serving._LAST_PLAN and serving._LAST_PLAN[0].cu_q is cu_q)
+        p = real(cu_q, cu_k, *a)
+        if fresh:
+            bq, bk = cu_q.tolist(), cu_k.tolist()
+            seen.append([(bq[i + 1] - bq[i], bk[i + 1] - bk[i]) for i in range(len(bq) - 1)])
+        return p
+
+    monkeypatch.setattr(serving, "_plan", spy)
+    return seen
+
+
+@needs_cb
+def test_k_at_least_length_equals_dense_cb_and_generate(plans):
+    model = tiny("llama")
+    inputs = prompts()
+    dense = dense_batch(model, inputs)
+    alone = [model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False)[0, len(p):].tolist()
+             for p in inputs]
+    assert dense == alone  # transformers' own CB equals plain generate here, so the comparison means something
+    method = counting(SparQConfig(r=2, k=10_000, local_window=3))
+    with sparq.enabled(model, method):
+        got = run_batch(model, inputs)
+    assert got == dense
+    assert method.calls, "the SparQ decode path never ran"
+    assert any(any(q == 1 for q, _ in b) and any(q > 1 for q, _ in b) for b in plans), "no mixed prefill+decode batch"
+    assert any(q > 1 and k > q for b in plans for q, k in b), "no chunked prefill (a chunk reading earlier pages)"
+
+
+@needs_cb
+def test_default_method_and_paper_method_keep_everything_equal_dense():
+    model = tiny("llama")
+    inputs = prompts()
+    dense = dense_batch(model, inputs)
+    for method in (build_method("default:min_k=1000", "1/8", 16), build_method("sparq:min_k=1000", "1/8", 16)):
+        with sparq.enabled(model, method):
+            assert run_batch(model, inputs) == dense, method.label
+
+
+@needs_cb
+def test_tight_budget_runs_and_differs_from_dense():
+    model = tiny("llama")
+    inputs = prompts()
+    dense = dense_batch(model, inputs)
+    for method in (SparQ(SparQConfig(r=4, k=4, local_window=1)), build_method("default:min_k=4", "1/8", 16)):
+        with sparq.enabled(model, method):
+            got = run_batch(model, inputs)
+        assert [len(t) for t in got] == [NEW] * len(inputs)
+        assert got != dense, f"{method.label} read fewer rows but changed no token"
+        # the prefill stays dense, so every request's first token (from the prefill's logits) is dense's
+        assert [t[0] for t in got] == [t[0] for t in dense]
+
+
+@needs_cb
+def test_tight_budget_batch_equals_each_request_alone():
+    """Per request, SparQ in a continuous batch does what it does alone (rows never mix)."""
+    model = tiny("llama")
+    inputs = prompts()[:4]
+    method = SparQ(SparQConfig(r=4, k=6, local_window=2))
+    with sparq.enabled(model, method):
+        together = run_batch(model, inputs)
+        alone = [run_batch(model, [p])[0] for p in inputs]
+    assert together == alone
+
+
+@needs_cb
+def test_request_joining_late_gets_the_tokens_it_gets_alone(plans):
+    model = tiny("llama")
+    long_run, short_run, late = prompts((30, 25, 44), seed=3)
+    method = SparQ(SparQConfig(r=4, k=6, local_window=2))
+    with sparq.enabled(model, method):
+        alone_late = run_batch(model, [late])[0]
+        alone_long = run_batch(model, [long_run], new=60)[0]
+        plans.clear()
+        manager = model.init_continuous_batching(generation_config=gen_config(), continuous_batching_config=cb_config())
+        manager.start()
+        try:
+            manager.add_request(long_run, request_id="long", max_new_tokens=60)
+            manager.add_request(short_run, request_id="short", max_new_tokens=3)
+            results = {}
+            deadline = time.time() + 60
+            while "short" not in results and time.time() < deadline:
+                r = manager.get_result(timeout=1)
+                if r is not None and r.is_finished():
+                    results[r.request_id] = r
+            assert "long" not in results, "the long request finished before the late one could join"
+            manager.add_request(late, request_id="late", max_new_tokens=NEW)
+            while len(results) < 3 and time.time() < deadline:
+                r = manager.get_result(timeout=1)
+                if r is not None and r.is_finished():
+                    results[r.request_id] = r
+        finally:
+            manager.stop(block=True, timeout=10)
+    assert results["late"].generated_tokens == alone_late
+    assert results["long"].generated_tokens == alone_long
+    joined = [b for b in plans if len(b) >= 2 and any(q == 1 for q, _ in b) and any(q > 1 and q == k for q, k in b)]
+    assert joined, "the late request's prefill never ran beside a decoding request"
+
+
+@pytest.fixture
+def sketch_writes(monkeypatch):
+    """Finished sketch blocks written into the kept paged sketch (all layers), as a list of counts."""
+    from sparq.caches.paged import PagedSketch
+
+    seen: list[int] = []
+    real = PagedSketch.write_blocks
+
+    def spy(self, keys, slots):
+        seen.append(keys.shape[0])
+        return real(self, keys, slots)
+
+    monkeypatch.setattr(PagedSketch, "write_blocks", spy)
+    return seen
+
+
+# 2-bit sketch in 8-token blocks (the cache's 16-token blocks hold two), a tight budget
+KEPT_SKETCH = "sparq-sketch:local=0:realloc=0:block=8:min_k=4"
+
+
+@needs_cb
+@pytest.mark.parametrize("spec", ["sparq", KEPT_SKETCH])
+def test_prefix_sharing_reads_shared_blocks_and_gives_the_tokens_alone(spec, plans, sketch_writes):
+    model = tiny("llama")
+    shared = prompts((48,), seed=5)[0]  # three full 16-token blocks
+    first, second = shared + [7, 8, 9], shared + [11, 12]
+    method = (SparQ(SparQConfig(r=4, k=6, local_window=2)) if spec == "sparq"
+              else build_method(spec, "1/8", 16))
+    with sparq.enabled(model, method):
+        alone = run_batch(model, [second])[0]
+        manager = model.init_continuous_batching(generation_config=gen_config(), continuous_batching_config=cb_config())
+        manager.start()
+        try:
+            manager.add_request(first, request_id="first", max_new_tokens=NEW)
+            r = None
+            while r is None or not r.is_finished():
+                r = manager.get_result(request_id="first", timeout=5)
+            plans.clear()
+            sketch_writes.clear()
+            manager.add_request(second, request_id="second", max_new_tokens=NEW)
+            r = None
+            while r is None or not r.is_finished():
+                r = manager.get_result(request_id="second", timeout=5)
+        finally:
+            manager.stop(block=True, timeout=10)
+    assert r.generated_tokens == alone
+    first_batch = plans[0]
+    assert len(first_batch) == 1 and first_batch[0][1] - first_batch[0][0] >= 32, (
+        f"the second request's prefill did not start from shared blocks: {first_batch}")
+    if spec != "sparq":  # 50 + 12 tokens: only sketch block 6 (positions 48-55) is new, in each of 2 layers;
+        # the shared blocks' sketch (blocks 0-5, written by the first request) is read, not rewritten
+        assert sum(sketch_writes) == 2, sketch_writes
+
+
+@needs_cb
+def test_kept_paged_sketch_gives_the_tokens_of_the_sketch_from_keys(monkeypatch, sketch_writes):
+    """The default method's sketch kept per page (written once per finished block, read through the
+    pages) is `key_sketch` value for value: same tokens as deriving it from the keys every step, at a
+    budget tight enough to change tokens."""
+    model = tiny("llama")
+    inputs = prompts()
+    method = build_method(KEPT_SKETCH, "1/8", 16)
+    with sparq.enabled(model, method):
+        kept = run_batch(model, inputs)
+        written = sum(sketch_writes)
+        monkeypatch.setattr(serving, "KEEP_SKETCH", False)
+        sketch_writes.clear()
+        derived = run_batch(model, inputs)
+    # every finished 8-token block of every request, once, in each of the 2 layers
+    assert written == 2 * sum((len(p) + NEW - 1) // 8 for p in inputs) and not sketch_writes
+    assert kept == derived
+    assert kept != dense_batch(model, inputs)
+
+
+def test_sketch_is_kept_only_where_it_can_be_exact():
+    """A sketch block that straddles two non-adjacent pages, or block sharing off (forks would copy
+    finished blocks without their sketch): the sketch is derived from the keys, with a warning."""
+    class FakeCache:  # what _kept_sketch reads of transformers' paged cache (weakly referenced)
+        def __init__(self, sharing: bool) -> None:
+            self.allow_block_sharing = sharing
+
+    method = build_method(KEPT_SKETCH, "1/8", 16)
+    key = torch.randn(20, 2, 16)
+    bq, bk = [0, 20], [0, 20]  # one request, a 20-token prefill: blocks 0 and 1 finish
+    plan = serving._Plan(cu_q=torch.tensor(bq), cu_k=torch.tensor(bk), total_k=20, prefill=True, dense_mask=None,
+                         rows=[], q_pos=torch.zeros(0, dtype=torch.long), k_start=[], lengths=[], bounds=(bq, bk))
+    adjacent = torch.arange(96, 116)
+    split = torch.cat([torch.arange(96, 108), torch.arange(304, 312)])  # block 1 = slots 104-107, 304-307
+    shifted = torch.arange(100, 120)  # contiguous, but blocks do not start at multiples of 8
+    cache = FakeCache(True)
+    sk, slots = serving._kept_sketch(cache, 0, method, key, plan, {"read_index": [adjacent], "write_index": [adjacent]})
+    assert sk is not None and sk.written == 2 and torch.equal(slots, adjacent)
+    for c, index, why in ((cache, split, "not contiguous"), (cache, shifted, "not aligned"),
+                          (FakeCache(False), adjacent, "block sharing is off")):
+        plan.finished.clear()
+        serving._warned_sketch.clear()
+        with pytest.warns(UserWarning, match=why):
+            assert serving._kept_sketch(c, 1, method, key, plan, {"read_index": [index], "write_index": [index]}) \
+                == (None, None)
+
+
+def test_version_check_names_the_version():
+    assert serving.cb_supported("5.17.0") and serving.cb_supported("5.18.0")
+    assert not serving.cb_supported("5.19.0") and not serving.cb_supported("5.24.0")
+    with pytest.raises(RuntimeError, match="5.24.0"):
+        serving.check_version("5.24.0")
+
+
+def test_paged_function_refuses_bad_use():
+    model = tiny("llama")
+    attn = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 3, 16)
+    kv = torch.randn(1, 2, 3, 16)
+    with pytest.raises(ValueError, match="only inside transformers' continuous batching"):
+        serving.paged_attention_forward(attn, q, kv, kv, None, scaling=0.25)
+    with sparq.enabled(model, H2O(0.5)):
+        with pytest.raises(ValueError, match="keeps per-request state"):
+            serving.paged_attention_forward(attn, q, kv, kv, None, scaling=0.25)
+    gemma = tiny("gemma3")
+    sliding = gemma.model.layers[0].self_attn
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        serving.paged_attention_forward(sliding, q, kv, kv, None, scaling=0.25)
+
+
+@needs_cb
+def test_use_paged_switches_the_model():
+    model = tiny("llama")
+    with sparq.enabled(model, SparQConfig(r=2, k=10_000, local_window=3)):
+        serving.use_paged(model)
+        assert model.config._attn_implementation == serving.PAGED_ATTN_NAME
+        assert run_batch(model, prompts()[:2]) == dense_batch(model, prompts()[:2])
+    assert model.config._attn_implementation != serving.PAGED_ATTN_NAME
+
+
+@needs_cb
+def test_bench_serve_smoke(tmp_path):
+    """`sparq bench serve` on the CPU: every variant finishes every request; a cache too small for all
+    requests at once holds fewer in flight (the same for both: same cache, no extra SparQ state);
+    SparQ at k >= length gives dense's tokens."""
+    import json
+
+    from sparq.tools.bench_serve import bench_serve, format_serve_table
+
+    kw = dict(requests=6, min_prompt=40, max_prompt=90, new_tokens=6, block_size=16, max_batch_tokens=128,
+              device="cpu", out_dir=tmp_path, print_rows=False)
+    res = bench_serve("tiny", methods=("dense", "sparq:min_k=1000"), cache_gib=0.0001, **kw)  # 13 blocks of 16: ~2 requests
+    saved = json.loads(open(res["path"]).read())
+    assert saved["settings"]["num_blocks_dense"] == 13 and saved["versions"]["transformers"] == tf.__version__
+    dense, sq = saved["rows"]
+    for r in (dense, sq):
+        assert r["requests_finished"] == 6 and r["generated_tokens"] == 36 and r["throughput_tokens_per_s"] > 0
+        assert 1 <= r["max_requests_in_flight"] < 6
+        assert r["tpot_ms_median"] > 0 and r["tpot_ms_p95"] >= r["tpot_ms_median"]
+    assert sq["requests_equal_to_dense"] == 6 and "throughput_vs_dense" in sq
+    assert dense["num_blocks"] == sq["num_blocks"] == 13  # the paper's method keeps nothing beside the cache
+    assert "tokens/s" in format_serve_table(res)
+    with pytest.raises(ValueError, match="max_prompt"):
+        bench_serve("tiny", min_prompt=50, max_prompt=40, **{k: v for k, v in kw.items() if k not in
+                                                             ("min_prompt", "max_prompt")})
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_paged_sketch_equals_key_sketch_value_for_value(bits):
+    """Keys of 3 requests scattered over shuffled 16-token pages, written block by block as they
+    finish; read back through the pages, the sketch is `key_sketch` on every valid position."""
+    from sparq.caches.paged import PagedSketch
+    from sparq.methods.sketch import key_sketch
+
+    torch.manual_seed(0)
+    hkv, d, blk, page = 2, 16, 8, 16
+    lengths = [5, 37, 64]  # no finished block; 4 finished + a partial one; 8 finished
+    s = max(lengths)
+    key = torch.randn(3, hkv, s, d).to(torch.bfloat16)
+    pages = torch.randperm(20)
+    slots = torch.zeros(3, s, dtype=torch.long)
+    used = 0
+    for b, n in enumerate(lengths):  # each request's pages, in logical order
+        for p in range(-(-n // page)):
+            slots[b, p * page:(p + 1) * page] = pages[used] * page + torch.arange(page)
+            used += 1
+    sk = PagedSketch(hkv, d, bits, blk, torch.bfloat16, torch.device("cpu"))
+    for b, n in enumerate(lengths):
+        for j in range(n // blk):
+            sl = slots[b, j * blk:(j + 1) * blk]
+            sk.write_blocks(key[b, :, j * blk:(j + 1) * blk].transpose(0, 1)[None], sl[None])
+    lens = torch.tensor(lengths)
+    valid = torch.arange(s)[None, :] < lens[:, None]
+    got = sk.dequantised(key, slots, lens)
+    want = key_sketch(key, valid, bits, blk)
+    coded = valid & (lens // blk > 0)[:, None]
+    assert torch.equal(got[coded[:, None, :, None].expand_as(got)], want[coded[:, None, :, None].expand_as(want)])
+    assert torch.isfinite(got).all() and sk.written == sum(n // blk for n in lengths)
+    sk.invalidate(slots[2, 9:10])  # a key of request 2's block 1 rewritten without its sketch
+    assert sk.dequantised(key, slots, lens) is None  # unknown: the caller derives the sketch from the keys
+    assert sk.dequantised(key[:2], slots[:2], lens[:2]) is not None
+    with pytest.raises(ValueError, match="head_dim \\* bits"):
+        PagedSketch(hkv, 6, 1, blk, torch.bfloat16, torch.device("cpu"))
+
+
+def test_bench_serve_budgets_the_kept_sketch():
+    """Same memory budget: the default method's sketch beside the paged cache costs +7% of the fp16 KV
+    bytes at the Llama-3-8B shape, so it gets ~7% fewer blocks; the paper's method keeps nothing."""
+    from sparq.tools.bench_generate import SHAPES
+    from sparq.tools.bench_serve import kv_bytes_per_token, sketch_bytes_per_token
+
+    cfg = tf.LlamaConfig(**SHAPES["llama3-8b"])
+    kv = kv_bytes_per_token(cfg, torch.bfloat16)
+    assert kv == 32 * 8 * 128 * 2 * 2
+    assert sketch_bytes_per_token(cfg, build_method("default", "1/8", 128), torch.bfloat16) == 32 * 8 * (32 + 4)
+    assert sketch_bytes_per_token(cfg, build_method("sparq", "1/8", 128), torch.bfloat16) == 0
