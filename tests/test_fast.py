@@ -69,6 +69,11 @@ def test_memory_accounting():
     dense = kv_bytes_per_token(model.config, sparq=False)
     assert dense == 2 * 2 * 16 * 2 * 2  # layers * (K+V) * Hkv * d * bytes
     assert kv_bytes_per_token(model.config, sparq=True) == dense * 3 // 2
+    # 2-bit sketch: d/4 bytes of codes + 2 d * 2 / 128 of ranges per layer and KV head
+    assert kv_bytes_per_token(model.config, sketch=(2, 128)) == dense + 2 * 2 * (16 // 4 + 2 * 16 * 2 / 128)
+    # Gemma 3: only its global layers grow with the context (sliding layers keep a fixed ring)
+    gemma = tiny("gemma3").config  # layer_types: sliding, full, full; 1 KV head of 32
+    assert kv_bytes_per_token(gemma) == 2 * (2 * 1 * 32 * 2)
 
 
 def test_switching_methods_from_one_prefill_equals_fresh_decoders():

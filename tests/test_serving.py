@@ -365,10 +365,11 @@ def test_bench_serve_budgets_the_kept_sketch():
     """Same memory budget: the default method's sketch beside the paged cache costs +7% of the fp16 KV
     bytes at the Llama-3-8B shape, so it gets ~7% fewer blocks; the paper's method keeps nothing."""
     from sparq.tools.bench_generate import SHAPES
-    from sparq.tools.bench_serve import kv_bytes_per_token, sketch_bytes_per_token
+    from sparq.fast import kv_bytes_per_token
+    from sparq.tools.bench_serve import sketch_bytes_per_token
 
     cfg = tf.LlamaConfig(**SHAPES["llama3-8b"])
-    kv = kv_bytes_per_token(cfg, torch.bfloat16)
+    kv = kv_bytes_per_token(cfg)
     assert kv == 32 * 8 * 128 * 2 * 2
     assert sketch_bytes_per_token(cfg, build_method("default", "1/8", 128), torch.bfloat16) == 32 * 8 * (32 + 4)
     assert sketch_bytes_per_token(cfg, build_method("sparq", "1/8", 128), torch.bfloat16) == 0

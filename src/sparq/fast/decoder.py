@@ -16,6 +16,8 @@ Dense and SparQ run in this same loop, so a speed-up measured here is SparQ's ow
 
 from __future__ import annotations
 
+import math
+
 import copy
 import functools
 import time
@@ -411,15 +413,26 @@ def _all_reduce(t: Tensor, group) -> Tensor:
     return funcol.all_reduce(t, "sum", group)
 
 
-def kv_bytes_per_token(model_config, *, sparq: bool, dtype_bytes: int = 2) -> int:
-    """Cache bytes one token costs across all layers: K and V, plus Kᵀ for SparQ's step 1
-    (every layer counted as global: a sliding-window layer's ring costs its window, not this)."""
-    c = model_config
+def kv_bytes_per_token(model_config, *, sparq: bool = False, sketch: tuple[int, int] | None = None,
+                       dtype_bytes: int = 2) -> int:
+    """Cache bytes one more cached token costs, summed over the global-attention layers: K and V,
+    plus an fp16/bf16 Kᵀ for the paper's step 1 (`sparq`), or plus a packed key sketch of
+    `sketch = (bits, block)`: d * bits / 8 bytes of codes and 2 * d * dtype_bytes / block of ranges
+    per KV head. Sliding-window layers (transformers' `layer_types`) are not counted: their ring
+    holds a fixed window whatever the context."""
+    c = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_layer = 2 * c.num_key_value_heads * head_dim * dtype_bytes
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    types = getattr(c, "layer_types", None)
+    windowed = bool(getattr(c, "sliding_window", None)) and types is not None
+    layers = sum(t != "sliding_attention" for t in types) if windowed else c.num_hidden_layers
+    per_head = 2 * head_dim * dtype_bytes
     if sparq:
-        per_layer = per_layer * 3 // 2
-    return per_layer * c.num_hidden_layers
+        per_head += head_dim * dtype_bytes
+    if sketch is not None:
+        bits, block = sketch
+        per_head += head_dim * bits / 8 + 2 * head_dim * dtype_bytes / block
+    return math.ceil(per_head * kv_heads * layers)
 
 
 def left_align(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:

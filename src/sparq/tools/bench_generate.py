@@ -26,7 +26,7 @@ import torch
 
 from ..config import SparQConfig
 from ..fast import FastDecoder, kv_bytes_per_token
-from ..methods import Dense, SparQSketch
+from ..methods import Dense, SparQSketch, default_method
 
 # Random-weight model shapes (no download): built from a config on the GPU.
 SHAPES = {
@@ -122,10 +122,10 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
     cfg = lm.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w_bytes = weight_bytes_per_step(lm)
+    # the whole model's cache (all ranks together under TP, as the weight bytes are counted)
     kv_dense, kv_sparq = (kv_bytes_per_token(cfg, sparq=s) for s in (False, True))
     sketch_spec = (sketch_bits, 128) if sketch else None
-    kv_sketch = kv_dense + (cfg.num_hidden_layers * cfg.num_key_value_heads
-                            * (head_dim * sketch_bits // 8 + 4 * head_dim // 128)) // max(1, tp)
+    kv_sketch = kv_bytes_per_token(cfg, sketch=(sketch_bits, 128))
     total_mem = torch.cuda.get_device_properties(0).total_memory
     rows, skipped = [], []
     for context in contexts:
@@ -162,9 +162,8 @@ def bench_generate(model: str = "llama3-8b", batches=(1, 8), contexts=(4096, 327
             # the default method's settings (methods.DEFAULT_SPEC: no local window, no reallocation)
             methods += [(f"sketch{sketch_bits}b 1/{c}", SparQSketch(1 / c, bits=sketch_bits, local_fraction=0.0,
                                                                      reallocate=False), None) for c in sketch]
-            if auto:  # the policy: dense or SparQ at 1/auto, whichever autotune measures faster
-                methods.append((f"auto 1/{auto}", SparQConfig.from_compression(auto, head_dim=head_dim,
-                                                                               reallocate=True), "auto"))
+            if auto:  # the policy: dense or the default method at 1/auto, whichever autotune measures faster
+                methods.append((f"auto 1/{auto}", default_method(1 / auto, head_dim), "auto"))
             dense_ms = None
             for label, method, frac in methods:
                 dec.restore(snap)

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..fast import kv_bytes_per_token
 from .bench_generate import build_model, markdown_table
 
 
@@ -61,25 +62,13 @@ def max_in_flight(spans: list[tuple[float, float]]) -> int:
     return best
 
 
-def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
-    text = config.get_text_config(decoder=True)
-    d = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    return 2 * text.num_hidden_layers * kv * d * torch.finfo(dtype).bits // 8
-
-
 def sketch_bytes_per_token(config: Any, method: Any, dtype: torch.dtype) -> int:
-    """Bytes per token of the sketch kept beside the paged cache for `method` (0 without one): per
-    layer and KV head, d * bits / 8 of codes and 2 * d / block range values of the key dtype."""
+    """Bytes per token of the sketch kept beside the paged cache for `method` (0 without one)."""
     spec = getattr(method, "sketch_spec", None)
     if spec is None:
         return 0
-    bits, block = spec
-    text = config.get_text_config(decoder=True)
-    d = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    per_head = d * bits / 8 + 2 * d * (torch.finfo(dtype).bits // 8) / block
-    return math.ceil(text.num_hidden_layers * kv * per_head)
+    size = torch.finfo(dtype).bits // 8
+    return kv_bytes_per_token(config, sketch=spec, dtype_bytes=size) - kv_bytes_per_token(config, dtype_bytes=size)
 
 
 def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 8192, max_prompt: int = 32768,
@@ -116,7 +105,7 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
     cfg = lm.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     variants = {m: (None if m == "dense" else build_method(m, budget, head_dim)) for m in methods}  # checked up front
-    per_token = kv_bytes_per_token(cfg, dtype)
+    per_token = kv_bytes_per_token(cfg, dtype_bytes=torch.finfo(dtype).bits // 8)
     num_blocks = int(cache_gib * 2**30) // (per_token * block_size)  # dense's; see blocks_for
     if num_blocks < 1:
         raise ValueError(f"cache_gib={cache_gib} holds no block of {block_size} tokens ({per_token} B per token)")

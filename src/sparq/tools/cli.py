@@ -301,8 +301,8 @@ def bench_generate(
     new_tokens: Annotated[int, typer.Option(min=2, help="Decode steps timed per method.")] = 64,
     compressions: Annotated[str, typer.Option(help="SparQ budgets 1/N, comma-separated N.")] = "4,8,16",
     ragged: Annotated[bool, typer.Option(help="Spread prompt lengths from context/2 to context.")] = False,
-    auto: Annotated[int, typer.Option(min=0, help="Also run the autotune policy (dense or SparQ 1/N, whichever "
-                                                  "is measured faster); 0 = off.")] = 8,
+    auto: Annotated[int, typer.Option(min=0, help="Also run the autotune policy (dense or the default method "
+                                                  "at 1/N, whichever is measured faster); 0 = off.")] = 8,
     tp: Annotated[bool, typer.Option("--tp", help="Tensor parallelism over the GPUs of a torchrun launch "
                                                "(torchrun --nproc-per-node N -m sparq.tools.cli bench generate --tp).")] = False,
     sketch: Annotated[str, typer.Option(help="Also run sparq-sketch at these budgets 1/N with the "
