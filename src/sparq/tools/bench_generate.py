@@ -443,14 +443,18 @@ def bench_hf_generate(model: str = "llama3.2-1b", batches=(4,), contexts=(16384,
         "rows": rows,
     }
     if out_dir is not None:
-        path = Path(out_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        name = result["device"].replace(" ", "_")
-        file = path / f"generate-hf-{model}-{name}-{stamp}.json"
-        file.write_text(json.dumps(result, indent=1))
-        result["path"] = str(file)
+        write_json(result, out_dir, f"generate-hf-{model}")
     return result
+
+
+def write_json(result: dict, out_dir: str | os.PathLike, prefix: str) -> None:
+    """result as <out_dir>/<prefix>-<device>-<UTC stamp>.json; its path goes into result["path"]."""
+    path = Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    file = path / f"{prefix}-{result['device'].replace(' ', '_')}-{stamp}.json"
+    file.write_text(json.dumps(result, indent=1))
+    result["path"] = str(file)
 
 
 def _free(dev: torch.device) -> None:

@@ -21,8 +21,6 @@ defaults for both implementations; "paged|sparq" cannot be captured). The JSON g
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import math
 import platform
 import statistics
@@ -33,7 +31,7 @@ from typing import Any
 import torch
 
 from ..fast import kv_bytes_per_token
-from .bench_generate import build_model, markdown_table
+from .bench_generate import _free, build_model, markdown_table, write_json
 
 
 def _prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
@@ -208,21 +206,8 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
         "rows": rows,
     }
     if out_dir is not None:
-        path = Path(out_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        file = path / f"serve-{model}-{result['device'].replace(' ', '_')}-{stamp}.json"
-        file.write_text(json.dumps(result, indent=1))
-        result["path"] = str(file)
+        write_json(result, out_dir, f"serve-{model}")
     return result
-
-
-def _free(dev: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def format_serve_table(result: dict) -> str:
