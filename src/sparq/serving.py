@@ -15,14 +15,16 @@ This module registers "paged|sparq" there. Per layer and step it
     same block-diagonal causal mask that CB builds for "paged|sdpa" (built here from the cumulative
     lengths: CB only builds masks for its own eager/sdpa names);
   * for every decode request (one new token) runs the module's `DecodeMethod` (`sparq.enable` set it;
-    the default method otherwise) on that request's keys/values, gathered from the packed read into
-    [B, Hkv, S, d] with ragged lengths.
+    the default method otherwise) on that request's keys/values: for the default method on CUDA
+    fp16/bf16, on the Triton kernels reading the packed read in place (`_decode_kernels`); else
+    gathered from the packed read into [B, Hkv, S, d] with ragged lengths (`_decode`, PyTorch).
 For a method that scores with a key sketch (the default method), the sketch is kept beside the paged
 cache (`caches.paged.PagedSketch`: codes per physical page, ranges per finished block, written once
 when a block finishes, read through the request's pages; shared prefix blocks share it).
-What it does NOT do yet (stated in docs/SERVING.md): the decode step reads the pages through a
-PyTorch gather (a copy of each decode request's K and V per layer and step, and the sketch unpacked
-to fp32), not a kernel that reads the block table, so it reads more than dense attention does. It
+What it does NOT do yet (stated in docs/SERVING.md): no kernel reads the block table -- every route
+reads transformers' own packed gather of the pages (`cache.update`, as dense "paged|sdpa" does); the
+kernels route adds a gather of the decode requests' packed sketch codes (1/8 of K at 2 bits), the
+PyTorch route a copy of their K and V (and the sketch unpacked to fp32). It
 syncs with the host once per forward pass (the request boundaries), so it cannot be captured in a
 CUDA graph.
 """
@@ -51,6 +53,8 @@ GATHER_BYTES = 1 << 30
 # The default method's decode requests run on the Triton kernels where they can (`_decode_kernels`);
 # False: always the PyTorch path (tests compare the two).
 KERNELS = True
+# Layer calls with decode requests by route, over the process's life (bench serve reports them).
+DECODE_CALLS: dict[str, int] = {"kernels": 0, "torch": 0}
 # Smallest position capacity of a kernels plan (it doubles from there as requests grow).
 MIN_CAPACITY = 128
 
@@ -363,6 +367,7 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
         if sketch is not None and slots is not None and _kernels_for(method, query, key, sketch):
             y = _decode_kernels(method, query, key, value, plan, scale, sketch, slots,
                                 _ROUTES.setdefault(cache, _Route()))
+        DECODE_CALLS["kernels" if y is not None else "torch"] += 1
         if y is None:
             y = _decode(method, query, key, value, plan, scale, sketch, slots)  # [Bd, Hq, d]
         out[0].index_copy_(0, plan.q_pos, y.to(out.dtype))
