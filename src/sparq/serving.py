@@ -101,6 +101,7 @@ class _Plan:
     bounds: tuple[list[int], list[int]] = ([], [])  # cu_seq_lens_q/k on the host (every request)
     finished: dict[int, tuple[Tensor, bool]] = field(default_factory=dict)  # per sketch block size: see _finished
     kernel_rows: dict[tuple[int, str], tuple[Tensor, ...]] = field(default_factory=dict)  # see _kernel_rows
+    sketch_index: dict[str, Any] = field(default_factory=dict)  # caches.paged.step_state's, for every layer
 
 
 _LAST_PLAN: list[_Plan] = []  # one slot: the current forward pass's plan
@@ -291,7 +292,7 @@ def _decode_kernels(method: DecodeMethod, query: Tensor, key: Tensor, value: Ten
     config = SketchConfig.from_method(method, d)  # type: ignore[arg-type]
     dplan = route.plan(batch, hq, hkv, d, longest, config, key.dtype, key.device)
     starts, lengths, pos, row = _kernel_rows(plan, batch, key.device)
-    state = step_state(sketch, key, slots, starts, lengths, longest, dplan.capacity, route.bufs)
+    state = step_state(sketch, key, slots, starts, lengths, longest, dplan.capacity, route.bufs, plan.sketch_index)
     if state is None:
         return None
     q = route.bufs.view("query", (batch, hq, d), query.dtype, query.device)

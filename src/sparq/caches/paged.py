@@ -175,8 +175,29 @@ class StepBuffers:
         return buf[:n].view(shape)
 
 
+def _step_index(key: Tensor, slots: Tensor, starts: Tensor, lengths: Tensor, max_length: int, capacity: int,
+                block: int) -> dict[str, Tensor]:
+    """`step_state`'s index tensors, the same for every layer of a forward pass (its slots and rows)."""
+    dev, n_key = key.device, key.shape[0]
+    starts, lengths = starts.long(), lengths.long()
+    n_full = lengths // block
+    j = torch.arange(max_length // block, device=dev)
+    pos = torch.arange(max_length, device=dev)
+    tp = (n_full * block)[:, None] + torch.arange(block, device=dev)[None, :]  # [b, blk] the unfinished block
+    return {
+        "n_full": n_full, "rows": torch.arange(starts.shape[0], device=dev),
+        "first_slot": slots[(starts[:, None] + j[None, :] * block).clamp(max=n_key - 1)],  # [b, nb_max]
+        "finished": j[None, :] < n_full[:, None],
+        "slot": slots[(starts[:, None] + pos[None, :]).clamp(max=n_key - 1)],  # [b, max_length]
+        "tail_key": (starts[:, None] + tp).clamp(max=n_key - 1),
+        "tail_ok": (tp < lengths[:, None]) & (n_full > 0)[:, None],
+        # clamped positions are >= every length: never ok, never clash with an ok one
+        "tail_pos": tp.clamp(max=capacity - 1),
+    }
+
+
 def step_state(sk: PagedSketch, key: Tensor, slots: Tensor, starts: Tensor, lengths: Tensor, max_length: int,
-               capacity: int, bufs: StepBuffers):
+               capacity: int, bufs: StepBuffers, index: dict | None = None):
     """The kept sketch of a batch of decode requests as the kernels' scorer reads it: a
     `kernels.sketch_state.SketchState` over reused buffers, row b = the request whose keys are
     key[starts[b] : starts[b] + lengths[b]] of the packed read (key [K, Hkv, d], at physical slots
@@ -185,46 +206,46 @@ def step_state(sk: PagedSketch, key: Tensor, slots: Tensor, starts: Tensor, leng
     block: coded now with the last finished block's range from its keys (< block positions per
     row); a row with no finished block gets nothing (the scorer reads its exact keys). So the
     scorer sees `methods.sketch.key_sketch` value for value, as `dequantised` does. capacity: the
-    plan's (a multiple of the block, >= max_length). None when a finished block's sketch is
-    unknown (see `dequantised`) or the codes are not in the kernels' word layout."""
+    plan's (a multiple of the block, >= max_length). `index`: a dict kept for one forward pass,
+    where the layer-independent index tensors are made once. None when a finished block's sketch
+    is unknown (see `dequantised`) or the codes are not in the kernels' word layout."""
     from ..kernels.sketch_state import SketchState
 
     if not sk.words:
         return None
     b, blk, hkv, dev = starts.shape[0], sk.block, sk.hkv, key.device
-    n_key = key.shape[0]
+    ident = (b, max_length, capacity, blk)
+    if index is None or index.get("ident") != ident:
+        fresh = _step_index(key, slots, starts, lengths, max_length, capacity, blk)
+        fresh["ident"] = ident  # type: ignore[assignment]
+        if index is None:
+            index = fresh
+        else:
+            index.clear()
+            index.update(fresh)
     nb = max(1, capacity // blk)
     codes = bufs.view("codes", (b, hkv, capacity, sk.codes.shape[-1]), torch.int32, dev)
     lo = bufs.view("lo", (b, hkv, nb, sk.d), sk.dtype, dev)
     hi = bufs.view("hi", (b, hkv, nb, sk.d), sk.dtype, dev)
     if sk.codes.shape[0] == 0:  # nothing finished yet: room to index (the values are never used)
         sk.reserve(blk)
-    starts, lengths = starts.long(), lengths.long()
-    n_full = lengths // blk
     nb_max = max_length // blk
     if nb_max:  # the finished blocks' ranges, through the slot of each block's first position
-        j = torch.arange(nb_max, device=dev)
-        first = slots[(starts[:, None] + j[None, :] * blk).clamp(max=n_key - 1)]  # [b, nb_max]
-        ids = (first // blk).clamp(max=sk.lo.shape[0] - 1)
-        if bool(((j[None, :] < n_full[:, None]) & ~sk.known[ids]).any()):  # one host sync per layer
+        ids = (index["first_slot"] // blk).clamp(max=sk.lo.shape[0] - 1)
+        if bool((index["finished"] & ~sk.known[ids]).any()):  # one host sync per layer
             return None
         lo[:, :, :nb_max] = sk.lo[ids].transpose(1, 2)
         hi[:, :, :nb_max] = sk.hi[ids].transpose(1, 2)
     # every position's stored codes (those of unfinished or invalid positions are overwritten or unread)
-    pos = torch.arange(max_length, device=dev)
-    sl = slots[(starts[:, None] + pos[None, :]).clamp(max=n_key - 1)].clamp(max=sk.codes.shape[0] - 1)
-    codes[:, :, :max_length] = sk.codes[sl].transpose(1, 2)
+    codes[:, :, :max_length] = sk.codes[index["slot"].clamp(max=sk.codes.shape[0] - 1)].transpose(1, 2)
     # the unfinished newest block, coded with the last finished block's range
-    rows = torch.arange(b, device=dev)
-    tp = (n_full * blk)[:, None] + torch.arange(blk, device=dev)[None, :]  # [b, blk] logical positions
-    ok = (tp < lengths[:, None]) & (n_full > 0)[:, None]
-    x = key[(starts[:, None] + tp).clamp(max=n_key - 1)].float()  # [b, blk, Hkv, d]
-    r = (n_full - 1).clamp(0, nb - 1)
+    rows, tpc = index["rows"], index["tail_pos"]
+    x = key[index["tail_key"]].float()  # [b, blk, Hkv, d]
+    r = (index["n_full"] - 1).clamp(0, nb - 1)
     lo_r, hi_r = lo[rows, :, r].float()[:, None], hi[rows, :, r].float()[:, None]  # [b, 1, Hkv, d]
     words = sk._pack(sk._code(x, lo_r, hi_r))  # [b, blk, Hkv, W]
-    tpc = tp.clamp(max=capacity - 1)  # clamped positions are >= every length: never ok, never clash with one
     old = codes[rows[:, None], :, tpc]
-    codes[rows[:, None], :, tpc] = torch.where(ok[:, :, None, None], words, old)
+    codes[rows[:, None], :, tpc] = torch.where(index["tail_ok"][:, :, None, None], words, old)
     return SketchState.over(codes, lo, hi, bits=sk.bits, block=blk)
 
 
