@@ -373,3 +373,56 @@ def test_bench_serve_budgets_the_kept_sketch():
     assert kv == 32 * 8 * 128 * 2 * 2
     assert sketch_bytes_per_token(cfg, build_method("default", "1/8", 128), torch.bfloat16) == 32 * 8 * (32 + 4)
     assert sketch_bytes_per_token(cfg, build_method("sparq", "1/8", 128), torch.bfloat16) == 0
+
+
+@needs_cb
+def test_kernels_route_gives_the_tokens_of_the_pytorch_route(monkeypatch, sketch_writes):
+    """The default method's decode requests on the Triton kernels (K/V read in place from the packed
+    read, the kept sketch gathered per step: `serving._decode_kernels`; the CPU interpreter here)
+    give the tokens of the PyTorch route, at a budget tight enough to change tokens (16-token sketch
+    blocks: the kernels' smallest)."""
+    pytest.importorskip("triton")
+    from sparq import kernels
+
+    if not kernels.available(torch.device("cpu")):
+        pytest.skip("Triton kernels unavailable (set TRITON_INTERPRET=1 on the CPU)")
+    model = tiny("llama")
+    inputs = prompts((40, 22, 5, 53))
+    method = build_method("sparq-sketch:local=0:realloc=0:block=16:min_k=2", "1/8", 16)
+    ran: list[int] = []
+    real = serving._decode_kernels
+
+    def spy(*a, **k):
+        y = real(*a, **k)
+        ran.append(0 if y is None else y.shape[0])
+        return y
+
+    monkeypatch.setattr(serving, "_decode_kernels", spy)
+    with sparq.enabled(model, method):
+        on_kernels = run_batch(model, inputs, 8)
+        assert ran and all(ran), ran
+        monkeypatch.setattr(serving, "KERNELS", False)
+        ran.clear()
+        on_torch = run_batch(model, inputs, 8)
+        assert not ran
+    assert on_kernels == on_torch
+    assert on_kernels != dense_batch(model, inputs, 8)
+
+
+@needs_cb
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels route on the GPU (fp16)")
+def test_kernels_route_on_the_gpu(monkeypatch):
+    """The same on CUDA, the tiny Llama in fp16 (where the route runs outside the interpreter): the
+    kernels route ran every decode call and gives the PyTorch route's tokens for at least 3 of the 4
+    requests (fp16 rounding may flip a near-tie and with it the rest of a request)."""
+    model = tiny("llama").to("cuda", torch.float16)
+    inputs = prompts((40, 22, 5, 53))
+    method = build_method("sparq-sketch:local=0:realloc=0:block=16:min_k=2", "1/8", 16)
+    with sparq.enabled(model, method):
+        serving.use_paged(model)  # where flash attention is installed CB would otherwise swap it in
+        before = dict(serving.DECODE_CALLS)
+        on_kernels = run_batch(model, inputs, 8)
+        assert serving.DECODE_CALLS["kernels"] > before["kernels"] and serving.DECODE_CALLS["torch"] == before["torch"]
+        monkeypatch.setattr(serving, "KERNELS", False)
+        on_torch = run_batch(model, inputs, 8)
+    assert sum(a == b for a, b in zip(on_kernels, on_torch)) >= 3, (on_kernels, on_torch)

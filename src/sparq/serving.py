@@ -15,14 +15,16 @@ This module registers "paged|sparq" there. Per layer and step it
     same block-diagonal causal mask that CB builds for "paged|sdpa" (built here from the cumulative
     lengths: CB only builds masks for its own eager/sdpa names);
   * for every decode request (one new token) runs the module's `DecodeMethod` (`sparq.enable` set it;
-    the default method otherwise) on that request's keys/values, gathered from the packed read into
-    [B, Hkv, S, d] with ragged lengths.
+    the default method otherwise) on that request's keys/values: for the default method on CUDA
+    fp16/bf16, on the Triton kernels reading the packed read in place (`_decode_kernels`); else
+    gathered from the packed read into [B, Hkv, S, d] with ragged lengths (`_decode`, PyTorch).
 For a method that scores with a key sketch (the default method), the sketch is kept beside the paged
 cache (`caches.paged.PagedSketch`: codes per physical page, ranges per finished block, written once
 when a block finishes, read through the request's pages; shared prefix blocks share it).
-What it does NOT do yet (stated in docs/SERVING.md): the decode step reads the pages through a
-PyTorch gather (a copy of each decode request's K and V per layer and step, and the sketch unpacked
-to fp32), not a kernel that reads the block table, so it reads more than dense attention does. It
+What it does NOT do yet (stated in docs/SERVING.md): no kernel reads the block table -- every route
+reads transformers' own packed gather of the pages (`cache.update`, as dense "paged|sdpa" does); the
+kernels route adds a gather of the decode requests' packed sketch codes (1/8 of K at 2 bits), the
+PyTorch route a copy of their K and V (and the sketch unpacked to fp32). It
 syncs with the host once per forward pass (the request boundaries), so it cannot be captured in a
 CUDA graph.
 """
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .caches.paged import PagedSketch, _KeptSketch
+from .caches.paged import PagedSketch, StepBuffers, _KeptSketch, step_state
 from .methods import DecodeInputs, DecodeMethod
 
 PAGED_ATTN_NAME = "paged|sparq"
@@ -48,6 +50,13 @@ SUPPORTED_VERSIONS = ("5.17", "5.18")
 # Upper bound on the transient fp32 copy of K and V that one chunk of decode requests gathers
 # (bytes); decode requests are processed in chunks below it so the gather cannot exhaust memory.
 GATHER_BYTES = 1 << 30
+# The default method's decode requests run on the Triton kernels where they can (`_decode_kernels`);
+# False: always the PyTorch path (tests compare the two).
+KERNELS = True
+# Layer calls with decode requests by route, over the process's life (bench serve reports them).
+DECODE_CALLS: dict[str, int] = {"kernels": 0, "torch": 0}
+# Smallest position capacity of a kernels plan (it doubles from there as requests grow).
+MIN_CAPACITY = 128
 
 
 def _version() -> str:
@@ -91,6 +100,8 @@ class _Plan:
     lengths: list[int]      # how many keys each one has (its whole context, the new token included)
     bounds: tuple[list[int], list[int]] = ([], [])  # cu_seq_lens_q/k on the host (every request)
     finished: dict[int, tuple[Tensor, bool]] = field(default_factory=dict)  # per sketch block size: see _finished
+    kernel_rows: dict[tuple[int, str], tuple[Tensor, ...]] = field(default_factory=dict)  # see _kernel_rows
+    sketch_index: dict[str, Any] = field(default_factory=dict)  # caches.paged.step_state's, for every layer
 
 
 _LAST_PLAN: list[_Plan] = []  # one slot: the current forward pass's plan
@@ -201,6 +212,107 @@ def _decode(method: DecodeMethod, query: Tensor, key: Tensor, value: Tensor, pla
     return torch.cat(outs, 0)
 
 
+@dataclass
+class _Route:
+    """What the kernels route keeps per paged cache, reused by every layer (one runs at a time) and
+    step: the decode plans, one per batch capacity (a power of two) and replaced by one of twice
+    the position capacity when outgrown, and the buffers of the step sketch."""
+
+    plans: dict[tuple, Any] = field(default_factory=dict)
+    bufs: StepBuffers = field(default_factory=StepBuffers)
+    created: int = 0  # plans made (tests watch it)
+    runs: int = 0     # decode calls that ran on the kernels (tests watch it)
+
+    def plan(self, batch: int, hq: int, hkv: int, d: int, length: int, config: Any, dtype: torch.dtype,
+             device: torch.device) -> Any:
+        from .kernels.dispatch import DecodePlan
+
+        ident = (batch, hq, hkv, d, config, dtype, device)
+        p = self.plans.get(ident)
+        if p is None or p.capacity < length:
+            cap = max(MIN_CAPACITY, config.block, 1 << max(0, length - 1).bit_length())
+            p = self.plans[ident] = DecodePlan(batch, hq, hkv, d, cap, config, device, dtype)
+            self.created += 1
+        return p
+
+
+_ROUTES: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def _kernels_for(method: DecodeMethod, query: Tensor, key: Tensor, sketch: PagedSketch | None) -> bool:
+    """Whether this layer's decode requests run on the kernels: the default method (`sparq-sketch`)
+    with a kept sketch in the kernels' word layout, whose (bits, block, head_dim, dtype, device) the
+    sketch kernels support (CUDA fp16/bf16; the CPU interpreter with fp16/fp32, for tests). The
+    paper's `sparq` scores from Kᵀ, which the paged cache does not keep: it stays on PyTorch, as
+    does every other method."""
+    from .methods.sketch import SparQSketch
+
+    if not (KERNELS and isinstance(method, SparQSketch) and sketch is not None and sketch.words
+            and (sketch.bits, sketch.block) == method.sketch_spec and query.dtype == key.dtype
+            and key.stride(-1) == 1):
+        return False
+    from .kernels import available
+    from .kernels.sketch_state import sketch_supported
+
+    return available(key.device) and sketch_supported(key.shape[-1], sketch.bits, sketch.block, key.dtype,
+                                                      key.device)
+
+
+def _kernel_rows(plan: _Plan, batch: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(starts, lengths) int64 [batch] of the decode requests padded to `batch` rows (padding rows: one
+    key at offset 0, their output dropped), and the packed positions of the real rows' keys with the
+    row of each (for value sums). Once per forward pass and batch size."""
+    ident = (batch, str(device))
+    if ident not in plan.kernel_rows:
+        n = len(plan.rows)
+        starts = torch.tensor(plan.k_start + [0] * (batch - n), dtype=torch.long, device=device)
+        lengths = torch.tensor(plan.lengths + [1] * (batch - n), dtype=torch.long, device=device)
+        total = sum(plan.lengths)  # output sizes from the host: no device sync
+        row = torch.repeat_interleave(torch.arange(n, device=device), lengths[:n], output_size=total)
+        pos = starts[row] + torch.arange(total, device=device) - torch.repeat_interleave(
+            torch.cumsum(lengths[:n], 0) - lengths[:n], lengths[:n], output_size=total)
+        plan.kernel_rows[ident] = (starts, lengths, pos, row)
+    return plan.kernel_rows[ident]
+
+
+def _decode_kernels(method: DecodeMethod, query: Tensor, key: Tensor, value: Tensor, plan: _Plan, scale: float,
+                    sketch: PagedSketch, slots: Tensor, route: _Route) -> Tensor | None:
+    """The decode requests of the default method on the Triton kernels, reading K and V where the
+    packed read put them: key/value [K, Hkv, d] viewed as [B, Hkv, K, d] with batch stride 0 and row
+    b starting at its request's offset (the kernels' per-row starts), so nothing is copied but the
+    step sketch (`caches.paged.step_state`, 1/8 of K at 2 bits) and, with reallocation, V's sums.
+    Returns [Bd, Hq, d], or None where the step sketch cannot be built (the PyTorch path runs)."""
+    from .kernels.sketch_scores import SketchConfig
+
+    n = len(plan.rows)
+    _, hkv, d = key.shape
+    hq = query.shape[1]
+    batch = 1 << (n - 1).bit_length()  # a power of two: few plans however the batch varies
+    longest = max(plan.lengths)
+    config = SketchConfig.from_method(method, d)  # type: ignore[arg-type]
+    dplan = route.plan(batch, hq, hkv, d, longest, config, key.dtype, key.device)
+    starts, lengths, pos, row = _kernel_rows(plan, batch, key.device)
+    state = step_state(sketch, key, slots, starts, lengths, longest, dplan.capacity, route.bufs, plan.sketch_index)
+    if state is None:
+        return None
+    q = route.bufs.view("query", (batch, hq, d), query.dtype, query.device)
+    q[:n] = query[0].index_select(1, plan.q_pos).transpose(0, 1)
+    if n < batch:
+        q[n:] = 0
+    # batch stride 0: every row is the whole packed read; the kernels only read their own run
+    k = key.as_strided((batch, hkv, key.shape[0], d), (0, key.stride(1), key.stride(0), key.stride(2)))
+    v = value.as_strided((batch, hkv, value.shape[0], d), (0, value.stride(1), value.stride(0), value.stride(2)))
+    value_sum = None
+    if config.reallocate:  # sum of V per request (reads each request's V once; the default method has none)
+        value_sum = torch.zeros(batch, hkv, d, dtype=torch.float32, device=key.device)
+        value_sum.index_add_(0, row, value.index_select(0, pos).float())
+    out = route.bufs.view("out", (batch, hq, d), query.dtype, query.device)
+    dplan.run(q, k, v, lengths, scale=scale, value_sum=value_sum, starts=starts, out=out, sketch=state,
+              max_length=longest)
+    route.runs += 1
+    return out[:n]
+
+
 def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                             attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                             **kwargs: Any) -> tuple[Tensor, None]:
@@ -252,7 +364,13 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
             from .methods import Dense
 
             method = Dense()
-        y = _decode(method, query, key, value, plan, scale, sketch, slots)  # [Bd, Hq, d]
+        y = None
+        if sketch is not None and slots is not None and _kernels_for(method, query, key, sketch):
+            y = _decode_kernels(method, query, key, value, plan, scale, sketch, slots,
+                                _ROUTES.setdefault(cache, _Route()))
+        DECODE_CALLS["kernels" if y is not None else "torch"] += 1
+        if y is None:
+            y = _decode(method, query, key, value, plan, scale, sketch, slots)  # [Bd, Hq, d]
         out[0].index_copy_(0, plan.q_pos, y.to(out.dtype))
     return out, None
 

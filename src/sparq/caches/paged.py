@@ -1,9 +1,12 @@
 """The key sketch of the default method kept beside transformers' paged KV cache (continuous batching).
 
 What `methods.sketch.key_sketch` computes from a request's keys, stored per physical page instead of
-recomputed per step, in PyTorch (no kernel yet):
-  * codes  uint8 [slots, Hkv, d * bits / 8]: every position of a finished sketch block, quantised
-    per channel with that block's own range, `bits` bits per element packed along d;
+recomputed per step (written in PyTorch):
+  * codes  [slots, Hkv, ...]: every position of a finished sketch block, quantised per channel with
+    that block's own range, `bits` bits per element: int32 words [slots, Hkv, d * bits / 32] in the
+    kernels' `code_layout` order where it exists (head_dim a multiple of 16 and of 32 / bits, so a
+    decode step hands them to the Triton scorer by a gather: `step_state`), else uint8
+    [slots, Hkv, d * bits / 8] packed along d (PyTorch scorer only);
   * lo, hi key dtype [slots // block + 1, Hkv, d]: each finished block's per-channel min and max
     (exact in the key dtype), at index (physical slot of the block's first position) // block.
 A sketch block is `block` consecutive positions of a request, counted from its first token; it is
@@ -44,7 +47,16 @@ class PagedSketch:
         self.hkv, self.d, self.bits, self.block = num_kv_heads, head_dim, bits, block
         self.dtype, self.device = dtype, torch.device(device)
         self.per_byte = 8 // bits
-        self.codes = torch.zeros(0, num_kv_heads, head_dim // self.per_byte, dtype=torch.uint8, device=device)
+        # codes as the kernels' scorer reads them (`kernels.sketch_state.code_layout`: int32 words, dims
+        # interleaved) wherever that layout exists, so a step hands them over by a plain gather; else bytes
+        self.words = head_dim % 16 == 0 and head_dim * bits % 32 == 0
+        if self.words:
+            from ..kernels.sketch_state import code_layout
+
+            self._word, self._bit = code_layout(head_dim, bits, self.device)
+            self.codes = torch.zeros(0, num_kv_heads, head_dim * bits // 32, dtype=torch.int32, device=device)
+        else:
+            self.codes = torch.zeros(0, num_kv_heads, head_dim // self.per_byte, dtype=torch.uint8, device=device)
         self.lo = torch.zeros(0, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.hi = torch.zeros_like(self.lo)
         self.known = torch.zeros(0, dtype=torch.bool, device=device)  # per block id: written since its keys last were
@@ -83,12 +95,19 @@ class PagedSketch:
         return torch.where(step > 0, lo + codes * step, lo)
 
     def _pack(self, codes: Tensor) -> Tensor:
-        """[..., d] float codes -> [..., d / per_byte] uint8 (element j in byte j // per_byte)."""
+        """[..., d] float codes -> int32 words [..., d * bits / 32] in `code_layout` order (`self.words`),
+        else [..., d / per_byte] uint8 (element j in byte j // per_byte)."""
+        if self.words:
+            from ..kernels.sketch_state import pack_codes
+
+            return pack_codes(codes.long(), self.bits)
         c = codes.to(torch.uint8).reshape(*codes.shape[:-1], self.d // self.per_byte, self.per_byte)
         shifts = torch.arange(self.per_byte, device=c.device, dtype=torch.uint8) * self.bits
         return (c << shifts).sum(-1, dtype=torch.uint8)
 
     def _unpack(self, packed: Tensor) -> Tensor:
+        if self.words:
+            return ((packed[..., self._word] >> self._bit.to(torch.int32)) & (2**self.bits - 1)).float()
         shifts = torch.arange(self.per_byte, device=packed.device, dtype=torch.uint8) * self.bits
         c = (packed[..., None] >> shifts) & (2**self.bits - 1)
         return c.reshape(*packed.shape[:-1], self.d).float()
@@ -102,7 +121,7 @@ class PagedSketch:
         k = keys.float()
         lo, hi = k.amin(1), k.amax(1)  # [n, Hkv, d], exact in the key dtype
         codes = self._code(k, lo[:, None].to(self.dtype).float(), hi[:, None].to(self.dtype).float())
-        self.codes[slots.reshape(-1)] = self._pack(codes).reshape(-1, self.hkv, self.d // self.per_byte)
+        self.codes[slots.reshape(-1)] = self._pack(codes).reshape(-1, self.hkv, self.codes.shape[-1])
         ids = slots[:, 0] // self.block
         self.lo[ids], self.hi[ids] = lo.to(self.dtype), hi.to(self.dtype)
         self.known[ids] = True
@@ -136,6 +155,98 @@ class PagedSketch:
         finished = finished2[:, None, :, None]
         codes = torch.where(finished, stored, self._code(key.float(), lo, hi))
         return self._deq(codes, lo, hi)
+
+
+class StepBuffers:
+    """Flat buffers reused by every layer and step for the decode requests' step sketch (`step_state`):
+    grown by doubling, so a steady batch allocates nothing per step."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def view(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        n = 1
+        for x in shape:
+            n *= x
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != torch.device(device):
+            size = max(n, 2 * buf.numel()) if buf is not None and buf.dtype == dtype else n
+            buf = self._bufs[name] = torch.zeros(size, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
+def _step_index(key: Tensor, slots: Tensor, starts: Tensor, lengths: Tensor, max_length: int, capacity: int,
+                block: int) -> dict[str, Tensor]:
+    """`step_state`'s index tensors, the same for every layer of a forward pass (its slots and rows)."""
+    dev, n_key = key.device, key.shape[0]
+    starts, lengths = starts.long(), lengths.long()
+    n_full = lengths // block
+    j = torch.arange(max_length // block, device=dev)
+    pos = torch.arange(max_length, device=dev)
+    tp = (n_full * block)[:, None] + torch.arange(block, device=dev)[None, :]  # [b, blk] the unfinished block
+    return {
+        "n_full": n_full, "rows": torch.arange(starts.shape[0], device=dev),
+        "first_slot": slots[(starts[:, None] + j[None, :] * block).clamp(max=n_key - 1)],  # [b, nb_max]
+        "finished": j[None, :] < n_full[:, None],
+        "slot": slots[(starts[:, None] + pos[None, :]).clamp(max=n_key - 1)],  # [b, max_length]
+        "tail_key": (starts[:, None] + tp).clamp(max=n_key - 1),
+        "tail_ok": (tp < lengths[:, None]) & (n_full > 0)[:, None],
+        # clamped positions are >= every length: never ok, never clash with an ok one
+        "tail_pos": tp.clamp(max=capacity - 1),
+    }
+
+
+def step_state(sk: PagedSketch, key: Tensor, slots: Tensor, starts: Tensor, lengths: Tensor, max_length: int,
+               capacity: int, bufs: StepBuffers, index: dict | None = None):
+    """The kept sketch of a batch of decode requests as the kernels' scorer reads it: a
+    `kernels.sketch_state.SketchState` over reused buffers, row b = the request whose keys are
+    key[starts[b] : starts[b] + lengths[b]] of the packed read (key [K, Hkv, d], at physical slots
+    slots [K]), in logical position order. Finished blocks: their stored codes (a gather of
+    d * bits / 8 bytes per position and KV head, no unpacking) and ranges; the unfinished newest
+    block: coded now with the last finished block's range from its keys (< block positions per
+    row); a row with no finished block gets nothing (the scorer reads its exact keys). So the
+    scorer sees `methods.sketch.key_sketch` value for value, as `dequantised` does. capacity: the
+    plan's (a multiple of the block, >= max_length). `index`: a dict kept for one forward pass,
+    where the layer-independent index tensors are made once. None when a finished block's sketch
+    is unknown (see `dequantised`) or the codes are not in the kernels' word layout."""
+    from ..kernels.sketch_state import SketchState
+
+    if not sk.words:
+        return None
+    b, blk, hkv, dev = starts.shape[0], sk.block, sk.hkv, key.device
+    ident = (b, max_length, capacity, blk)
+    if index is None or index.get("ident") != ident:
+        fresh = _step_index(key, slots, starts, lengths, max_length, capacity, blk)
+        fresh["ident"] = ident  # type: ignore[assignment]
+        if index is None:
+            index = fresh
+        else:
+            index.clear()
+            index.update(fresh)
+    nb = max(1, capacity // blk)
+    codes = bufs.view("codes", (b, hkv, capacity, sk.codes.shape[-1]), torch.int32, dev)
+    lo = bufs.view("lo", (b, hkv, nb, sk.d), sk.dtype, dev)
+    hi = bufs.view("hi", (b, hkv, nb, sk.d), sk.dtype, dev)
+    if sk.codes.shape[0] == 0:  # nothing finished yet: room to index (the values are never used)
+        sk.reserve(blk)
+    nb_max = max_length // blk
+    if nb_max:  # the finished blocks' ranges, through the slot of each block's first position
+        ids = (index["first_slot"] // blk).clamp(max=sk.lo.shape[0] - 1)
+        if bool((index["finished"] & ~sk.known[ids]).any()):  # one host sync per layer
+            return None
+        lo[:, :, :nb_max] = sk.lo[ids].transpose(1, 2)
+        hi[:, :, :nb_max] = sk.hi[ids].transpose(1, 2)
+    # every position's stored codes (those of unfinished or invalid positions are overwritten or unread)
+    codes[:, :, :max_length] = sk.codes[index["slot"].clamp(max=sk.codes.shape[0] - 1)].transpose(1, 2)
+    # the unfinished newest block, coded with the last finished block's range
+    rows, tpc = index["rows"], index["tail_pos"]
+    x = key[index["tail_key"]].float()  # [b, blk, Hkv, d]
+    r = (index["n_full"] - 1).clamp(0, nb - 1)
+    lo_r, hi_r = lo[rows, :, r].float()[:, None], hi[rows, :, r].float()[:, None]  # [b, 1, Hkv, d]
+    words = sk._pack(sk._code(x, lo_r, hi_r))  # [b, blk, Hkv, W]
+    old = codes[rows[:, None], :, tpc]
+    codes[rows[:, None], :, tpc] = torch.where(index["tail_ok"][:, :, None, None], words, old)
+    return SketchState.over(codes, lo, hi, bits=sk.bits, block=blk)
 
 
 class _KeptSketch:

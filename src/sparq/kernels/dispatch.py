@@ -230,17 +230,18 @@ class DecodePlan:
     def workspace_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
 
-    def matches(self, query: torch.Tensor, key: torch.Tensor, config) -> bool:
+    def matches(self, query: torch.Tensor, key: torch.Tensor, config, max_length: int | None = None) -> bool:
         batch, hq, d = query.shape
+        span = key.shape[2] if max_length is None else max_length
         return (batch == self.batch and hq == self.num_q_heads and key.shape[1] == self.num_kv_heads
-                and d == self.head_dim and key.shape[2] <= self.capacity and config == self.config
+                and d == self.head_dim and span <= self.capacity and config == self.config
                 and query.device.type == self.device.type
                 and (self.device.index is None or query.device.index in (None, self.device.index)))
 
     def run(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor | None = None,
             *, scale: float | None = None, key_t: torch.Tensor | None = None, value_sum: torch.Tensor | None = None,
             starts: torch.Tensor | None = None, out: torch.Tensor | None = None,
-            sketch=None) -> torch.Tensor:
+            sketch=None, max_length: int | None = None) -> torch.Tensor:
         """One SparQ decode step. Same semantics as `sparq.reference.sparq_reference`.
 
         query [B, Hq, d]; key, value [B, Hkv, S, d] with S <= capacity (last dim contiguous);
@@ -253,11 +254,19 @@ class DecodePlan:
         A plan made for a `sketch_scores.SketchConfig` runs `sparq-sketch` (`SparQSketch.attend`'s
         semantics) instead: step 1 reads `sketch` (the layer's `sketch_state.SketchState`, required;
         key_t is not used) and the budgets are the sketch method's.
+
+        max_length (with starts): the longest row's length, which the caller knows, when the K/V
+        buffer is longer than any row -- a packed buffer of several requests viewed with batch
+        stride 0 and starts = each request's offset (serving). The plan's capacity must then cover
+        max_length, not key.shape[2]; the kernels only read [starts[b], starts[b] + lengths[b]).
+        Pass value_sum with such a view (summing it here would read every row's whole buffer).
         """
         config = self.config
         batch, num_q_heads, head_dim = query.shape
         _, num_kv_heads, seq_len, _ = key.shape
-        if not self.matches(query, key, config):
+        if max_length is not None and starts is None:
+            raise ValueError("max_length is for a buffer read through per-row starts")
+        if not self.matches(query, key, config, max_length):
             raise ValueError(f"query {tuple(query.shape)} / key {tuple(key.shape)} do not fit this plan "
                              f"(B={self.batch}, Hq={self.num_q_heads}, Hkv={self.num_kv_heads}, "
                              f"d={self.head_dim}, capacity {self.capacity})")
@@ -292,7 +301,8 @@ class DecodePlan:
             H2_PAD=triton.next_power_of_2(2 * num_kv_heads), num_warps=1,
         )
         if is_sketch:  # step 1 of sparq-sketch (sketch_scores.py)
-            score_sketch(self, query, key, sketch, lengths, starts_arg, has_starts, scale)
+            score_sketch(self, query, key, sketch, lengths, starts_arg, has_starts, scale,
+                         seq_len if max_length is None else max_length)
         else:  # step 1 of the paper
             score_transposed_keys(self, query, key_t, lengths, starts_arg, has_starts, scale)
         # step 2a

@@ -396,17 +396,19 @@ def sketch_block_s(ws, sketch: SketchState) -> int:
 
 
 def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState, lengths: torch.Tensor,
-                 starts: torch.Tensor, has_starts: bool, scale: float) -> None:
+                 starts: torch.Tensor, has_starts: bool, scale: float, span: int | None = None) -> None:
     """Step 1 from the sketch into the plan's workspace (one launch).
 
     Bytes read per KV head: length * d * bits / 8 (codes) + 2 * d * elt per tile (ranges) +
     g * d * elt (query); rows shorter than one block read length * d * elt of exact keys instead.
     Written: 4 * g * length (fp32 logits) + 8 * g * n_split (split statistics).
+    span: the logical positions the sketch must cover (default key.shape[2]; less for a packed K
+    buffer read through per-row starts, `DecodePlan.run`'s max_length).
     """
     batch, num_kv_heads, _, head_dim = key.shape
     if (sketch.batch, sketch.num_kv_heads, sketch.head_dim) != (batch, num_kv_heads, head_dim):
         raise ValueError("the sketch does not belong to this cache")
-    if sketch.capacity < key.shape[2] or (sketch.bits, sketch.block) != (ws.config.bits, ws.config.block):
+    if sketch.capacity < (key.shape[2] if span is None else span) or (sketch.bits, sketch.block) != (ws.config.bits, ws.config.block):
         raise ValueError("the sketch is smaller than the K buffer or coded with other bits / block than the plan's")
     g = ws.g
     # codes: fp16 operands on the GPU (2 parts of q * step); fp32 keys in the interpreter stay fp32.

@@ -214,6 +214,25 @@ class SketchState:
         self.lo = torch.zeros(batch, num_kv_heads, self.n_blocks, head_dim, dtype=dtype, device=self.device)
         self.hi = torch.zeros_like(self.lo)
 
+    @classmethod
+    def over(cls, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *, bits: int, block: int) -> "SketchState":
+        """A state over buffers someone else fills (serving's per-step sketch of the decode requests,
+        gathered from the paged cache's kept sketch): codes int32 [B, Hkv, capacity, d * bits / 32]
+        in `code_layout` order, lo / hi [B, Hkv, >= max(1, capacity // block), d] in the key dtype,
+        all contiguous. Nothing is allocated or copied; `prefill` / `append` must not be called on it."""
+        b, h, cap, words = codes.shape
+        d = lo.shape[-1]
+        if words * 32 != d * bits or lo.shape[:2] != (b, h) or lo.shape[2] < max(1, cap // block) \
+                or hi.shape != lo.shape or not (codes.is_contiguous() and lo.is_contiguous() and hi.is_contiguous()):
+            raise ValueError(f"codes {tuple(codes.shape)} / lo {tuple(lo.shape)} do not form a {bits}-bit sketch")
+        self = cls.__new__(cls)
+        self.kernels = sketch_supported(d, bits, block, lo.dtype, codes.device)
+        self.batch, self.num_kv_heads, self.head_dim, self.capacity = b, h, d, cap
+        self.bits, self.block, self.dtype, self.device = bits, block, lo.dtype, codes.device
+        self.words, self.n_blocks = words, lo.shape[2]
+        self.codes, self.lo, self.hi = codes, lo, hi
+        return self
+
     def grow(self, capacity: int, used: int) -> None:
         """Room for `capacity` positions, keeping the first `used` (transformers' growing cache
         doubles it; a static cache never calls this)."""

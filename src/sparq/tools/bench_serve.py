@@ -144,7 +144,9 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(dev)
+            calls = dict(serving.DECODE_CALLS)
             out, wall = run(prompts, new_tokens, blocks)
+            calls = {k: serving.DECODE_CALLS[k] - calls[k] for k in calls}
             peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
         finally:
             if ctx is not None:
@@ -170,6 +172,8 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
             "ttft_ms_median": statistics.median(ttft) if ttft else float("nan"),
             "max_requests_in_flight": max_in_flight(spans), "peak_memory_GiB": peak,
             "num_blocks": blocks, "state_bytes_per_token": extra,
+            # per layer and forward pass with decode requests: which route ran them (serving.DECODE_CALLS)
+            "decode_calls": calls,
         }
         if dense_tokens is None and method is None:
             dense_tokens = tokens
@@ -198,9 +202,12 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
                      "num_blocks_dense": num_blocks, "cache_tokens_dense": num_blocks * block_size,
                      "kv_bytes_per_token": per_token, "max_batch_tokens": max_batch_tokens, "seed": seed,
                      "cuda_graphs": False, "greedy": True},
-        "decode_path": "paged|sparq decode: per-step PyTorch gather of each decode request's K/V from the paged read, "
-                       "then the method's attend in PyTorch (no kernel reads the block table); the sketch method's "
-                       "sketch kept per page beside the cache (caches.paged), unpacked to fp32 per step",
+        "decode_path": "paged|sparq decode after transformers' cache.update read (a gather of every request's "
+                       "K/V, as paged|sdpa): the default method (sparq-sketch, CUDA fp16/bf16) on the Triton kernels, "
+                       "K/V read in place from that packed read, the sketch kept per page beside the cache "
+                       "(caches.paged) and gathered packed per layer and step (serving._decode_kernels); other "
+                       "methods (the paper's sparq: no Kᵀ kept) copy each decode request's K/V per step and attend "
+                       "in PyTorch" + ("" if serving.KERNELS else " [serving.KERNELS off: every method in PyTorch]"),
         "timing": "wall clock of model.generate_batch over all requests (prefill included), after a warm-up call; "
                   "TPOT and TTFT from transformers' per-token timestamps",
         "rows": rows,
