@@ -326,7 +326,10 @@ def test_attn_implementation_sparq_after_plain_import(tmp_path):
     import sys
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(__import__("pathlib").Path(sparq.__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
+                                                        os.environ.get("PYTHONPATH", "")]),
+           # the PyTorch path, as on a GPU machine (CPU tensors): the interpreted sketch kernels took
+           # ~10 s of this test and are not what it checks
+           "TRITON_INTERPRET": "0"}
     res = subprocess.run([sys.executable, "-c", ATTN_IMPL_SCRIPT, str(tmp_path / "m")], capture_output=True,
                          text=True, env=env, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]

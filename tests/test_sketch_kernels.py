@@ -411,13 +411,15 @@ def test_growing_cache_keeps_the_sketch_across_regrowth():
 
 @pytest.mark.parametrize("d,bits,g,block", [(16, 2, 1, 16), (32, 1, 8, 16), (32, 2, 1, 16), (64, 1, 1, 16),
                                             (64, 2, 8, 16), (128, 1, 8, 16), (128, 2, 1, 16), (256, 1, 1, 16),
-                                            (256, 2, 8, 16), (128, 2, 8, 128), (256, 1, 8, 64)])
+                                            (256, 2, 8, 16), (128, 2, 8, 128), (256, 1, 8, 64),
+                                            (64, 2, 3, 128)])
 def test_scorer_every_head_dim(d, bits, g, block):
     """Step 1 alone at every head dim and bits the sketch supports (the interleaved code layout has
     whole words per MMA lane only from d * bits = 128 on): logits, and the split statistics when
     something reads them (g > 1 or reallocation; g = 1 runs without reallocation, statistics off).
     Blocks of 64 / 128 give tiles of 64 / 128 positions: at g >= 8 the GPU's MMA is then a wgmma,
-    whose own column order of the codes `_unpack_codes(WG=1)` produces."""
+    whose own column order of the codes `_unpack_codes(WG=1)` produces. (64, 2, 3, 128): the default
+    method at the bundled SmolLM2's shape (test_cli runs its demo on the PyTorch path)."""
     DEFAULT_TUNING, DecodePlan, SketchConfig, SketchState, _ = _imports()
     batch, hkv, seq = 2, 1, 53 if block == 16 else 2 * block + 37
     dtype = torch.float16
