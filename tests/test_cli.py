@@ -183,3 +183,4 @@ def test_generate_and_demo_on_bundled_model(tmp_path, monkeypatch):
     result = runner.invoke(app, ["demo", "--context", "400", "--keys", "1"])
     assert result.exit_code == 0, result.output
     assert "correct" in result.output and "of dense" in result.output
+    assert "GPU kernels" in result.output  # on the CPU the demo says why its speed is not the point

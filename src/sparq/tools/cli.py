@@ -261,6 +261,11 @@ def demo(
                       f"attention data read {res.fraction_read:.3f} of dense  "
                       f"prompt {min(res.prompt_tokens)}-{max(res.prompt_tokens)} tokens  "
                       f"decode {res.decode_tokens_per_s:.1f} tokens/s (batch {len(prompts)})", soft_wrap=True)
+    if next(lm.parameters()).device.type != "cuda":  # say why the speed is not the point here
+        console.print("[dim]On the CPU the sparse methods run their PyTorch reference path, which is slower than "
+                      "dense attention; this demo shows the answers and the data read. The speed-up needs the "
+                      "GPU kernels: `sparq bench generate` on a GPU (README, 'Speed on an H200').[/dim]",
+                      soft_wrap=True)
 
 
 def _int_list(text: str, name: str) -> list[int]:
