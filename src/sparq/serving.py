@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.integrations.sdpa_attention import repeat_kv  # what transformers' "paged|sdpa" uses
 
 from .caches.paged import PagedSketch, StepBuffers, _KeptSketch, step_state
 from .methods import DecodeInputs, DecodeMethod
@@ -159,14 +160,6 @@ def _packed_causal_mask(bq: list[int], bk: list[int], q_len: int, k_len: int, dt
     return mask[None, None]
 
 
-def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
-    """[B, Hkv, S, d] -> [B, Hkv * n_rep, S, d] (transformers' repeat_kv)."""
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
-
-
 def _dense(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor, dropout: float,
            scaling: float | None) -> Tensor:
     """transformers' "paged|sdpa" on the packed batch: query [1, Hq, Q, d]; key, value [K, Hkv, d].
@@ -174,7 +167,7 @@ def _dense(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: T
     k = key.transpose(0, 1).unsqueeze(0)
     v = value.transpose(0, 1).unsqueeze(0)
     groups = getattr(module, "num_key_value_groups", 1)
-    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     out = torch.nn.functional.scaled_dot_product_attention(
         query.contiguous(), k.contiguous(), v.contiguous(), attn_mask=mask, dropout_p=dropout, scale=scaling,
         is_causal=False)
