@@ -87,6 +87,8 @@ CASES = [
     (8, 2, 128, WIDE, 1 / 4, True, 2),             # GQA 4, d 128, reallocation (value sums)
     (4, 1, 64, torch.float16, 1 / 8, False, 1),    # GQA 4, fp16
     (2, 2, 128, WIDE, 1.0, True, 1),               # k >= length: everything kept
+    (6, 2, 32, WIDE, 1 / 8, False, 1),             # GQA 3 (odd group), d 32
+    (2, 1, 256, torch.float16, 1 / 8, False, 1),   # d 256 (Gemma 3's), GQA 2
 ]
 
 
