@@ -67,14 +67,38 @@ def _bench(fn) -> float:
     return do_bench(_graphed(fn), warmup=25, rep=100, return_mode="median") * 1e3
 
 
+def sketch_step(cache, q, out, bits, fraction, block, paper_settings=False):
+    """(method, SketchState, DecodePlan, step) of the sketch method on `cache` (a full `random_cache`):
+    the default method's settings (no local window, no reallocation) or, with paper_settings, local
+    k / 4 and reallocation on. `step()` runs one un-graphed decode step into `out`."""
+    from sparq.kernels.dispatch import DecodePlan
+    from sparq.kernels.sketch_scores import SketchConfig
+    from sparq.kernels.sketch_state import SketchState
+    from sparq.methods.sketch import SparQSketch
+
+    batch, hkv, seq, d = cache.key.shape
+    hq, dtype = q.shape[1], q.dtype
+    m = (SparQSketch(fraction, bits=bits, block=block) if paper_settings  # local k/4, reallocation on
+         else SparQSketch(fraction, bits=bits, block=block, local_fraction=0.0, reallocate=False))  # the default
+    st = SketchState(batch, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=q.device)
+    for b in range(batch):  # row by row: the PyTorch prefill's fp32 temporaries stay small
+        st_b = SketchState(1, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=q.device)
+        st_b.prefill(cache.key[b:b + 1], cache.lengths[b:b + 1])
+        st.codes[b].copy_(st_b.codes[0])
+        st.lo[b].copy_(st_b.lo[0])
+        st.hi[b].copy_(st_b.hi[0])
+        del st_b
+    plan = DecodePlan(batch, hq, hkv, d, seq, SketchConfig.from_method(m, d), q.device, dtype)
+    step = (lambda plan=plan, c=cache, st=st: plan.run(q, c.key, c.value, c.lengths,
+                                                        value_sum=c.value_sum, out=out, sketch=st))
+    return m, st, plan, step
+
+
 def run_shape(label, batch, hq, hkv, seq, d, dtype, fraction, block, with_paper=True, paper_settings=False,
               kernel_profile=False):
     from sparq.tools.bench_kernels import _dense_candidates, random_cache
     from sparq.config import SparQConfig
     from sparq.kernels.dispatch import DecodePlan
-    from sparq.kernels.sketch_scores import SketchConfig
-    from sparq.kernels.sketch_state import SketchState
-    from sparq.methods.sketch import SparQSketch
 
     elt = torch.finfo(dtype).bits // 8
     cache, q = random_cache(batch, hq, hkv, seq, d, dtype)
@@ -97,25 +121,13 @@ def run_shape(label, batch, hq, hkv, seq, d, dtype, fraction, block, with_paper=
     cache.derived.key_t_buf = None  # the sketch method does not keep Kᵀ
     torch.cuda.empty_cache()
     for bits in (1, 2):
-        m = (SparQSketch(fraction, bits=bits, block=block) if paper_settings  # local k/4, reallocation on
-             else SparQSketch(fraction, bits=bits, block=block, local_fraction=0.0, reallocate=False))  # the default
-        st = SketchState(batch, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=q.device)
-        for b in range(batch):  # row by row: the PyTorch prefill's fp32 temporaries stay small
-            st_b = SketchState(1, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=q.device)
-            st_b.prefill(cache.key[b:b + 1], cache.lengths[b:b + 1])
-            st.codes[b].copy_(st_b.codes[0])
-            st.lo[b].copy_(st_b.lo[0])
-            st.hi[b].copy_(st_b.hi[0])
-            del st_b
-        plan = DecodePlan(batch, hq, hkv, d, seq, SketchConfig.from_method(m, d), q.device, dtype)
+        m, st, plan, step = sketch_step(cache, q, out, bits, fraction, block, paper_settings)
         k = m.k_for(seq, d)
         name = f"sketch{bits}b"
         row["k"][name] = k
         row["floor_bytes"][name] = heads * (seq * d * bits // 8 + (seq // block) * 2 * d * elt + 2 * k * d * elt + 4 * d)
         row["state_bytes_per_token_per_kv_head"] = row.get("state_bytes_per_token_per_kv_head", {})
         row["state_bytes_per_token_per_kv_head"][name] = st.bytes_per_position()
-        step = (lambda plan=plan, c=cache, st=st: plan.run(q, c.key, c.value, c.lengths,
-                                                            value_sum=c.value_sum, out=out, sketch=st))
         row["us"][name] = _bench(step)
         if kernel_profile and bits == 2:
             row["kernels_us_sketch2b"] = _kernel_profile(step)

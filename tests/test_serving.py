@@ -415,7 +415,7 @@ def test_kernels_route_on_the_gpu(monkeypatch):
     """The same on CUDA, the tiny Llama in fp16 (where the route runs outside the interpreter): the
     kernels route ran every decode call and gives the PyTorch route's tokens for at least 3 of the 4
     requests (fp16 rounding may flip a near-tie and with it the rest of a request)."""
-    monkeypatch.setattr(serving, "KERNELS", True)  # off on CUDA by default until verified there
+    monkeypatch.setattr(serving, "KERNELS", True)  # the default; set in case a caller turned it off
     model = tiny("llama").to("cuda", torch.float16)
     inputs = prompts((40, 22, 5, 53))
     method = build_method("sparq-sketch:local=0:realloc=0:block=16:min_k=2", "1/8", 16)

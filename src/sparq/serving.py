@@ -51,11 +51,10 @@ SUPPORTED_VERSIONS = ("5.17", "5.18")
 # Upper bound on the transient fp32 copy of K and V that one chunk of decode requests gathers
 # (bytes); decode requests are processed in chunks below it so the gather cannot exhaust memory.
 GATHER_BYTES = 1 << 30
-# The default method's decode requests on the Triton kernels (`_decode_kernels`): None (default) =
-# only under Triton's CPU interpreter, where the route is tested; on CUDA it stays off until it has
-# run on a GPU (written 2026-11-30 without device time; docs/SERVING.md has the commands). True: on
-# wherever the kernels run; False: always the PyTorch path (tests compare the two).
-KERNELS: bool | None = None
+# The default method's decode requests on the Triton kernels (`_decode_kernels`): True (default) or
+# None = wherever the kernels run (CUDA fp16/bf16, and Triton's CPU interpreter, where it is tested;
+# on the H200 since 2026-11-30's fourth session); False: always the PyTorch path (tests compare the two).
+KERNELS: bool | None = True
 # Layer calls with decode requests by route, over the process's life (bench serve reports them).
 DECODE_CALLS: dict[str, int] = {"kernels": 0, "torch": 0}
 # Smallest position capacity of a kernels plan (it doubles from there as requests grow).
@@ -242,9 +241,8 @@ def _kernels_for(method: DecodeMethod, query: Tensor, key: Tensor, sketch: Paged
     does every other method."""
     from .methods.sketch import SparQSketch
 
-    from .kernels import interpreting
 
-    on = KERNELS if KERNELS is not None else interpreting()
+    on = KERNELS is not False
     if not (on and isinstance(method, SparQSketch) and sketch is not None and sketch.words
             and (sketch.bits, sketch.block) == method.sketch_spec and query.dtype == key.dtype
             and key.stride(-1) == 1):

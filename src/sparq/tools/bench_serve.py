@@ -73,10 +73,31 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
                 new_tokens: int = 256, methods: tuple[str, ...] = ("dense", "default", "sparq"), budget: str = "1/8",
                 *, cache_gib: float = 40.0, block_size: int = 256, max_batch_tokens: int = 8192,
                 device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0,
-                out_dir: str | Path | None = "benchmarks/results", print_rows: bool = True) -> dict:
+                kernels: bool | None = None, out_dir: str | Path | None = "benchmarks/results", print_rows: bool = True) -> dict:
     """Run every variant in `methods` ("dense" = transformers' "paged|sdpa"; any other entry is a
     method spec for `build_method` at `budget`, run as "paged|sparq") over the same requests;
-    returns {"device", "versions", "settings", "rows"} and writes it as JSON under out_dir."""
+    returns {"device", "versions", "settings", "rows"} and writes it as JSON under out_dir.
+    `kernels` sets `serving.KERNELS` for this run (None: its default)."""
+    from .. import serving
+
+    serving.check_version()
+    if kernels is not None and not isinstance(kernels, bool):
+        raise TypeError(f"kernels must be True, False or None (serving.KERNELS' default), got {kernels!r}")
+    previous_kernels = serving.KERNELS
+    if kernels is not None:  # the kernels route for the default method's decode requests, for this run only
+        serving.KERNELS = kernels
+    try:
+        return _bench_serve(model, requests, min_prompt, max_prompt, new_tokens, methods, budget, cache_gib=cache_gib,
+                            block_size=block_size, max_batch_tokens=max_batch_tokens, device=device, dtype=dtype,
+                            seed=seed, out_dir=out_dir, print_rows=print_rows)
+    finally:
+        serving.KERNELS = previous_kernels
+
+
+def _bench_serve(model: str, requests: int, min_prompt: int, max_prompt: int, new_tokens: int,
+                 methods: tuple[str, ...], budget: str, *, cache_gib: float, block_size: int, max_batch_tokens: int,
+                 device: str | None, dtype: torch.dtype | None, seed: int, out_dir: str | Path | None,
+                 print_rows: bool) -> dict:
     import transformers
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -85,7 +106,6 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
     from .. import serving
     from ..methods import build_method, parse_budget
 
-    serving.check_version()
     for name, v, lo in (("requests", requests, 1), ("min_prompt", min_prompt, 1), ("new_tokens", new_tokens, 2),
                         ("block_size", block_size, 4), ("max_batch_tokens", max_batch_tokens, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -201,7 +221,8 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
                      "methods": list(methods), "cache_gib": cache_gib, "block_size": block_size,
                      "num_blocks_dense": num_blocks, "cache_tokens_dense": num_blocks * block_size,
                      "kv_bytes_per_token": per_token, "max_batch_tokens": max_batch_tokens, "seed": seed,
-                     "cuda_graphs": False, "greedy": True},
+                     "cuda_graphs": False, "greedy": True,
+                     "serving_kernels": serving.KERNELS},
         "decode_path": "paged|sparq decode after transformers' cache.update read (a gather of every request's "
                        "K/V, as paged|sdpa): the default method (sparq-sketch, CUDA fp16/bf16) on the Triton kernels, "
                        "K/V read in place from that packed read, the sketch kept per page beside the cache "

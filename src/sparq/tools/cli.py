@@ -378,6 +378,9 @@ def bench_serve(
     block_size: Annotated[int, typer.Option(min=4, help="Tokens per cache block.")] = 256,
     max_batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per continuous-batching step.")] = 8192,
     device: Annotated[str, typer.Option(help="cuda, or cpu for a smoke test (--model tiny).")] = "cuda",
+    kernels: Annotated[Optional[bool], typer.Option(
+        "--kernels/--no-kernels", help="The default method's decode requests on the Triton kernels (sparq.serving."
+                                       "KERNELS); unset: its default.")] = None,
     out_dir: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("benchmarks/results"),
 ) -> None:
     """Continuous batching (transformers' generate_batch, paged KV cache): dense vs SparQ, same requests and
@@ -394,7 +397,8 @@ def bench_serve(
     try:
         serving.check_version()
         result = run(model, requests, min_prompt, max_prompt, new_tokens, names, budget, cache_gib=cache_gib,
-                     block_size=block_size, max_batch_tokens=max_batch_tokens, device=device, out_dir=out_dir)
+                     block_size=block_size, max_batch_tokens=max_batch_tokens, device=device, kernels=kernels,
+                     out_dir=out_dir)
     except (ValueError, RuntimeError) as e:
         fail(str(e))
     console.print(format_serve_table(result), soft_wrap=True)
