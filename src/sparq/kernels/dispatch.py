@@ -318,7 +318,7 @@ class DecodePlan:
             self.logits, self.logz, lengths, self.k_b, self.local_b, self.state, self.counts.view(torch.int64),
             self.idx, self.cand, self.bits, self.tile_counts, num_kv_heads, s_cap, self.k_max, self.n_tiles,
             G=g, G_PAD=g_pad, CHUNK=self.chunk_e, BLOCK_S=self.emit_block, DET=self.deterministic,
-            num_warps=self.emit_warps,
+            ASM=query.device.type == "cuda", num_warps=self.emit_warps,
         )
         _resolve_kernel[(bh,)](
             self.logits, self.logz, lengths, self.k_b, self.local_b, self.state, self.counts, self.idx, self.cand,
@@ -330,7 +330,8 @@ class DecodePlan:
         if self.deterministic:
             _compact_kernel[(bh, self.n_split_c)](
                 lengths, self.bits, self.tile_counts, self.idx, num_kv_heads, self.k_max, self.n_tiles,
-                CHUNK=self.chunk_c, TILE=self.emit_block, NT_PAD=triton.next_power_of_2(self.n_tiles), num_warps=4,
+                CHUNK=self.chunk_c, TILE=self.emit_block, NT_PAD=triton.next_power_of_2(self.n_tiles),
+                ASM=query.device.type == "cuda", num_warps=4,
             )
         # step 2b + 3
         _gather_attention_kernel[(bh, self.n_split2)](

@@ -183,6 +183,48 @@ def _key_at(logits_ptr, logz_ptr, bh, pos, mask, s_cap, G: tl.constexpr, G_PAD: 
 
 
 @triton.jit
+def _key_at_2d(logits_ptr, logz_ptr, bh, pos, mask, s_cap, G: tl.constexpr, G_PAD: tl.constexpr):
+    """_key_at for a 2D tile of positions [NW, 32] (the emit kernel's word-by-lane tiles), same arithmetic."""
+    if G == 1:
+        v = tl.load(logits_ptr + bh.to(tl.int64) * s_cap + pos, mask=mask, other=0.0)
+    else:
+        offs_g = tl.arange(0, G_PAD)
+        g_ok = offs_g < G
+        logz = tl.load(logz_ptr + bh * G + offs_g, mask=g_ok, other=0.0)
+        lg = tl.load(logits_ptr + (bh * G + offs_g).to(tl.int64)[:, None, None] * s_cap + pos[None, :, :],
+                     mask=g_ok[:, None, None] & mask[None, :, :], other=float("-inf"))
+        v = tl.sum(tl.exp(lg - logz[:, None, None]), axis=0)
+    return _order_key(v)
+
+
+@triton.jit
+def _popc(x, ASM: tl.constexpr):
+    """Set bits of each int32 word (0..32, int32): one POPC on the GPU, a SWAR count elsewhere."""
+    if ASM:
+        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        u = x.to(tl.uint32, bitcast=True)
+        u = u - ((u >> 1) & 0x55555555)
+        u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+        u = (u + (u >> 4)) & 0x0F0F0F0F
+        return ((u * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _ranks_in_words(words, ASM: tl.constexpr):
+    """For words [NW] (bit i of word w = element 32 w + i of a tile): ([NW, 32] int32 bit of each
+    element, [NW, 32] int32 number of set elements before it in the tile, [NW] int32 set elements per
+    word). An exclusive scan over the tile from one NW-wide scan and a popcount of the lower lanes, in
+    place of a scan over every element."""
+    lane = tl.arange(0, 32)
+    cnt = _popc(words, ASM)
+    excl = tl.cumsum(cnt, 0) - cnt
+    below = ((tl.full([32], 1, tl.uint32) << lane.to(tl.uint32)) - 1).to(tl.int32, bitcast=True)  # lanes < i
+    bit = (words[:, None] >> lane[None, :]) & 1
+    return bit, excl[:, None] + _popc(words[:, None] & below[None, :], ASM), cnt
+
+
+@triton.jit
 def _kth_largest(u, ok, j, lo, hi, tol):
     """Bisection for the j-th largest (0-based) v of u[ok] (max v with count(u >= v) >= j + 1),
     starting from lo <= v <= hi; stops once hi - lo <= tol and returns (lo, hi), so that
@@ -312,10 +354,10 @@ def _pack_bits(keep, N: tl.constexpr):
 
 
 @triton.jit
-def _unpack_bits(words, N: tl.constexpr):
-    """_pack_bits inverted: [N // 32] int32 words -> [N] int32 (0 / 1)."""
+def _pack_words(flags):
+    """[NW, 32] bool -> [NW] int32 words, bit i of word w = flags[w, i]."""
     lane = tl.arange(0, 32)
-    return tl.reshape((words[:, None] >> lane[None, :]) & 1, [N])
+    return tl.reduce(flags.to(tl.int32) << lane[None, :], 1, _bit_or)
 
 
 @triton.jit
@@ -323,6 +365,7 @@ def _emit_kernel(
     logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count64_ptr, idx_ptr, cand_ptr,
     bits_ptr, tcount_ptr, num_kv_heads, s_cap, k_max, n_tiles,
     G: tl.constexpr, G_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, DET: tl.constexpr,
+    ASM: tl.constexpr = False,
 ):
     """Append one chunk's surely-kept positions to the index list and its bracket candidates to
     the candidate list.
@@ -345,7 +388,9 @@ def _emit_kernel(
     read_lim = tl.where(kb < length, length - lb, 0)  # candidates are s < read_lim
     u_hi = tl.load(state_ptr + bh * 2)
     u_lo = tl.load(state_ptr + bh * 2 + 1)
-    offs_s = tl.arange(0, BLOCK_S)
+    NW: tl.constexpr = BLOCK_S // 32
+    # a tile is [NW, 32]: element (w, i) is position s0 + 32 w + i, bit i of keep/candidate word w
+    offs_s = tl.arange(0, NW)[:, None] * 32 + tl.arange(0, 32)[None, :]
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, length)
     for s0 in range(start, end, BLOCK_S):
@@ -359,24 +404,25 @@ def _emit_kernel(
                 v = tl.load(logits_ptr + bh.to(tl.int64) * s_cap + s, mask=s < s_cap, other=0.0)
             u = _order_key(v)
         else:
-            u = _key_at(logits_ptr, logz_ptr, bh, s, is_cand, s_cap, G, G_PAD)
+            u = _key_at_2d(logits_ptr, logz_ptr, bh, s, is_cand, s_cap, G, G_PAD)
         keep = (ok & (s >= read_lim)) | (is_cand & (u > u_hi))
         bnd = is_cand & (u >= u_lo) & (u <= u_hi)
-        # one scan and one 64-bit atomic per tile for both lists: low half counts kept
-        # positions, high half bracket candidates (a tile has < 2^16 positions)
-        packed = keep.to(tl.int32) + (bnd.to(tl.int32) << 16)
-        incl = tl.cumsum(packed, 0)
-        total = tl.sum(packed, 0)
-        base = tl.atomic_add(count64_ptr + bh, (total & 65535).to(tl.int64) + ((total >> 16).to(tl.int64) << 32),
+        keep_w = _pack_words(keep)
+        bnd_w = _pack_words(bnd)
+        _, rank_c, cnt_c = _ranks_in_words(bnd_w, ASM)
+        n_keep = tl.sum(_popc(keep_w, ASM), 0)
+        n_bnd = tl.sum(cnt_c, 0)
+        # one 64-bit atomic per tile for both lists: low half counts kept positions, high half
+        # bracket candidates
+        base = tl.atomic_add(count64_ptr + bh, n_keep.to(tl.int64) + (n_bnd.to(tl.int64) << 32),
                              sem="relaxed")  # a slot reservation: no ordering needed
-        excl = incl - packed
-        pos_c = (base >> 32).to(tl.int32) + (excl >> 16)
+        pos_c = (base >> 32).to(tl.int32) + rank_c
         if DET:
-            tl.store(tcount_ptr + bh * n_tiles + s0 // BLOCK_S, total & 65535)
-            tl.store(bits_ptr + bh.to(tl.int64) * (n_tiles * (BLOCK_S // 32)) + s0 // 32
-                     + tl.arange(0, BLOCK_S // 32), _pack_bits(keep, BLOCK_S))
+            tl.store(tcount_ptr + bh * n_tiles + s0 // BLOCK_S, n_keep)
+            tl.store(bits_ptr + bh.to(tl.int64) * (n_tiles * NW) + s0 // 32 + tl.arange(0, NW), keep_w)
         else:
-            pos_k = (base & 4294967295).to(tl.int32) + (excl & 65535)
+            _, rank_k, _ = _ranks_in_words(keep_w, ASM)
+            pos_k = (base & 4294967295).to(tl.int32) + rank_k
             tl.store(idx_ptr + bh.to(tl.int64) * k_max + pos_k, s, mask=keep & (pos_k < k_max))
         tl.store(cand_ptr + bh.to(tl.int64) * s_cap + pos_c, s, mask=bnd)
 
@@ -592,7 +638,7 @@ def _resolve_kernel(
 
 @triton.jit
 def _compact_kernel(len_ptr, bits_ptr, tcount_ptr, idx_ptr, num_kv_heads, k_max, n_tiles,
-                    CHUNK: tl.constexpr, TILE: tl.constexpr, NT_PAD: tl.constexpr):
+                    CHUNK: tl.constexpr, TILE: tl.constexpr, NT_PAD: tl.constexpr, ASM: tl.constexpr = False):
     """DET: the index list of KV head bh in ascending position order, from the keep bitmap and
     the per-tile kept counts (`_emit_kernel` + `_resolve_kernel`). Program (bh, split) writes the
     kept positions of the tiles of positions [split * CHUNK, (split + 1) * CHUNK) at the exclusive
@@ -611,11 +657,12 @@ def _compact_kernel(len_ptr, bits_ptr, tcount_ptr, idx_ptr, num_kv_heads, k_max,
         offs_t = tl.arange(0, NT_PAD)
         base = tl.sum(tl.load(tcount_ptr + bh * n_tiles + offs_t, mask=offs_t < t_start, other=0), 0)
         t_end = tl.minimum(t_start + CHUNK // TILE, n_valid)
-        offs = tl.arange(0, TILE)
-        bits_row = bits_ptr + bh.to(tl.int64) * (n_tiles * (TILE // 32))
+        NW: tl.constexpr = TILE // 32
+        offs = tl.arange(0, NW)[:, None] * 32 + tl.arange(0, 32)[None, :]
+        bits_row = bits_ptr + bh.to(tl.int64) * (n_tiles * NW)
         idx_row = idx_ptr + bh.to(tl.int64) * k_max
         for t in range(t_start, t_end):
-            keep = _unpack_bits(tl.load(bits_row + t * (TILE // 32) + tl.arange(0, TILE // 32)), TILE)
-            out = base + tl.cumsum(keep, 0) - keep
-            tl.store(idx_row + out, t * TILE + offs, mask=(keep > 0) & (out < k_max))
-            base += tl.sum(keep, 0)
+            bit, rank, cnt = _ranks_in_words(tl.load(bits_row + t * NW + tl.arange(0, NW)), ASM)
+            out = base + rank
+            tl.store(idx_row + out, t * TILE + offs, mask=(bit > 0) & (out < k_max))
+            base += tl.sum(cnt, 0)
