@@ -266,12 +266,41 @@ def _narrow(lo, hi, step, cnt, j):
 
 
 @triton.jit
-def _kth_largest_mp(u, ok, j, lo, hi, tol, P: tl.constexpr):
+def _kth_largest_radix(u, ok, j, lo, hi, tol, BINS: tl.constexpr):
+    """_kth_largest's contract (returns (lo, hi) with lo <= v <= hi, exact with tol = 0) by radix
+    rounds: each round counts the keys of [lo, hi] in BINS equal parts with one histogram
+    (tl.histogram: per-warp ballots, no comparison tile) and keeps the part that holds the answer,
+    so [lo, hi] shrinks BINS-fold per round: an exact search over 2^32 takes 4 rounds with 256 bins
+    (11 with 8 pivots, 32 by bisection), a bracket of 2^20 takes 3."""
+    offs_b = tl.arange(0, BINS)
+    above = tl.sum((ok & (u > hi)).to(tl.int32), 0)  # keys above the interval, counted once
+    while hi - lo > tol:
+        width = hi - lo
+        shift = width * 0
+        while (width >> shift) >= BINS:  # smallest shift putting (u - lo) >> shift in [0, BINS)
+            shift += 1
+        in_r = ok & (u >= lo) & (u <= hi)
+        h = tl.histogram(((u - lo) >> shift).to(tl.int32), BINS, mask=in_r)
+        # count(u >= lo + (b << shift)) for each part b: falls with b; the answer is in the last
+        # part whose count reaches j + 1
+        ge = above + tl.sum(h, 0) - tl.cumsum(h, 0) + h
+        b = tl.sum((ge >= j + 1).to(tl.int32), 0) - 1
+        above += tl.sum(tl.where(offs_b > b, h, 0), 0)
+        new_lo = lo + (b.to(tl.int64) << shift)
+        hi = tl.minimum(hi, new_lo + (tl.full([], 1, tl.int64) << shift) - 1)
+        lo = new_lo
+    return lo, hi
+
+
+@triton.jit
+def _kth_largest_mp(u, ok, j, lo, hi, tol, P: tl.constexpr, RADIX: tl.constexpr = 0):
     """_kth_largest with P pivots per round (same contract: returns (lo, hi) with lo <= v <= hi,
     exact with tol = 0): the counts of all P pivots come from ONE reduction of the [n, P]
     comparison tile, and [lo, hi] shrinks (P + 1)-fold per round instead of 2-fold.
-    P = 1 is the plain bisection."""
-    if P == 1:
+    P = 1 is the plain bisection. RADIX > 0: `_kth_largest_radix` with RADIX bins instead."""
+    if RADIX > 0:
+        lo, hi = _kth_largest_radix(u, ok, j, lo, hi, tol, RADIX)
+    elif P == 1:
         lo, hi = _kth_largest(u, ok, j, lo, hi, tol)
     else:
         # masked keys become u = 0, below every pivot (>= 1): never counted
@@ -288,7 +317,7 @@ def _sample_kernel(
     logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, split_m_ptr, split_l_ptr, n_split,
     num_kv_heads, s_cap,
     G: tl.constexpr, G_PAD: tl.constexpr, NS: tl.constexpr, NS1_PAD: tl.constexpr, TOL: tl.constexpr,
-    PIVOTS: tl.constexpr,
+    PIVOTS: tl.constexpr, RADIX: tl.constexpr = 0,
 ):
     """log-normalisers of s_hat from step 1's split statistics, then the bracket [U_lo, U_hi] of
     the need-th largest key from a stratified sample.
@@ -333,7 +362,7 @@ def _sample_kernel(
         tol = tl.where(ns == n_cand, 0, TOL).to(tl.int64)
         zero = tl.min(tl.where(ok, u, 0), 0) * 0
         rank = tl.where(which == 0, tl.maximum(r_hi, 0), tl.minimum(r_lo, ns - 1))
-        v_lo, v_hi = _kth_largest_mp(u, ok, rank, zero, zero + 4294967295, tol, PIVOTS)
+        v_lo, v_hi = _kth_largest_mp(u, ok, rank, zero, zero + 4294967295, tol, PIVOTS, RADIX)
         val_hi = tl.where(r_hi < 0, val, v_hi)
         val_lo = tl.where(r_lo >= ns, zero, v_lo)
         val = tl.where(which == 0, val_hi, val_lo)
@@ -479,6 +508,7 @@ def _resolve_kernel(
     bits_ptr, tcount_ptr, num_kv_heads, s_cap, k_max, n_tiles,
     G: tl.constexpr, G_PAD: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
     PIVOTS: tl.constexpr, PIVOTS_MEM: tl.constexpr, TILE: tl.constexpr, DET: tl.constexpr,
+    RADIX: tl.constexpr = 0,
 ):
     """Exact winners inside the bracket (or, if the bracket missed, over all candidates).
 
@@ -530,7 +560,7 @@ def _resolve_kernel(
                 # every candidate lies in [U_lo, U_hi]: bisect inside the bracket only
                 b_lo = tl.load(state_ptr + bh * 2 + 1)
                 b_hi = tl.minimum(tl.load(state_ptr + bh * 2), 4294967295)
-                thr_r, _ = _kth_largest_mp(u_r, ok_r, m - 1, b_lo, b_hi, b_lo * 0, PIVOTS)
+                thr_r, _ = _kth_largest_mp(u_r, ok_r, m - 1, b_lo, b_hi, b_lo * 0, PIVOTS, RADIX)
                 gt_r = ok_r & (u_r > thr_r)
                 tie_r = ok_r & (u_r == thr_r)
                 n_ties_r = m - tl.sum(gt_r.to(tl.int32), 0)
@@ -539,7 +569,7 @@ def _resolve_kernel(
                     cut = b_lo * 0
                     if tl.sum(tie_r.to(tl.int32), 0) > n_ties_r:
                         cut, _ = _kth_largest_mp(s_cap - pos_r.to(tl.int64), tie_r, n_ties_r - 1,
-                                                 b_lo * 0, b_lo * 0 + s_cap, b_lo * 0, PIVOTS)
+                                                 b_lo * 0, b_lo * 0 + s_cap, b_lo * 0, PIVOTS, RADIX)
                     keep_r = gt_r | (tie_r & (s_cap - pos_r.to(tl.int64) >= cut))
                     _mark_kept(bits_row, tc_row, pos_r, keep_r, TILE)
                 else:
