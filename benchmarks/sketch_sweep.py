@@ -30,9 +30,6 @@ VARIANTS: dict[str, dict] = {
     "emit_block=2048": {"emit_block": 2048}, "emit_block=512": {"emit_block": 512}, "emit_warps=8": {"emit_warps": 8},
     "select_warps=8": {"select_warps": 8}, "select_warps=32": {"select_warps": 32},
     "pivots=1": {"search_pivots": 1}, "pivots=8": {"search_pivots": 8},
-    # register-held searches by radix rounds (default 256 bins) or by pivots/bisection (0)
-    "radix=0": {"search_radix": 0}, "radix=16": {"search_radix": 16}, "radix=64": {"search_radix": 64},
-    "radix=1024": {"search_radix": 1024}, "radix=0+pivots=8": {"search_radix": 0, "search_pivots": 8},
     "gather_bpsm=16": {"gather_blocks_per_sm": 16}, "gather_bpsm=64": {"gather_blocks_per_sm": 64},
     "compact_tiles=1": {"compact_tiles": 1}, "compact_tiles=2": {"compact_tiles": 2},
     "emit512+stages1": {"emit_block": 512, "score_stages": 1},

@@ -252,25 +252,22 @@ def test_deterministic_order_and_reruns(monkeypatch, det, cap, tied):
 
 
 @triton.jit
-def _kth_probe(u_ptr, n, j_ptr, lo_ptr, hi_ptr, tol, out_ptr, N: tl.constexpr, P: tl.constexpr,
-               RADIX: tl.constexpr = 0):
+def _kth_probe(u_ptr, n, j_ptr, lo_ptr, hi_ptr, tol, out_ptr, N: tl.constexpr, P: tl.constexpr):
     q = tl.program_id(0)
     i = tl.arange(0, N)
     ok = i < n
     u = tl.load(u_ptr + i, mask=ok, other=0)
-    lo, hi = _kth_largest_mp(u, ok, tl.load(j_ptr + q), tl.load(lo_ptr + q), tl.load(hi_ptr + q), tol, P, RADIX)
+    lo, hi = _kth_largest_mp(u, ok, tl.load(j_ptr + q), tl.load(lo_ptr + q), tl.load(hi_ptr + q), tol, P)
     tl.store(out_ptr + 2 * q, lo)
     tl.store(out_ptr + 2 * q + 1, hi)
 
 
-@pytest.mark.parametrize("pivots, radix", [(1, 0), (2, 0), (4, 0), (8, 0), (16, 0), (1, 2), (1, 16), (1, 256)],
-                         ids=["p1", "p2", "p4", "p8", "p16", "radix2", "radix16", "radix256"])
-def test_kth_largest_multi_pivot(pivots, radix):
-    """The search alone against a sort (pivot rounds, or radix rounds of `radix` histogram bins):
-    int64 order keys over the whole [0, 2^32) range (both ends included), heavy ties, all-equal
-    keys, a start from the full range and from tight brackets, exact (tol 0) and with a tolerance:
-    lo <= v <= hi, hi - lo <= tol."""
-    gen = torch.Generator().manual_seed(pivots + 100 * radix)
+@pytest.mark.parametrize("pivots", [1, 2, 4, 8, 16])
+def test_kth_largest_multi_pivot(pivots):
+    """The search alone against a sort: int64 order keys over the whole [0, 2^32) range (both ends
+    included), heavy ties, all-equal keys, a start from the full range and from tight brackets,
+    exact (tol 0) and with a tolerance: lo <= v <= hi, hi - lo <= tol."""
+    gen = torch.Generator().manual_seed(pivots)
     top = (1 << 32) - 1
     sets = [
         torch.randint(0, 1 << 32, (100,), generator=gen, dtype=torch.int64),
@@ -298,7 +295,7 @@ def test_kth_largest_multi_pivot(pivots, radix):
                 out = torch.empty(js.numel(), 2, dtype=torch.int64)
                 _kth_probe[(js.numel(),)](u.to(DEVICE), n, js.to(torch.int32).to(DEVICE), lo0.to(DEVICE),
                                           hi0.to(DEVICE), tol, out_buf := out.to(DEVICE),
-                                          N=triton.next_power_of_2(n), P=pivots, RADIX=radix)
+                                          N=triton.next_power_of_2(n), P=pivots)
                 lo, hi = out_buf.cpu().unbind(1)
                 assert bool((lo <= v).all() and (v <= hi).all()), (pivots, tol, bracket, lo, v, hi)
                 assert bool((hi - lo <= tol).all()), (pivots, tol, bracket, hi - lo)
@@ -306,14 +303,12 @@ def test_kth_largest_multi_pivot(pivots, radix):
                     assert torch.equal(lo, v)
 
 
-@pytest.mark.parametrize("pivots, radix", [(1, 0), (1, 16)], ids=["bisection", "radix16"])
-def test_search_pivots_bisection_and_multi_pivot(pivots, radix, det):
-    """The whole selection with the register-held threshold searches forced to bisection (the
-    default before radix rounds; 8 pivots: test_kth_largest_multi_pivot) or 16-bin radix rounds
-    (the default is 256 bins), no register budget: random
-    shapes (g = 1 and g > 1), the in-memory and the fallback bracket paths, ties in registers, ties
-    in memory and ties in the fallback, all-equal keys."""
-    tuning = det.with_(search_pivots=pivots, search_budget=None, search_radix=radix)
+@pytest.mark.parametrize("pivots", [1, 8])
+def test_search_pivots_bisection_and_multi_pivot(pivots, det):
+    """The whole selection with the threshold searches forced to bisection (1) or 8 pivots per
+    round (no register budget): random shapes (g = 1 and g > 1), the in-memory and the fallback
+    bracket paths, ties in registers, ties in memory and ties in the fallback, all-equal keys."""
+    tuning = det.with_(search_pivots=pivots, search_budget=None)
     for case in (CPU_CASES[0], CPU_CASES[1]):
         batch, hq, hkv, seq, d, dtype, cfg = case
         rows, flipped, _ = run_case(batch, hq, hkv, seq, d, dtype, cfg, 7, tuning)

@@ -96,9 +96,6 @@ class Tuning:
     search_budget: int | None = 64
     # ...but bisection above this many KV heads per SM (MHA B=64 S=4k 627 -> 552 us on H100)
     pivots_max_blocks_per_sm: int | None = 2
-    # threshold searches held in registers (sample, resolve) by radix rounds of this many histogram bins
-    # (select._kth_largest_radix; 0: the pivot/bisection search above)
-    search_radix: int = 256
     # bitwise-reproducible step with the kept-index list in ascending position order (module doc)
     deterministic: bool = True
 
@@ -192,9 +189,6 @@ class DecodePlan:
         self.sample_pivots = _select.search_pivots(self.samples, self.sample_warps, *pivots)
         self.resolve_pivots = _select.search_pivots(self.cap, self.resolve_warps, *pivots)
         self.resolve_pivots_mem = _select.search_pivots(self.resolve_block, self.resolve_warps, *pivots)
-        if tuning.search_radix and (tuning.search_radix < 2 or tuning.search_radix & (tuning.search_radix - 1)):
-            raise ValueError(f"Tuning.search_radix must be 0 or a power of 2 >= 2, got {tuning.search_radix}")
-        self.search_radix = int(tuning.search_radix)
         self.use_dot = g > 1 or tuning.score_dot
         self.score_warps = 4 if interp else tuning.score_warps
         self.score_stages = None if interp else tuning.score_stages
@@ -318,20 +312,20 @@ class DecodePlan:
             self.logits, self.logz, lengths, self.k_b, self.local_b, self.state, self.split_m, self.split_l,
             self.n_split1, num_kv_heads, s_cap,
             G=g, G_PAD=g_pad, NS=self.samples, NS1_PAD=triton.next_power_of_2(self.n_split1), TOL=self.sample_tol,
-            PIVOTS=self.sample_pivots, RADIX=self.search_radix, num_warps=self.sample_warps,
+            PIVOTS=self.sample_pivots, num_warps=self.sample_warps,
         )
         _emit_kernel[(bh, self.n_split_e)](
             self.logits, self.logz, lengths, self.k_b, self.local_b, self.state, self.counts.view(torch.int64),
             self.idx, self.cand, self.bits, self.tile_counts, num_kv_heads, s_cap, self.k_max, self.n_tiles,
             G=g, G_PAD=g_pad, CHUNK=self.chunk_e, BLOCK_S=self.emit_block, DET=self.deterministic,
-            ASM=query.device.type == "cuda", num_warps=self.emit_warps,
+            num_warps=self.emit_warps,
         )
         _resolve_kernel[(bh,)](
             self.logits, self.logz, lengths, self.k_b, self.local_b, self.state, self.counts, self.idx, self.cand,
             self.bits, self.tile_counts, num_kv_heads, s_cap, self.k_max, self.n_tiles,
             G=g, G_PAD=g_pad, CAP=self.cap, BLOCK=self.resolve_block,
             PIVOTS=self.resolve_pivots, PIVOTS_MEM=self.resolve_pivots_mem,
-            TILE=self.emit_block, DET=self.deterministic, RADIX=self.search_radix, num_warps=self.resolve_warps,
+            TILE=self.emit_block, DET=self.deterministic, num_warps=self.resolve_warps,
         )
         if self.deterministic:
             _compact_kernel[(bh, self.n_split_c)](

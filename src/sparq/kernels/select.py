@@ -168,8 +168,18 @@ def _order_key(v):
 
 
 @triton.jit
-def _key_at(logits_ptr, logz_ptr, bh, pos, mask, s_cap, G: tl.constexpr, G_PAD: tl.constexpr):
-    """Ordered selection key of positions `pos` of KV head `bh` (see the module docstring)."""
+def _order_key32(v):
+    """fp32 -> int32, order preserving: _order_key(v) - 2^31 (= _signed_key of it) in two integer
+    operations, for passes that compare every key with a threshold (int32 compares, no int64)."""
+    bits = v.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 2147483647)
+
+
+@triton.jit
+def _key_at(logits_ptr, logz_ptr, bh, pos, mask, s_cap, G: tl.constexpr, G_PAD: tl.constexpr,
+            SIGNED: tl.constexpr = False):
+    """Ordered selection key of positions `pos` of KV head `bh` (see the module docstring); SIGNED:
+    as int32 `_order_key32` instead of the int64 order key."""
     if G == 1:
         v = tl.load(logits_ptr + bh.to(tl.int64) * s_cap + pos, mask=mask, other=0.0)
     else:
@@ -179,21 +189,8 @@ def _key_at(logits_ptr, logz_ptr, bh, pos, mask, s_cap, G: tl.constexpr, G_PAD: 
         lg = tl.load(logits_ptr + (bh * G + offs_g).to(tl.int64)[:, None] * s_cap + pos[None, :],
                      mask=g_ok[:, None] & mask[None, :], other=float("-inf"))
         v = tl.sum(tl.exp(lg - logz[:, None]), axis=0)
-    return _order_key(v)
-
-
-@triton.jit
-def _key_at_2d(logits_ptr, logz_ptr, bh, pos, mask, s_cap, G: tl.constexpr, G_PAD: tl.constexpr):
-    """_key_at for a 2D tile of positions [NW, 32] (the emit kernel's word-by-lane tiles), same arithmetic."""
-    if G == 1:
-        v = tl.load(logits_ptr + bh.to(tl.int64) * s_cap + pos, mask=mask, other=0.0)
-    else:
-        offs_g = tl.arange(0, G_PAD)
-        g_ok = offs_g < G
-        logz = tl.load(logz_ptr + bh * G + offs_g, mask=g_ok, other=0.0)
-        lg = tl.load(logits_ptr + (bh * G + offs_g).to(tl.int64)[:, None, None] * s_cap + pos[None, :, :],
-                     mask=g_ok[:, None, None] & mask[None, :, :], other=float("-inf"))
-        v = tl.sum(tl.exp(lg - logz[:, None, None]), axis=0)
+    if SIGNED:
+        return _order_key32(v)
     return _order_key(v)
 
 
@@ -266,41 +263,12 @@ def _narrow(lo, hi, step, cnt, j):
 
 
 @triton.jit
-def _kth_largest_radix(u, ok, j, lo, hi, tol, BINS: tl.constexpr):
-    """_kth_largest's contract (returns (lo, hi) with lo <= v <= hi, exact with tol = 0) by radix
-    rounds: each round counts the keys of [lo, hi] in BINS equal parts with one histogram
-    (tl.histogram: per-warp ballots, no comparison tile) and keeps the part that holds the answer,
-    so [lo, hi] shrinks BINS-fold per round: an exact search over 2^32 takes 4 rounds with 256 bins
-    (11 with 8 pivots, 32 by bisection), a bracket of 2^20 takes 3."""
-    offs_b = tl.arange(0, BINS)
-    above = tl.sum((ok & (u > hi)).to(tl.int32), 0)  # keys above the interval, counted once
-    while hi - lo > tol:
-        width = hi - lo
-        shift = width * 0
-        while (width >> shift) >= BINS:  # smallest shift putting (u - lo) >> shift in [0, BINS)
-            shift += 1
-        in_r = ok & (u >= lo) & (u <= hi)
-        h = tl.histogram(((u - lo) >> shift).to(tl.int32), BINS, mask=in_r)
-        # count(u >= lo + (b << shift)) for each part b: falls with b; the answer is in the last
-        # part whose count reaches j + 1
-        ge = above + tl.sum(h, 0) - tl.cumsum(h, 0) + h
-        b = tl.sum((ge >= j + 1).to(tl.int32), 0) - 1
-        above += tl.sum(tl.where(offs_b > b, h, 0), 0)
-        new_lo = lo + (b.to(tl.int64) << shift)
-        hi = tl.minimum(hi, new_lo + (tl.full([], 1, tl.int64) << shift) - 1)
-        lo = new_lo
-    return lo, hi
-
-
-@triton.jit
-def _kth_largest_mp(u, ok, j, lo, hi, tol, P: tl.constexpr, RADIX: tl.constexpr = 0):
+def _kth_largest_mp(u, ok, j, lo, hi, tol, P: tl.constexpr):
     """_kth_largest with P pivots per round (same contract: returns (lo, hi) with lo <= v <= hi,
     exact with tol = 0): the counts of all P pivots come from ONE reduction of the [n, P]
     comparison tile, and [lo, hi] shrinks (P + 1)-fold per round instead of 2-fold.
-    P = 1 is the plain bisection. RADIX > 0: `_kth_largest_radix` with RADIX bins instead."""
-    if RADIX > 0:
-        lo, hi = _kth_largest_radix(u, ok, j, lo, hi, tol, RADIX)
-    elif P == 1:
+    P = 1 is the plain bisection."""
+    if P == 1:
         lo, hi = _kth_largest(u, ok, j, lo, hi, tol)
     else:
         # masked keys become u = 0, below every pivot (>= 1): never counted
@@ -317,7 +285,7 @@ def _sample_kernel(
     logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, split_m_ptr, split_l_ptr, n_split,
     num_kv_heads, s_cap,
     G: tl.constexpr, G_PAD: tl.constexpr, NS: tl.constexpr, NS1_PAD: tl.constexpr, TOL: tl.constexpr,
-    PIVOTS: tl.constexpr, RADIX: tl.constexpr = 0,
+    PIVOTS: tl.constexpr,
 ):
     """log-normalisers of s_hat from step 1's split statistics, then the bracket [U_lo, U_hi] of
     the need-th largest key from a stratified sample.
@@ -362,7 +330,7 @@ def _sample_kernel(
         tol = tl.where(ns == n_cand, 0, TOL).to(tl.int64)
         zero = tl.min(tl.where(ok, u, 0), 0) * 0
         rank = tl.where(which == 0, tl.maximum(r_hi, 0), tl.minimum(r_lo, ns - 1))
-        v_lo, v_hi = _kth_largest_mp(u, ok, rank, zero, zero + 4294967295, tol, PIVOTS, RADIX)
+        v_lo, v_hi = _kth_largest_mp(u, ok, rank, zero, zero + 4294967295, tol, PIVOTS)
         val_hi = tl.where(r_hi < 0, val, v_hi)
         val_lo = tl.where(r_lo >= ns, zero, v_lo)
         val = tl.where(which == 0, val_hi, val_lo)
@@ -383,18 +351,10 @@ def _pack_bits(keep, N: tl.constexpr):
 
 
 @triton.jit
-def _pack_words(flags):
-    """[NW, 32] bool -> [NW] int32 words, bit i of word w = flags[w, i]."""
-    lane = tl.arange(0, 32)
-    return tl.reduce(flags.to(tl.int32) << lane[None, :], 1, _bit_or)
-
-
-@triton.jit
 def _emit_kernel(
     logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count64_ptr, idx_ptr, cand_ptr,
     bits_ptr, tcount_ptr, num_kv_heads, s_cap, k_max, n_tiles,
     G: tl.constexpr, G_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, DET: tl.constexpr,
-    ASM: tl.constexpr = False,
 ):
     """Append one chunk's surely-kept positions to the index list and its bracket candidates to
     the candidate list.
@@ -417,9 +377,13 @@ def _emit_kernel(
     read_lim = tl.where(kb < length, length - lb, 0)  # candidates are s < read_lim
     u_hi = tl.load(state_ptr + bh * 2)
     u_lo = tl.load(state_ptr + bh * 2 + 1)
-    NW: tl.constexpr = BLOCK_S // 32
-    # a tile is [NW, 32]: element (w, i) is position s0 + 32 w + i, bit i of keep/candidate word w
-    offs_s = tl.arange(0, NW)[:, None] * 32 + tl.arange(0, 32)[None, :]
+    # the bracket in int32 keys (`_order_key32`): U_hi = 2^32 ("nothing above") clamps to the largest
+    # key, which no key exceeds; U_lo = 2^32 (no selection) admits no candidate
+    k_hi = _signed_key(tl.minimum(u_hi, 4294967295))
+    lo_ok = u_lo <= 4294967295
+    k_lo = tl.where(lo_ok, _signed_key(tl.minimum(u_lo, 4294967295)), 2147483647)
+    k_top = tl.where(lo_ok, k_hi, -2147483648)  # candidates need k_lo <= u <= k_top: none without U_lo
+    offs_s = tl.arange(0, BLOCK_S)
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, length)
     for s0 in range(start, end, BLOCK_S):
@@ -431,27 +395,26 @@ def _emit_kernel(
                 v = tl.load(logits_ptr + bh.to(tl.int64) * s_cap + s)
             else:
                 v = tl.load(logits_ptr + bh.to(tl.int64) * s_cap + s, mask=s < s_cap, other=0.0)
-            u = _order_key(v)
+            u = _order_key32(v)
         else:
-            u = _key_at_2d(logits_ptr, logz_ptr, bh, s, is_cand, s_cap, G, G_PAD)
-        keep = (ok & (s >= read_lim)) | (is_cand & (u > u_hi))
-        bnd = is_cand & (u >= u_lo) & (u <= u_hi)
-        keep_w = _pack_words(keep)
-        bnd_w = _pack_words(bnd)
-        _, rank_c, cnt_c = _ranks_in_words(bnd_w, ASM)
-        n_keep = tl.sum(_popc(keep_w, ASM), 0)
-        n_bnd = tl.sum(cnt_c, 0)
-        # one 64-bit atomic per tile for both lists: low half counts kept positions, high half
-        # bracket candidates
-        base = tl.atomic_add(count64_ptr + bh, n_keep.to(tl.int64) + (n_bnd.to(tl.int64) << 32),
+            u = _key_at(logits_ptr, logz_ptr, bh, s, is_cand, s_cap, G, G_PAD, SIGNED=True)
+        keep = (ok & (s >= read_lim)) | (is_cand & (u > k_hi))
+        bnd = is_cand & (u >= k_lo) & (u <= k_top)
+        # one scan and one 64-bit atomic per tile for both lists: low half counts kept
+        # positions, high half bracket candidates (a tile has < 2^16 positions)
+        packed = keep.to(tl.int32) + (bnd.to(tl.int32) << 16)
+        incl = tl.cumsum(packed, 0)
+        total = tl.sum(packed, 0)
+        base = tl.atomic_add(count64_ptr + bh, (total & 65535).to(tl.int64) + ((total >> 16).to(tl.int64) << 32),
                              sem="relaxed")  # a slot reservation: no ordering needed
-        pos_c = (base >> 32).to(tl.int32) + rank_c
+        excl = incl - packed
+        pos_c = (base >> 32).to(tl.int32) + (excl >> 16)
         if DET:
-            tl.store(tcount_ptr + bh * n_tiles + s0 // BLOCK_S, n_keep)
-            tl.store(bits_ptr + bh.to(tl.int64) * (n_tiles * NW) + s0 // 32 + tl.arange(0, NW), keep_w)
+            tl.store(tcount_ptr + bh * n_tiles + s0 // BLOCK_S, total & 65535)
+            tl.store(bits_ptr + bh.to(tl.int64) * (n_tiles * (BLOCK_S // 32)) + s0 // 32
+                     + tl.arange(0, BLOCK_S // 32), _pack_bits(keep, BLOCK_S))
         else:
-            _, rank_k, _ = _ranks_in_words(keep_w, ASM)
-            pos_k = (base & 4294967295).to(tl.int32) + rank_k
+            pos_k = (base & 4294967295).to(tl.int32) + (excl & 65535)
             tl.store(idx_ptr + bh.to(tl.int64) * k_max + pos_k, s, mask=keep & (pos_k < k_max))
         tl.store(cand_ptr + bh.to(tl.int64) * s_cap + pos_c, s, mask=bnd)
 
@@ -508,7 +471,6 @@ def _resolve_kernel(
     bits_ptr, tcount_ptr, num_kv_heads, s_cap, k_max, n_tiles,
     G: tl.constexpr, G_PAD: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
     PIVOTS: tl.constexpr, PIVOTS_MEM: tl.constexpr, TILE: tl.constexpr, DET: tl.constexpr,
-    RADIX: tl.constexpr = 0,
 ):
     """Exact winners inside the bracket (or, if the bracket missed, over all candidates).
 
@@ -560,7 +522,7 @@ def _resolve_kernel(
                 # every candidate lies in [U_lo, U_hi]: bisect inside the bracket only
                 b_lo = tl.load(state_ptr + bh * 2 + 1)
                 b_hi = tl.minimum(tl.load(state_ptr + bh * 2), 4294967295)
-                thr_r, _ = _kth_largest_mp(u_r, ok_r, m - 1, b_lo, b_hi, b_lo * 0, PIVOTS, RADIX)
+                thr_r, _ = _kth_largest_mp(u_r, ok_r, m - 1, b_lo, b_hi, b_lo * 0, PIVOTS)
                 gt_r = ok_r & (u_r > thr_r)
                 tie_r = ok_r & (u_r == thr_r)
                 n_ties_r = m - tl.sum(gt_r.to(tl.int32), 0)
@@ -569,7 +531,7 @@ def _resolve_kernel(
                     cut = b_lo * 0
                     if tl.sum(tie_r.to(tl.int32), 0) > n_ties_r:
                         cut, _ = _kth_largest_mp(s_cap - pos_r.to(tl.int64), tie_r, n_ties_r - 1,
-                                                 b_lo * 0, b_lo * 0 + s_cap, b_lo * 0, PIVOTS, RADIX)
+                                                 b_lo * 0, b_lo * 0 + s_cap, b_lo * 0, PIVOTS)
                     keep_r = gt_r | (tie_r & (s_cap - pos_r.to(tl.int64) >= cut))
                     _mark_kept(bits_row, tc_row, pos_r, keep_r, TILE)
                 else:
