@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sketch_bench import _bench  # noqa: E402  (the graphed do_bench median, us)
+from sketch_bench import _bench, _kernel_profile  # noqa: E402  (graphed do_bench median; per-kernel times)
 
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -34,6 +34,8 @@ VARIANTS: dict[str, dict] = {
     "compact_tiles=1": {"compact_tiles": 1}, "compact_tiles=2": {"compact_tiles": 2},
     "emit512+stages1": {"emit_block": 512, "score_stages": 1},
     "gather_warps=8": {"gather_warps": 8}, "gather_block=32": {"gather_block": 32},
+    # atomic-order index lists: no keep bitmap, no compaction, no per-winner atomics in the resolve
+    "det=0": {"deterministic": False},
 }
 
 
@@ -49,6 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="MHA:8:65536,GQA:16:65536,GQA:8:32768,GQA:1:32768")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--profile", action="store_true", help="also each kernel's time per variant (torch.profiler)")
     args = ap.parse_args()
     device = torch.cuda.get_device_name(0)
     rows = []
@@ -73,8 +76,11 @@ def main() -> None:
             plan = None
             try:
                 plan = DecodePlan(batch, hq, hkv, d, seq, cfg, q.device, dtype, tuning=DEFAULT_TUNING.with_(**VARIANTS[name]))
-                row["us"][name] = round(_bench(lambda plan=plan, c=cache: plan.run(
-                    q, c.key, c.value, c.lengths, value_sum=c.value_sum, out=out, sketch=st)), 1)
+                step = (lambda plan=plan, c=cache: plan.run(q, c.key, c.value, c.lengths, value_sum=c.value_sum,
+                                                              out=out, sketch=st))
+                row["us"][name] = round(_bench(step), 1)
+                if args.profile:
+                    row.setdefault("kernels_us", {})[name] = {k.split("(")[0]: v for k, v in _kernel_profile(step).items()}
             except Exception as e:  # a variant the kernels cannot launch (registers, shared memory)
                 row["us"][name] = None
                 row.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:120]}"
@@ -82,6 +88,8 @@ def main() -> None:
         base = row["us"]["default"]
         print(f"{kind} B{batch} S{seq}: default {base} us | " + ", ".join(
             f"{k} {v} ({100 * (v / base - 1):+.0f}%)" for k, v in row["us"].items() if k != "default" and v), flush=True)
+        for name, ks in row.get("kernels_us", {}).items():
+            print(f"   {name}: " + ", ".join(f"{k.strip('_').replace('_kernel', '')} {v}" for k, v in ks.items()))
         rows.append(row)
         del cache, q, st
         torch.cuda.empty_cache()
