@@ -190,8 +190,10 @@ def _key_at(logits_ptr, logz_ptr, bh, pos, mask, s_cap, G: tl.constexpr, G_PAD: 
                      mask=g_ok[:, None] & mask[None, :], other=float("-inf"))
         v = tl.sum(tl.exp(lg - logz[:, None]), axis=0)
     if SIGNED:
-        return _order_key32(v)
-    return _order_key(v)
+        u = _order_key32(v)
+    else:
+        u = _order_key(v)
+    return u
 
 
 @triton.jit
