@@ -160,7 +160,7 @@ def main() -> None:
     import triton
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="all", choices=["all", "quick"])
+    ap.add_argument("--shapes", default="all", choices=["all", "quick", "mha", "gqa"])
     ap.add_argument("--fraction", type=float, default=0.125)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--no-paper", action="store_true")
@@ -170,7 +170,8 @@ def main() -> None:
                          "default switch) instead of the default method's settings")
     args = ap.parse_args()
     shapes = _shapes()
-    shapes = shapes if args.shapes == "all" else [shapes[0], shapes[3]]
+    shapes = {"all": shapes, "quick": [shapes[0], shapes[3]], "mha": [x for x in shapes if x[0] == "MHA"],
+              "gqa": [x for x in shapes if x[0] == "GQA"]}[args.shapes]
     device = torch.cuda.get_device_name(0)
     bw = read_bandwidth()
     print(f"{device}  torch {torch.__version__}  triton {triton.__version__}  read {bw:.2f} TB/s  f={args.fraction:g}",
