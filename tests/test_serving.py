@@ -432,6 +432,20 @@ def test_kernels_route_gives_the_tokens_of_the_pytorch_route(monkeypatch, kernel
     assert not runs["torch calls"]
     assert runs["pages"] == runs["packed"] == runs["torch"]
     assert runs["pages"] != dense_batch(model, inputs, 8)
+    # where the kernels decline after the pages were chosen (an unknown sketch block), the PyTorch
+    # route runs on the packed read made then: the same tokens
+    monkeypatch.setattr(serving, "READ_PAGES", True)
+    monkeypatch.setattr(serving, "KERNELS", True)
+    declined: list[bool] = []
+
+    def decline(*a, **k):
+        declined.append(k.get("paged", False))
+        return None
+
+    monkeypatch.setattr(serving, "_decode_kernels", decline)
+    with sparq.enabled(model, method):
+        assert run_batch(model, inputs, 8) == runs["torch"]
+    assert any(declined)
 
 
 @needs_cb
