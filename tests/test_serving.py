@@ -375,38 +375,91 @@ def test_bench_serve_budgets_the_kept_sketch():
     assert sketch_bytes_per_token(cfg, build_method("sparq", "1/8", 128), torch.bfloat16) == 0
 
 
-@needs_cb
-def test_kernels_route_gives_the_tokens_of_the_pytorch_route(monkeypatch, sketch_writes):
-    """The default method's decode requests on the Triton kernels (K/V read in place from the packed
-    read, the kept sketch gathered per step: `serving._decode_kernels`; the CPU interpreter here)
-    give the tokens of the PyTorch route, at a budget tight enough to change tokens (16-token sketch
-    blocks: the kernels' smallest)."""
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Every `serving._decode_kernels` call as (read through the pages, ran), and every read index
+    `PagedAttentionCache.update` got, by size (an empty one: transformers gathered nothing)."""
     pytest.importorskip("triton")
+    from transformers.generation.continuous_batching import PagedAttentionCache
+
     from sparq import kernels
 
     if not kernels.available(torch.device("cpu")):
         pytest.skip("Triton kernels unavailable (set TRITON_INTERPRET=1 on the CPU)")
-    model = tiny("llama")
-    inputs = prompts((40, 22, 5, 53))
-    method = build_method("sparq-sketch:local=0:realloc=0:block=16:min_k=2", "1/8", 16)
-    ran: list[int] = []
-    real = serving._decode_kernels
+    calls: dict[str, list] = {"kernels": [], "reads": []}
+    real, real_update = serving._decode_kernels, PagedAttentionCache.update
 
     def spy(*a, **k):
         y = real(*a, **k)
-        ran.append(0 if y is None else y.shape[0])
+        calls["kernels"].append((k.get("paged", False), y is not None))
         return y
 
+    def spy_update(self, *a, **k):
+        calls["reads"].append(k["read_index"][0].numel())
+        return real_update(self, *a, **k)
+
     monkeypatch.setattr(serving, "_decode_kernels", spy)
+    monkeypatch.setattr(PagedAttentionCache, "update", spy_update)
+    return calls
+
+
+@needs_cb
+def test_kernels_route_gives_the_tokens_of_the_pytorch_route(monkeypatch, kernel_calls):
+    """The default method's decode requests on the Triton kernels (the CPU interpreter here) give the
+    tokens of the PyTorch route, at a budget tight enough to change tokens (16-token sketch blocks:
+    the kernels' smallest), both ways the kernels read K/V: through the pages in decode-only batches
+    (`READ_PAGES`, transformers' gather skipped: its `update` reads nothing back) and from
+    transformers' packed read (batches with a prefill chunk, and every batch with READ_PAGES off)."""
+    model = tiny("llama")
+    inputs = prompts((40, 22, 5, 53))
+    method = build_method("sparq-sketch:local=0:realloc=0:block=16:min_k=2", "1/8", 16)
+    runs = {}
     with sparq.enabled(model, method):
-        on_kernels = run_batch(model, inputs, 8)
-        assert ran and all(ran), ran
-        monkeypatch.setattr(serving, "KERNELS", False)
-        ran.clear()
-        on_torch = run_batch(model, inputs, 8)
-        assert not ran
-    assert on_kernels == on_torch
-    assert on_kernels != dense_batch(model, inputs, 8)
+        for name, pages, on in (("pages", True, True), ("packed", False, True), ("torch", True, False)):
+            monkeypatch.setattr(serving, "READ_PAGES", pages)
+            monkeypatch.setattr(serving, "KERNELS", on)
+            kernel_calls["kernels"].clear()
+            kernel_calls["reads"].clear()
+            runs[name] = run_batch(model, inputs, 8)
+            runs[name + " calls"] = list(kernel_calls["kernels"])
+            runs[name + " empty reads"] = kernel_calls["reads"].count(0)
+    paged = [c for c in runs["pages calls"] if c[0]]
+    assert paged and all(ok for _, ok in runs["pages calls"]), runs["pages calls"]
+    assert any(not p for p, _ in runs["pages calls"]), "no batch with a prefill chunk on the packed read"
+    # each paged call skipped transformers' gather (other empty reads: prefills with nothing cached)
+    assert runs["pages empty reads"] == runs["packed empty reads"] + len(paged)
+    assert runs["packed calls"] and all(ok and not p for p, ok in runs["packed calls"])
+    assert not runs["torch calls"]
+    assert runs["pages"] == runs["packed"] == runs["torch"]
+    assert runs["pages"] != dense_batch(model, inputs, 8)
+    # where the kernels decline after the pages were chosen (an unknown sketch block), the PyTorch
+    # route runs on the packed read made then: the same tokens
+    monkeypatch.setattr(serving, "READ_PAGES", True)
+    monkeypatch.setattr(serving, "KERNELS", True)
+    declined: list[bool] = []
+
+    def decline(*a, **k):
+        declined.append(k.get("paged", False))
+        return None
+
+    monkeypatch.setattr(serving, "_decode_kernels", decline)
+    with sparq.enabled(model, method):
+        assert run_batch(model, inputs, 8) == runs["torch"]
+    assert any(declined)
+
+
+@needs_cb
+def test_kernels_through_the_pages_keeping_everything_equal_dense(monkeypatch, kernel_calls):
+    """k >= length (reallocation on: V's sums read through the slots too): dense's tokens, with
+    decode-only batches read through the pages."""
+    model = tiny("llama")
+    inputs = prompts((40, 22, 5, 53))
+    dense = dense_batch(model, inputs, 8)
+    monkeypatch.setattr(serving, "KERNELS", True)
+    monkeypatch.setattr(serving, "READ_PAGES", True)
+    with sparq.enabled(model, build_method("sparq-sketch:block=16:min_k=1000", "1/8", 16)):
+        assert run_batch(model, inputs, 8) == dense
+    assert any(p for p, _ in kernel_calls["kernels"]) and all(ok for _, ok in kernel_calls["kernels"])
 
 
 @needs_cb
@@ -414,16 +467,32 @@ def test_kernels_route_gives_the_tokens_of_the_pytorch_route(monkeypatch, sketch
 def test_kernels_route_on_the_gpu(monkeypatch):
     """The same on CUDA, the tiny Llama in fp16 (where the route runs outside the interpreter): the
     kernels route ran every decode call and gives the PyTorch route's tokens for at least 3 of the 4
-    requests (fp16 rounding may flip a near-tie and with it the rest of a request)."""
+    requests (fp16 rounding may flip a near-tie and with it the rest of a request). Reading decode-only
+    batches through the pages (`READ_PAGES`, off on CUDA by default until this passes there) gives the
+    packed read's tokens exactly (the same kernels over the same values, deterministic selection)."""
     monkeypatch.setattr(serving, "KERNELS", True)  # the default; set in case a caller turned it off
+    monkeypatch.setattr(serving, "READ_PAGES", False)
     model = tiny("llama").to("cuda", torch.float16)
     inputs = prompts((40, 22, 5, 53))
     method = build_method("sparq-sketch:local=0:realloc=0:block=16:min_k=2", "1/8", 16)
+    paged: list[bool] = []
+    real = serving._decode_kernels
+
+    def spy(*a, **k):
+        paged.append(k.get("paged", False))
+        return real(*a, **k)
+
+    monkeypatch.setattr(serving, "_decode_kernels", spy)
     with sparq.enabled(model, method):
         serving.use_paged(model)  # where flash attention is installed CB would otherwise swap it in
         before = dict(serving.DECODE_CALLS)
         on_kernels = run_batch(model, inputs, 8)
         assert serving.DECODE_CALLS["kernels"] > before["kernels"] and serving.DECODE_CALLS["torch"] == before["torch"]
+        assert paged and not any(paged)
+        monkeypatch.setattr(serving, "READ_PAGES", True)
+        through_pages = run_batch(model, inputs, 8)
+        assert any(paged) and serving.DECODE_CALLS["torch"] == before["torch"]
         monkeypatch.setattr(serving, "KERNELS", False)
         on_torch = run_batch(model, inputs, 8)
+    assert through_pages == on_kernels
     assert sum(a == b for a, b in zip(on_kernels, on_torch)) >= 3, (on_kernels, on_torch)

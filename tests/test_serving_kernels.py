@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -135,3 +138,104 @@ def test_unknown_block_falls_back():
     sk.invalidate(slots[plan.k_start[0]:plan.k_start[0] + 1])
     m = SparQSketch(1 / 8, bits=2, block=16, local_fraction=0.0, reallocate=False, min_k=1)
     assert serving._decode_kernels(m, query, key, value, plan, 0.125, sk, slots, serving._Route()) is None
+
+
+def paged_cache(packed: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The packed read [K, Hkv, d] put back at its physical slots of a paged cache [num_slots, Hkv, d];
+    every other row is NaN, so a kernel reading a wrong row makes the output NaN."""
+    cache = torch.full((int(slots.max()) + 1 + PAGE, *packed.shape[1:]), float("nan"), dtype=packed.dtype,
+                       device=packed.device)
+    cache[slots] = packed
+    return cache
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"g{c[0] // c[1]}-d{c[2]}-{str(c[3])[6:]}-f{c[4]:.3g}")
+def test_kernels_through_the_pages_equal_the_packed_read(case):
+    """Decode-only batches read K, V (and the unfinished sketch block's keys) from the paged cache
+    through the slot map (`paged=True`: `DecodePlan.run(slots=...)`), shuffled pages: the output is
+    the packed read's exactly (the same values in the same order) and the PyTorch spec's."""
+    hq, hkv, d, dtype, fraction, realloc, min_k = case
+    block = 16
+    lengths = [5, 16, 70, 33, 131]
+    query, key, value, slots, plan, sk = packed_batch(lengths, hq, hkv, d, block, dtype, seed=hq + d + 1)
+    m = SparQSketch(fraction, bits=2, block=block, local_fraction=0.0 if not realloc else 0.25,
+                    reallocate=realloc, min_k=min_k)
+    scale = 1.0 / math.sqrt(d)
+    k_pages, v_pages = paged_cache(key, slots), paged_cache(value, slots)
+    assert serving._kernels_for(m, query, k_pages, sk)
+    route = serving._Route()
+    packed = serving._decode_kernels(m, query, key, value, plan, scale, sk, slots, route)
+    paged = serving._decode_kernels(m, query, k_pages, v_pages, plan, scale, sk, slots, route, paged=True)
+    assert paged is not None and route.runs == 2 and route.created == 1
+    assert torch.isfinite(paged).all(), "a kernel read a row outside the requests' pages"
+    assert torch.equal(paged, packed)
+    close(paged, spec(m, query, key, value, plan, scale), dtype)
+    # int32 slots (what transformers may hand over) read the same rows
+    again = serving._decode_kernels(m, query, k_pages, v_pages, plan, scale, sk, slots.to(torch.int32), route,
+                                    paged=True)
+    assert torch.equal(again, packed)
+
+
+def test_slots_need_a_sketch_plan_starts_and_value_sums():
+    from sparq.kernels.dispatch import DecodePlan
+    from sparq.kernels.sketch_scores import SketchConfig
+
+    m = SparQSketch(1 / 8, bits=2, block=16, local_fraction=0.25, reallocate=True, min_k=1)
+    plan = DecodePlan(1, 2, 2, 64, 128, SketchConfig.from_method(m, 64), DEVICE, torch.float32)
+    q = torch.zeros(1, 2, 64, device=DEVICE)
+    kv = torch.zeros(1, 2, 200, 64, device=DEVICE)
+    slots = torch.arange(200, device=DEVICE)
+    lengths = torch.tensor([20], device=DEVICE)
+    starts = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="slots need starts, max_length"):
+        plan.run(q, kv, kv, lengths, slots=slots, starts=starts)  # no max_length
+    with pytest.raises(ValueError, match="pass value_sum with slots"):
+        plan.run(q, kv, kv, lengths, slots=slots, starts=starts, max_length=20)
+
+
+COMPILE = textwrap.dedent('''
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from sparq.kernels.gather_attention import _gather_attention_kernel
+    from sparq.kernels.sketch_scores import _sketch_scores_kernel
+
+    def build(fn, signature, constexprs, num_warps, **opts):
+        full = dict(signature)
+        full.update({k: "constexpr" for k in constexprs})
+        attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(full.values()) if t.startswith("*")}
+        triton.compile(ASTSource(fn, full, constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps, **opts})
+
+    ints = lambda *names: {n: "i32" for n in names}
+    gather = {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "idx_ptr": "*i32", "kcount_ptr": "*i32",
+              "logits_ptr": "*fp32", "logz_ptr": "*fp32", "starts_ptr": "*i32", "slots_ptr": "*i64",
+              "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "alpha_ptr": "*fp32",
+              **ints("stride_kb", "stride_kh", "stride_ks", "stride_vb", "stride_vh", "stride_vs", "num_kv_heads",
+                     "s_cap", "k_max", "n_split"), "scale": "fp32"}
+    scores = {"q_ptr": "*fp16", "codes_ptr": "*i32", "lo_ptr": "*fp16", "hi_ptr": "*fp16", "key_ptr": "*fp16",
+              "len_ptr": "*i32", "starts_ptr": "*i32", "slots_ptr": "*i64", "logits_ptr": "*fp32", "m_ptr": "*fp32",
+              "l_ptr": "*fp32", **ints("stride_kb", "stride_kh", "stride_ks", "num_kv_heads", "s_cap", "code_cap",
+                                        "n_blk_cap", "n_split"), "scale": "fp32"}
+    for slots in (False, True):
+        for realloc in (False, True):
+            build(_gather_attention_kernel, gather, {"G": 4, "G_PAD": 16, "D": 128, "CHUNK": 64, "BLOCK_N": 64,
+                                                     "REALLOC": realloc, "HAS_STARTS": True, "HAS_SLOTS": slots}, 4)
+        build(_sketch_scores_kernel, scores, {"G": 4, "G_PAD": 16, "GQ": 4, "D": 128, "BITS": 2, "BLOCK": 128,
+                                              "CHUNK": 1024, "BLOCK_S": 128, "HAS_STARTS": True, "HAS_SLOTS": slots,
+                                              "SPLIT_C": 2, "SPLIT_K": 2, "STATS": True, "ASM": True}, 4, num_stages=2)
+    print("compiled")
+''')
+
+
+def test_kernels_with_slots_compile_for_sm90():
+    """The gather and the sketch scorer build for the H100/H200 (sm_90) with and without the slot map
+    (the interpreter runs their Python, not their compiled form; tests/test_gpu_compile.py does the
+    same for the selection kernels). A subprocess: TRITON_INTERPRET=1 makes `triton.jit` interpret."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = os.path.join(os.path.dirname(__file__), "..", "src")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(src), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0 and ("ptxas" in res.stderr and "not found" in res.stderr.lower()):
+        pytest.skip("this triton wheel has no ptxas")
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]

@@ -10,21 +10,25 @@ attention function is chosen by name from transformers' `AttentionInterface`; CB
 starts with "paged|" (transformers 5.17 and 5.18; 5.19 changed this, see `check_version`).
 
 This module registers "paged|sparq" there. Per layer and step it
-  * writes the new K/V through the cache exactly as transformers' "paged|sdpa" does;
+  * writes the new K/V through the cache exactly as transformers' "paged|sdpa" does (and reads the
+    packed copy back), except in a decode-only batch on the kernels route (`READ_PAGES`): there
+    `cache.update` is given an empty read index, so it only writes, and the kernels read K/V
+    through the pages (`_layer_pages`, the batch's slot map = `read_index`);
   * runs dense attention for the prefill tokens (a request with more than one new token), with the
     same block-diagonal causal mask that CB builds for "paged|sdpa" (built here from the cumulative
     lengths: CB only builds masks for its own eager/sdpa names);
   * for every decode request (one new token) runs the module's `DecodeMethod` (`sparq.enable` set it;
     the default method otherwise) on that request's keys/values: for the default method on CUDA
-    fp16/bf16, on the Triton kernels reading the packed read in place (`_decode_kernels`); else
-    gathered from the packed read into [B, Hkv, S, d] with ragged lengths (`_decode`, PyTorch).
+    fp16/bf16, on the Triton kernels (`_decode_kernels`) reading the packed read in place, or the
+    pages through the slot map; else gathered from the packed read into [B, Hkv, S, d] with ragged
+    lengths (`_decode`, PyTorch).
 For a method that scores with a key sketch (the default method), the sketch is kept beside the paged
 cache (`caches.paged.PagedSketch`: codes per physical page, ranges per finished block, written once
 when a block finishes, read through the request's pages; shared prefix blocks share it).
-What it does NOT do yet (stated in docs/SERVING.md): no kernel reads the block table -- every route
-reads transformers' own packed gather of the pages (`cache.update`, as dense "paged|sdpa" does); the
-kernels route adds a gather of the decode requests' packed sketch codes (1/8 of K at 2 bits), the
-PyTorch route a copy of their K and V (and the sketch unpacked to fp32). It
+What it does NOT do yet (stated in docs/SERVING.md): a batch with a prefill chunk, and the PyTorch
+route, still read transformers' own packed gather of every request's pages (`cache.update`, as dense
+"paged|sdpa" does); the kernels route adds a gather of the decode requests' packed sketch codes
+(1/8 of K at 2 bits), the PyTorch route a copy of their K and V (and the sketch unpacked to fp32). It
 syncs with the host once per forward pass (the request boundaries), so it cannot be captured in a
 CUDA graph.
 """
@@ -55,6 +59,14 @@ GATHER_BYTES = 1 << 30
 # None = wherever the kernels run (CUDA fp16/bf16, and Triton's CPU interpreter, where it is tested;
 # on the H200 since 2026-11-30's fourth session); False: always the PyTorch path (tests compare the two).
 KERNELS: bool | None = True
+# Decode-only batches on the kernels route read K/V through the pages (`_layer_pages`): the new tokens
+# are written with transformers' own update, told to read nothing back, and the kernels read the rows
+# they need at their physical slots. None (default) = only under Triton's CPU interpreter, where it is
+# tested: on CUDA it stays off until it has run on a GPU (written 2026-11-30 without device time;
+# tests/test_serving.py::test_kernels_route_on_the_gpu checks it). True: on wherever the kernels
+# route runs; False: these batches read transformers' packed gather of every request's K/V, as every
+# other batch does (tests compare the two).
+READ_PAGES: bool | None = None
 # Layer calls with decode requests by route, over the process's life (bench serve reports them).
 DECODE_CALLS: dict[str, int] = {"kernels": 0, "torch": 0}
 # Smallest position capacity of a kernels plan (it doubles from there as requests grow).
@@ -239,19 +251,46 @@ def _kernels_for(method: DecodeMethod, query: Tensor, key: Tensor, sketch: Paged
     sketch kernels support (CUDA fp16/bf16; the CPU interpreter with fp16/fp32, for tests). The
     paper's `sparq` scores from Kᵀ, which the paged cache does not keep: it stays on PyTorch, as
     does every other method."""
+    return (sketch is not None and sketch.words and (sketch.bits, sketch.block) == getattr(method, "sketch_spec", None)
+            and _kernels_may_run(method, query, key))
+
+
+def _kernels_may_run(method: DecodeMethod | None, query: Tensor, key: Tensor) -> bool:
+    """`_kernels_for` before the kept sketch is known (whether it is kept is decided later)."""
     from .methods.sketch import SparQSketch
 
-
     on = KERNELS is not False
-    if not (on and isinstance(method, SparQSketch) and sketch is not None and sketch.words
-            and (sketch.bits, sketch.block) == method.sketch_spec and query.dtype == key.dtype
-            and key.stride(-1) == 1):
+    if not (on and isinstance(method, SparQSketch) and query.dtype == key.dtype and key.stride(-1) == 1):
         return False
     from .kernels import available
     from .kernels.sketch_state import sketch_supported
 
-    return available(key.device) and sketch_supported(key.shape[-1], sketch.bits, sketch.block, key.dtype,
-                                                      key.device)
+    bits, block = method.sketch_spec
+    return (PagedSketch.word_layout(key.shape[-1], bits) and available(key.device)
+            and sketch_supported(key.shape[-1], bits, block, key.dtype, key.device))
+
+
+def _read_pages() -> bool:
+    """`READ_PAGES` resolved (None: only under Triton's CPU interpreter)."""
+    from .kernels import interpreting
+
+    return READ_PAGES if READ_PAGES is not None else interpreting()
+
+
+def _layer_pages(cache: Any, layer_idx: int) -> tuple[Tensor, Tensor] | None:
+    """The layer's whole paged K and V as [num_slots, Hkv, d] views whose rows are the physical slots
+    that read_index / write_index hold (no copy), or None where this transformers keeps them
+    otherwise. 5.18: the allocator's per-layer page views (`get_cache_for_block_table`, what its
+    flash block-table path reads), [pages, page, Hkv, d] flattened; 5.17: one tensor per layer of a
+    group (`key_cache[j]`, what its `update` indexes)."""
+    if hasattr(cache, "get_cache_for_block_table"):
+        _, k, v = cache.get_cache_for_block_table(layer_idx)
+        return k.flatten(0, 1), v.flatten(0, 1)
+    groups = getattr(cache, "layer_index_to_group_indices", None)
+    if groups is not None and hasattr(cache, "key_cache"):
+        _, j = groups[layer_idx]
+        return cache.key_cache[j], cache.value_cache[j]
+    return None
 
 
 def _kernel_rows(plan: _Plan, batch: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -272,11 +311,13 @@ def _kernel_rows(plan: _Plan, batch: int, device: torch.device) -> tuple[Tensor,
 
 
 def _decode_kernels(method: DecodeMethod, query: Tensor, key: Tensor, value: Tensor, plan: _Plan, scale: float,
-                    sketch: PagedSketch, slots: Tensor, route: _Route) -> Tensor | None:
+                    sketch: PagedSketch, slots: Tensor, route: _Route, paged: bool = False) -> Tensor | None:
     """The decode requests of the default method on the Triton kernels, reading K and V where the
     packed read put them: key/value [K, Hkv, d] viewed as [B, Hkv, K, d] with batch stride 0 and row
     b starting at its request's offset (the kernels' per-row starts), so nothing is copied but the
     step sketch (`caches.paged.step_state`, 1/8 of K at 2 bits) and, with reallocation, V's sums.
+    paged: key/value are the layer's whole paged cache [num_slots, Hkv, d] (`_layer_pages`) and the
+    kernels read row b's position p at slot slots[starts[b] + p] (no packed read exists).
     Returns [Bd, Hq, d], or None where the step sketch cannot be built (the PyTorch path runs)."""
     from .kernels.sketch_scores import SketchConfig
 
@@ -288,23 +329,24 @@ def _decode_kernels(method: DecodeMethod, query: Tensor, key: Tensor, value: Ten
     config = SketchConfig.from_method(method, d)  # type: ignore[arg-type]
     dplan = route.plan(batch, hq, hkv, d, longest, config, key.dtype, key.device)
     starts, lengths, pos, row = _kernel_rows(plan, batch, key.device)
-    state = step_state(sketch, key, slots, starts, lengths, longest, dplan.capacity, route.bufs, plan.sketch_index)
+    state = step_state(sketch, key, slots, starts, lengths, longest, dplan.capacity, route.bufs, plan.sketch_index,
+                       paged=paged)
     if state is None:
         return None
     q = route.bufs.view("query", (batch, hq, d), query.dtype, query.device)
     q[:n] = query[0].index_select(1, plan.q_pos).transpose(0, 1)
     if n < batch:
         q[n:] = 0
-    # batch stride 0: every row is the whole packed read; the kernels only read their own run
+    # batch stride 0: every row is the whole packed read (or cache); the kernels only read their own rows
     k = key.as_strided((batch, hkv, key.shape[0], d), (0, key.stride(1), key.stride(0), key.stride(2)))
     v = value.as_strided((batch, hkv, value.shape[0], d), (0, value.stride(1), value.stride(0), value.stride(2)))
     value_sum = None
     if config.reallocate:  # sum of V per request (reads each request's V once; the default method has none)
         value_sum = torch.zeros(batch, hkv, d, dtype=torch.float32, device=key.device)
-        value_sum.index_add_(0, row, value.index_select(0, pos).float())
+        value_sum.index_add_(0, row, value.index_select(0, slots[pos] if paged else pos).float())
     out = route.bufs.view("out", (batch, hq, d), query.dtype, query.device)
     dplan.run(q, k, v, lengths, scale=scale, value_sum=value_sum, starts=starts, out=out, sketch=state,
-              max_length=longest)
+              max_length=longest, slots=slots if paged else None)
     route.runs += 1
     return out[:n]
 
@@ -341,12 +383,30 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
                          f"cache={type(cache).__name__}. For model.generate use sparq.enable "
                          f"(attn_implementation='sparq')")
 
-    key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
-                              read_index=kwargs["read_index"], write_index=kwargs["write_index"])  # [K, Hkv, d]
+    read, write = kwargs["read_index"], kwargs["write_index"]
     cu_k = kwargs["cu_seq_lens_k"]
     if isinstance(cu_k, dict):  # hybrid models pass one per layer type (sliding layers were refused above)
         cu_k = cu_k["full_attention"]
-    plan = _plan(kwargs["cu_seq_lens_q"], cu_k, query.shape[2], key.shape[0], query.dtype, query.device)
+    pages = None  # the layer's whole paged K, V where the kernels read them through the pages
+    # (the kernels need the kept sketch: `_kept_sketch`'s conditions, checked again there)
+    if (_read_pages() and KEEP_SKETCH and getattr(cache, "allow_block_sharing", False) and len(read) == 1
+            and read[0].numel() and _kernels_may_run(method, query, key)):
+        # the batch's boundaries (read once per forward pass) say whether it is decode-only
+        plan = _plan(kwargs["cu_seq_lens_q"], cu_k, query.shape[2], read[0].numel(), query.dtype, query.device)
+        if not plan.prefill and plan.rows:
+            pages = _layer_pages(cache, module.layer_idx)
+    if pages is not None:
+        # transformers' own write of the new K/V; an empty read index makes `update` skip its gather
+        # of every request's K/V (both versions return the new states instead, unused here)
+        cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, read_index=[read[0][:0]],
+                     write_index=write)
+        key, value = pages  # [num_slots, Hkv, d]
+        n_k = read[0].numel()
+    else:
+        key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                                  read_index=read, write_index=write)  # [K, Hkv, d]
+        n_k = key.shape[0]
+    plan = _plan(kwargs["cu_seq_lens_q"], cu_k, query.shape[2], n_k, query.dtype, query.device)
     head_dim = query.shape[-1]
     scale = scaling if scaling is not None else head_dim**-0.5
 
@@ -354,7 +414,7 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
         out = _dense(module, query, key, value, plan.dense_mask, dropout, scaling)
     else:  # decode-only batch: every token below is overwritten (padding tokens stay zero)
         out = query.new_zeros(1, query.shape[2], query.shape[1], head_dim)
-    sketch, slots = _kept_sketch(cache, module.layer_idx, method, key, plan, kwargs)
+    sketch, slots = _kept_sketch(cache, module.layer_idx, method, key, plan, kwargs, paged=pages is not None)
     if plan.rows:
         if method is None:  # an untagged layer: dense for decode tokens too
             from .methods import Dense
@@ -363,9 +423,11 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
         y = None
         if sketch is not None and slots is not None and _kernels_for(method, query, key, sketch):
             y = _decode_kernels(method, query, key, value, plan, scale, sketch, slots,
-                                _ROUTES.setdefault(cache, _Route()))
+                                _ROUTES.setdefault(cache, _Route()), paged=pages is not None)
         DECODE_CALLS["kernels" if y is not None else "torch"] += 1
         if y is None:
+            if pages is not None:  # the kernels cannot run after all: the packed read transformers would make
+                key, value = key.index_select(0, read[0]), value.index_select(0, read[0])
             y = _decode(method, query, key, value, plan, scale, sketch, slots)  # [Bd, Hq, d]
         out[0].index_copy_(0, plan.q_pos, y.to(out.dtype))
     return out, None
@@ -398,10 +460,11 @@ def _finished(plan: _Plan, block: int, slots: Tensor) -> tuple[Tensor, bool]:
 
 
 def _kept_sketch(cache: Any, layer_idx: int, method: DecodeMethod | None, key: Tensor, plan: _Plan,
-                 kwargs: dict[str, Any]) -> tuple[PagedSketch | None, Tensor | None]:
+                 kwargs: dict[str, Any], paged: bool = False) -> tuple[PagedSketch | None, Tensor | None]:
     """The layer's kept sketch, updated with the blocks this step finishes, and the packed keys'
     physical slots; (None, None) where it is not kept (another method, KEEP_SKETCH off, block sharing
-    off, several layer groups, or a sketch block that is not contiguous in the pages)."""
+    off, several layer groups, or a sketch block that is not contiguous in the pages). key: the
+    packed read [K, Hkv, d], or (paged) the layer's whole paged K, read at the slots."""
     spec = getattr(method, "sketch_spec", None)
     read, write = kwargs["read_index"], kwargs["write_index"]
     per_layer = _SKETCHES.get(cache, {})
@@ -416,7 +479,7 @@ def _kept_sketch(cache: Any, layer_idx: int, method: DecodeMethod | None, key: T
     elif len(read) != 1:
         reason = "the cache has several layer groups"
     if reason is None:
-        slots = read[0][: key.shape[0]] if read[0].numel() else write[0][: key.shape[0]]
+        slots = read[0][: plan.total_k] if read[0].numel() else write[0][: plan.total_k]
         idx, ok = _finished(plan, spec[1], slots)
         if not ok:
             reason = f"a {spec[1]}-token sketch block is not contiguous or not aligned in the cache's pages " \
@@ -434,7 +497,7 @@ def _kept_sketch(cache: Any, layer_idx: int, method: DecodeMethod | None, key: T
     if sk is None or (sk.bits, sk.block) != spec:  # a new sketch knows no block (all `known` False)
         sk = per_layer[layer_idx] = PagedSketch(key.shape[1], key.shape[2], spec[0], spec[1], key.dtype, key.device)
     sk.invalidate(write[0])
-    sk.write_blocks(key[idx], slots[idx])
+    sk.write_blocks(key[slots[idx]] if paged else key[idx], slots[idx])
     return sk, slots
 
 

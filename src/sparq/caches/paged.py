@@ -49,7 +49,7 @@ class PagedSketch:
         self.per_byte = 8 // bits
         # codes as the kernels' scorer reads them (`kernels.sketch_state.code_layout`: int32 words, dims
         # interleaved) wherever that layout exists, so a step hands them over by a plain gather; else bytes
-        self.words = head_dim % 16 == 0 and head_dim * bits % 32 == 0
+        self.words = self.word_layout(head_dim, bits)
         if self.words:
             from ..kernels.sketch_state import code_layout
 
@@ -61,6 +61,11 @@ class PagedSketch:
         self.hi = torch.zeros_like(self.lo)
         self.known = torch.zeros(0, dtype=torch.bool, device=device)  # per block id: written since its keys last were
         self.written = 0  # finished blocks written over this sketch's life (tests watch it)
+
+    @staticmethod
+    def word_layout(head_dim: int, bits: int) -> bool:
+        """Whether the codes of this head_dim and bits are kept in the kernels' word layout (`words`)."""
+        return head_dim % 16 == 0 and head_dim * bits % 32 == 0
 
     def reserve(self, slots: int) -> None:
         """Room for slot indices < slots (capacity doubles: O(1) amortised)."""
@@ -178,18 +183,19 @@ class StepBuffers:
 def _step_index(key: Tensor, slots: Tensor, starts: Tensor, lengths: Tensor, max_length: int, capacity: int,
                 block: int) -> dict[str, Tensor]:
     """`step_state`'s index tensors, the same for every layer of a forward pass (its slots and rows)."""
-    dev, n_key = key.device, key.shape[0]
+    dev, n_key = key.device, slots.shape[0]  # the packed positions
     starts, lengths = starts.long(), lengths.long()
     n_full = lengths // block
     j = torch.arange(max_length // block, device=dev)
     pos = torch.arange(max_length, device=dev)
     tp = (n_full * block)[:, None] + torch.arange(block, device=dev)[None, :]  # [b, blk] the unfinished block
+    tail_key = (starts[:, None] + tp).clamp(max=n_key - 1)
     return {
         "n_full": n_full, "rows": torch.arange(starts.shape[0], device=dev),
         "first_slot": slots[(starts[:, None] + j[None, :] * block).clamp(max=n_key - 1)],  # [b, nb_max]
         "finished": j[None, :] < n_full[:, None],
         "slot": slots[(starts[:, None] + pos[None, :]).clamp(max=n_key - 1)],  # [b, max_length]
-        "tail_key": (starts[:, None] + tp).clamp(max=n_key - 1),
+        "tail_key": tail_key, "tail_slot": slots[tail_key],  # its packed positions, their slots
         "tail_ok": (tp < lengths[:, None]) & (n_full > 0)[:, None],
         # clamped positions are >= every length: never ok, never clash with an ok one
         "tail_pos": tp.clamp(max=capacity - 1),
@@ -197,7 +203,7 @@ def _step_index(key: Tensor, slots: Tensor, starts: Tensor, lengths: Tensor, max
 
 
 def step_state(sk: PagedSketch, key: Tensor, slots: Tensor, starts: Tensor, lengths: Tensor, max_length: int,
-               capacity: int, bufs: StepBuffers, index: dict | None = None):
+               capacity: int, bufs: StepBuffers, index: dict | None = None, *, paged: bool = False):
     """The kept sketch of a batch of decode requests as the kernels' scorer reads it: a
     `kernels.sketch_state.SketchState` over reused buffers, row b = the request whose keys are
     key[starts[b] : starts[b] + lengths[b]] of the packed read (key [K, Hkv, d], at physical slots
@@ -208,7 +214,9 @@ def step_state(sk: PagedSketch, key: Tensor, slots: Tensor, starts: Tensor, leng
     scorer sees `methods.sketch.key_sketch` value for value, as `dequantised` does. capacity: the
     plan's (a multiple of the block, >= max_length). `index`: a dict kept for one forward pass,
     where the layer-independent index tensors are made once. None when a finished block's sketch
-    is unknown (see `dequantised`) or the codes are not in the kernels' word layout."""
+    is unknown (see `dequantised`) or the codes are not in the kernels' word layout.
+    paged: key is the layer's whole paged cache [num_slots, Hkv, d] instead of the packed read: the
+    unfinished block's keys are read at their physical slots (slots[packed position])."""
     from ..kernels.sketch_state import SketchState
 
     if not sk.words:
@@ -240,7 +248,7 @@ def step_state(sk: PagedSketch, key: Tensor, slots: Tensor, starts: Tensor, leng
     codes[:, :, :max_length] = sk.codes[index["slot"].clamp(max=sk.codes.shape[0] - 1)].transpose(1, 2)
     # the unfinished newest block, coded with the last finished block's range
     rows, tpc = index["rows"], index["tail_pos"]
-    x = key[index["tail_key"]].float()  # [b, blk, Hkv, d]
+    x = key[index["tail_slot" if paged else "tail_key"]].float()  # [b, blk, Hkv, d]
     r = (index["n_full"] - 1).clamp(0, nb - 1)
     lo_r, hi_r = lo[rows, :, r].float()[:, None], hi[rows, :, r].float()[:, None]  # [b, 1, Hkv, d]
     words = sk._pack(sk._code(x, lo_r, hi_r))  # [b, blk, Hkv, W]

@@ -28,6 +28,8 @@ and can be captured in a CUDA graph.
 Left padding (`starts`): row b's valid positions are [starts[b], starts[b] + lengths[b]) of the
 key buffer. The selection works in logical positions 0..lengths[b]-1; only the two kernels that
 read the cache (the step-1 scorer over Kᵀ and the gather over K, V) add starts[b] to the address.
+A paged cache (`slots`, sketch plans): position p of row b is row slots[starts[b] + p] of the
+cache; the same two kernels (the sketch scorer for its exact keys) read that row.
 
 Tuning.deterministic (default True): the step is bitwise reproducible. The emit kernel writes a
 keep bitmap and per-tile kept counts instead of appending kept positions at atomically reserved
@@ -241,7 +243,7 @@ class DecodePlan:
     def run(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor | None = None,
             *, scale: float | None = None, key_t: torch.Tensor | None = None, value_sum: torch.Tensor | None = None,
             starts: torch.Tensor | None = None, out: torch.Tensor | None = None,
-            sketch=None, max_length: int | None = None) -> torch.Tensor:
+            sketch=None, max_length: int | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         """One SparQ decode step. Same semantics as `sparq.reference.sparq_reference`.
 
         query [B, Hq, d]; key, value [B, Hkv, S, d] with S <= capacity (last dim contiguous);
@@ -260,12 +262,24 @@ class DecodePlan:
         stride 0 and starts = each request's offset (serving). The plan's capacity must then cover
         max_length, not key.shape[2]; the kernels only read [starts[b], starts[b] + lengths[b]).
         Pass value_sum with such a view (summing it here would read every row's whole buffer).
+
+        slots (with starts and max_length; sketch plans only): a paged K/V. key, value are the
+        whole paged cache [num_slots, Hkv, d] viewed as [B, Hkv, num_slots, d] with batch stride 0,
+        and logical position p of row b is row slots[starts[b] + p] of it (slots int32/int64 [>= any
+        starts[b] + lengths[b]]: the batch's packed positions -> physical slots). The two kernels that
+        read K or V (the gather and the scorer's exact keys of rows shorter than one sketch block)
+        read through it; nothing else changes. value_sum is then required with reallocation.
         """
         config = self.config
         batch, num_q_heads, head_dim = query.shape
         _, num_kv_heads, seq_len, _ = key.shape
         if max_length is not None and starts is None:
             raise ValueError("max_length is for a buffer read through per-row starts")
+        if slots is not None and (starts is None or max_length is None or not hasattr(config, "k_bound")):
+            raise ValueError("slots need starts, max_length and a sketch plan (the paper's step 1 reads Kᵀ, "
+                             "which a paged cache does not keep)")
+        if slots is not None and config.reallocate and value_sum is None:
+            raise ValueError("pass value_sum with slots (summing V here would read the whole paged cache)")
         if not self.matches(query, key, config, max_length):
             raise ValueError(f"query {tuple(query.shape)} / key {tuple(key.shape)} do not fit this plan "
                              f"(B={self.batch}, Hq={self.num_q_heads}, Hkv={self.num_kv_heads}, "
@@ -302,7 +316,7 @@ class DecodePlan:
         )
         if is_sketch:  # step 1 of sparq-sketch (sketch_scores.py)
             score_sketch(self, query, key, sketch, lengths, starts_arg, has_starts, scale,
-                         seq_len if max_length is None else max_length)
+                         seq_len if max_length is None else max_length, slots)
         else:  # step 1 of the paper
             score_transposed_keys(self, query, key_t, lengths, starts_arg, has_starts, scale)
         # step 2a
@@ -336,11 +350,12 @@ class DecodePlan:
         # step 2b + 3
         _gather_attention_kernel[(bh, self.n_split2)](
             query, key, value, self.idx, self.k_b, self.logits, self.logz, starts_arg,
-            self.part_m, self.part_l, self.part_acc, self.part_a,
+            starts_arg if slots is None else slots, self.part_m, self.part_l, self.part_acc, self.part_a,
             key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
             num_kv_heads, s_cap, self.k_max, self.n_split2, float(scale),
             G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=head_dim, CHUNK=self.chunk2, BLOCK_N=self.block_n,
-            REALLOC=bool(config.reallocate), HAS_STARTS=has_starts, num_warps=self.gather_warps,
+            REALLOC=bool(config.reallocate), HAS_STARTS=has_starts, HAS_SLOTS=slots is not None,
+            num_warps=self.gather_warps,
         )
         if out is None:
             out = torch.empty_like(query)

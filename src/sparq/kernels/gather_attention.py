@@ -18,18 +18,23 @@ import triton.language as tl
 
 @triton.jit
 def _gather_attention_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, kcount_ptr, logits_ptr, logz_ptr, starts_ptr,
+    q_ptr, k_ptr, v_ptr, idx_ptr, kcount_ptr, logits_ptr, logz_ptr, starts_ptr, slots_ptr,
     m_ptr, l_ptr, acc_ptr, alpha_ptr,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     num_kv_heads, s_cap, k_max, n_split, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, REALLOC: tl.constexpr, HAS_STARTS: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
 ):
     """Partial attention of one KV head's query group over one slice of its kept positions.
 
-    Reads  (4 + 2 * d * elt) bytes per kept position of the slice (index, K row, V row) and,
-           with reallocation, 4 * g more (the step-1 logits of those positions); g * d * elt (q).
+    Reads  (4 + 2 * d * elt) bytes per kept position of the slice (index, K row, V row), with
+           slots the position's slot too (+ the slot map's element size, 4 or 8), and, with
+           reallocation, 4 * g more (the step-1 logits of those positions); g * d * elt (q).
     Writes (8 + 4 * d + 4) * g bytes of partial results (m, l, acc, alpha).
+
+    HAS_SLOTS (with HAS_STARTS; a paged cache): kept position p of row b is row
+    slots[starts[b] + p] of K and V (their batch stride 0), so rows are read through the slot map.
     """
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -46,10 +51,13 @@ def _gather_attention_kernel(
         logz = tl.load(logz_ptr + bh * G + offs_g, mask=g_ok, other=0.0)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    if HAS_STARTS:  # left padding: kept (logical) position p is row starts[b] + p of K and V
+    if HAS_STARTS:
         first = tl.load(starts_ptr + b).to(tl.int64)
-        k_base += first * stride_ks
-        v_base += first * stride_vs
+        if HAS_SLOTS:  # paged: row starts[b] + p of the slot map holds position p's row
+            slot_row = slots_ptr + first
+        else:  # left padding: kept (logical) position p is row starts[b] + p of K and V
+            k_base += first * stride_ks
+            v_base += first * stride_vs
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -61,8 +69,12 @@ def _gather_attention_kernel(
         n = n0 + offs_n
         n_ok = n < end
         pos = tl.load(idx_ptr + bh.to(tl.int64) * k_max + n, mask=n_ok, other=0).to(tl.int64)
-        k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        v = tl.load(v_base + pos[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        if HAS_SLOTS:
+            kv_row = tl.load(slot_row + pos, mask=n_ok, other=0).to(tl.int64)
+        else:
+            kv_row = pos
+        k = tl.load(k_base + kv_row[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_base + kv_row[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         if k.dtype == tl.float32:
             s = tl.dot(q.to(tl.float32), tl.trans(k), input_precision="ieee")
         else:

@@ -270,19 +270,21 @@ def _dot_hi_lo(c, a_hi, a_lo, BS: tl.constexpr, D: tl.constexpr, GQ: tl.constexp
 
 @triton.jit
 def _sketch_scores_kernel(
-    q_ptr, codes_ptr, lo_ptr, hi_ptr, key_ptr, len_ptr, starts_ptr,
+    q_ptr, codes_ptr, lo_ptr, hi_ptr, key_ptr, len_ptr, starts_ptr, slots_ptr,
     logits_ptr, m_ptr, l_ptr,
     stride_kb, stride_kh, stride_ks,
     num_kv_heads, s_cap, code_cap, n_blk_cap, n_split, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, HAS_STARTS: tl.constexpr,
-    SPLIT_C: tl.constexpr, SPLIT_K: tl.constexpr, STATS: tl.constexpr, ASM: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, SPLIT_C: tl.constexpr, SPLIT_K: tl.constexpr, STATS: tl.constexpr, ASM: tl.constexpr,
 ):
     """Sketch logits of one (batch, KV head) over one chunk of the sequence (split-S).
 
     Reads, per position of the chunk below the row's length, d * bits / 8 bytes of codes, plus
     2 * d * elt bytes of range per tile of BLOCK_S positions and g * d * elt of query; a row
-    with no finished block (length < block) reads its exact keys instead, d * elt per position.
+    with no finished block (length < block) reads its exact keys instead, d * elt per position
+    (with slots, + the slot map's element size, 4 or 8, per position: HAS_SLOTS, a paged cache,
+    reads position s of row b at row slots[starts[b] + s] of K, whose batch stride is 0).
     Writes 4 * g bytes of logits per position (the last tile's positions >= length as -inf) and
     8 * g bytes of split statistics (STATS = 0: nobody reads them; written as an empty split's).
 
@@ -310,8 +312,10 @@ def _sketch_scores_kernel(
         q = tl.load(q_ptr + (bh * G + offs_g)[:, None] * D + offs_d[None, :], mask=g_ok[:, None], other=0.0)
         q = q.to(tl.float32) * scale  # [G_PAD, D]
         k_base = key_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        if HAS_STARTS:  # left padding: logical position s is row starts[b] + s of K
-            k_base += tl.load(starts_ptr + b).to(tl.int64) * stride_ks
+        if HAS_STARTS:
+            first = tl.load(starts_ptr + b).to(tl.int64)
+            if not HAS_SLOTS:  # left padding: logical position s is row starts[b] + s of K
+                k_base += first * stride_ks
         out_base = logits_ptr + (bh * G + offs_g).to(tl.int64)[:, None] * s_cap  # [G_PAD, 1]
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
@@ -321,7 +325,11 @@ def _sketch_scores_kernel(
         for s0 in range(start, end, BLOCK_K):
             s = s0 + offs_k
             s_ok = s < end
-            k = tl.load(k_base + s.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+            if HAS_SLOTS:  # paged: the row of position s is in the slot map
+                k_row = tl.load(slots_ptr + first + s, mask=s_ok, other=0).to(tl.int64)
+            else:
+                k_row = s.to(tl.int64)
+            k = tl.load(k_base + k_row[:, None] * stride_ks + offs_d[None, :], mask=s_ok[:, None], other=0.0)
             acc = _dot_f32(q, tl.trans(k), SPLIT_K)
             m_i, l_i = _emit_tile(acc, s, s_ok, out_base, g_ok, m_i, l_i, s0, s_cap, BLOCK_K)
         stat = (bh * G + offs_g) * n_split + split
@@ -396,14 +404,17 @@ def sketch_block_s(ws, sketch: SketchState) -> int:
 
 
 def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState, lengths: torch.Tensor,
-                 starts: torch.Tensor, has_starts: bool, scale: float, span: int | None = None) -> None:
+                 starts: torch.Tensor, has_starts: bool, scale: float, span: int | None = None,
+                 slots: torch.Tensor | None = None) -> None:
     """Step 1 from the sketch into the plan's workspace (one launch).
 
     Bytes read per KV head: length * d * bits / 8 (codes) + 2 * d * elt per tile (ranges) +
-    g * d * elt (query); rows shorter than one block read length * d * elt of exact keys instead.
+    g * d * elt (query); rows shorter than one block read length * d * elt of exact keys instead
+    (with `slots`, through the slot map: + its element size per position).
     Written: 4 * g * length (fp32 logits) + 8 * g * n_split (split statistics).
     span: the logical positions the sketch must cover (default key.shape[2]; less for a packed K
     buffer read through per-row starts, `DecodePlan.run`'s max_length).
+    slots (with starts): the slot map of a paged K (`DecodePlan.run`'s slots).
     """
     batch, num_kv_heads, _, head_dim = key.shape
     if (sketch.batch, sketch.num_kv_heads, sketch.head_dim) != (batch, num_kv_heads, head_dim):
@@ -419,12 +430,13 @@ def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState
     stats = g > 1 or bool(ws.config.reallocate)
     stages = None if query.device.type != "cuda" else (ws.score_stages or ws.tuning.sketch_stages)
     _sketch_scores_kernel[(batch * num_kv_heads, ws.n_split1)](
-        query, sketch.codes, sketch.lo, sketch.hi, key, lengths, starts,
+        query, sketch.codes, sketch.lo, sketch.hi, key, lengths, starts, starts if slots is None else slots,
         ws.logits, ws.split_m, ws.split_l,
         key.stride(0), key.stride(1), key.stride(2),
         num_kv_heads, ws.capacity, sketch.capacity, sketch.n_blocks, ws.n_split1, float(scale),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), GQ=max(4, triton.next_power_of_2(g)), D=head_dim,
         BITS=sketch.bits, BLOCK=sketch.block, CHUNK=ws.chunk1, BLOCK_S=sketch_block_s(ws, sketch),
-        HAS_STARTS=has_starts, SPLIT_C=split_c, SPLIT_K=split_k, STATS=stats, ASM=query.device.type == "cuda",
+        HAS_STARTS=has_starts, HAS_SLOTS=slots is not None, SPLIT_C=split_c, SPLIT_K=split_k, STATS=stats,
+        ASM=query.device.type == "cuda",
         num_warps=ws.score_warps, **({"num_stages": stages} if stages else {}),
     )
