@@ -68,7 +68,8 @@ KERNELS: bool | None = True
 # other batch does (tests compare the two).
 READ_PAGES: bool | None = None
 # Layer calls with decode requests by route, over the process's life (bench serve reports them).
-DECODE_CALLS: dict[str, int] = {"kernels": 0, "torch": 0}
+# "pages": those of the kernels calls that read K/V through the pages (READ_PAGES), no packed read.
+DECODE_CALLS: dict[str, int] = {"kernels": 0, "torch": 0, "pages": 0}
 # Smallest position capacity of a kernels plan (it doubles from there as requests grow).
 MIN_CAPACITY = 128
 
@@ -425,6 +426,7 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
             y = _decode_kernels(method, query, key, value, plan, scale, sketch, slots,
                                 _ROUTES.setdefault(cache, _Route()), paged=pages is not None)
         DECODE_CALLS["kernels" if y is not None else "torch"] += 1
+        DECODE_CALLS["pages"] += int(y is not None and pages is not None)
         if y is None:
             if pages is not None:  # the kernels cannot run after all: the packed read transformers would make
                 key, value = key.index_select(0, read[0]), value.index_select(0, read[0])

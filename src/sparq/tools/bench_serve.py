@@ -73,25 +73,29 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
                 new_tokens: int = 256, methods: tuple[str, ...] = ("dense", "default", "sparq"), budget: str = "1/8",
                 *, cache_gib: float = 40.0, block_size: int = 256, max_batch_tokens: int = 8192,
                 device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0,
-                kernels: bool | None = None, out_dir: str | Path | None = "benchmarks/results", print_rows: bool = True) -> dict:
+                kernels: bool | None = None, read_pages: bool | None = None, out_dir: str | Path | None = "benchmarks/results", print_rows: bool = True) -> dict:
     """Run every variant in `methods` ("dense" = transformers' "paged|sdpa"; any other entry is a
     method spec for `build_method` at `budget`, run as "paged|sparq") over the same requests;
     returns {"device", "versions", "settings", "rows"} and writes it as JSON under out_dir.
-    `kernels` sets `serving.KERNELS` for this run (None: its default)."""
+    `kernels` / `read_pages` set `serving.KERNELS` / `serving.READ_PAGES` for this run (None: their
+    defaults)."""
     from .. import serving
 
     serving.check_version()
-    if kernels is not None and not isinstance(kernels, bool):
-        raise TypeError(f"kernels must be True, False or None (serving.KERNELS' default), got {kernels!r}")
-    previous_kernels = serving.KERNELS
+    for name, v in (("kernels", kernels), ("read_pages", read_pages)):
+        if v is not None and not isinstance(v, bool):
+            raise TypeError(f"{name} must be True, False or None (serving.{name.upper()}'s default), got {v!r}")
+    previous = serving.KERNELS, serving.READ_PAGES
     if kernels is not None:  # the kernels route for the default method's decode requests, for this run only
         serving.KERNELS = kernels
+    if read_pages is not None:  # decode-only batches on that route read K/V through the pages
+        serving.READ_PAGES = read_pages
     try:
         return _bench_serve(model, requests, min_prompt, max_prompt, new_tokens, methods, budget, cache_gib=cache_gib,
                             block_size=block_size, max_batch_tokens=max_batch_tokens, device=device, dtype=dtype,
                             seed=seed, out_dir=out_dir, print_rows=print_rows)
     finally:
-        serving.KERNELS = previous_kernels
+        serving.KERNELS, serving.READ_PAGES = previous
 
 
 def _bench_serve(model: str, requests: int, min_prompt: int, max_prompt: int, new_tokens: int,
@@ -222,13 +226,16 @@ def _bench_serve(model: str, requests: int, min_prompt: int, max_prompt: int, ne
                      "num_blocks_dense": num_blocks, "cache_tokens_dense": num_blocks * block_size,
                      "kv_bytes_per_token": per_token, "max_batch_tokens": max_batch_tokens, "seed": seed,
                      "cuda_graphs": False, "greedy": True,
-                     "serving_kernels": serving.KERNELS},
+                     "serving_kernels": serving.KERNELS, "serving_read_pages": serving.READ_PAGES},
         "decode_path": "paged|sparq decode after transformers' cache.update read (a gather of every request's "
                        "K/V, as paged|sdpa): the default method (sparq-sketch, CUDA fp16/bf16) on the Triton kernels, "
                        "K/V read in place from that packed read, the sketch kept per page beside the cache "
                        "(caches.paged) and gathered packed per layer and step (serving._decode_kernels); other "
                        "methods (the paper's sparq: no Kᵀ kept) copy each decode request's K/V per step and attend "
-                       "in PyTorch" + ("" if serving.KERNELS else " [serving.KERNELS off: every method in PyTorch]"),
+                       "in PyTorch" + ("" if serving.KERNELS is not False else " [serving.KERNELS off: every method in "
+                                                                              "PyTorch]")
+                       + (" [serving.READ_PAGES on: decode-only batches on the kernels route skip transformers' "
+                          "gather, the kernels read K/V through the pages]" if serving._read_pages() else ""),
         "timing": "wall clock of model.generate_batch over all requests (prefill included), after a warm-up call; "
                   "TPOT and TTFT from transformers' per-token timestamps",
         "rows": rows,

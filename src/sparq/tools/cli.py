@@ -381,6 +381,10 @@ def bench_serve(
     kernels: Annotated[Optional[bool], typer.Option(
         "--kernels/--no-kernels", help="The default method's decode requests on the Triton kernels (sparq.serving."
                                        "KERNELS); unset: its default.")] = None,
+    read_pages: Annotated[Optional[bool], typer.Option(
+        "--read-pages/--no-read-pages", help="Decode-only batches on the kernels route read K/V through the "
+                                             "pages, skipping transformers' gather (sparq.serving.READ_PAGES); "
+                                             "unset: its default.")] = None,
     out_dir: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("benchmarks/results"),
 ) -> None:
     """Continuous batching (transformers' generate_batch, paged KV cache): dense vs SparQ, same requests and
@@ -397,7 +401,7 @@ def bench_serve(
     try:
         serving.check_version()
         result = run(model, requests, min_prompt, max_prompt, new_tokens, names, budget, cache_gib=cache_gib,
-                     block_size=block_size, max_batch_tokens=max_batch_tokens, device=device, kernels=kernels,
+                     block_size=block_size, max_batch_tokens=max_batch_tokens, device=device, kernels=kernels, read_pages=read_pages,
                      out_dir=out_dir)
     except (ValueError, RuntimeError) as e:
         fail(str(e))
