@@ -61,12 +61,11 @@ GATHER_BYTES = 1 << 30
 KERNELS: bool | None = True
 # Decode-only batches on the kernels route read K/V through the pages (`_layer_pages`): the new tokens
 # are written with transformers' own update, told to read nothing back, and the kernels read the rows
-# they need at their physical slots. None (default) = only under Triton's CPU interpreter, where it is
-# tested: on CUDA it stays off until it has run on a GPU (written 2026-11-30 without device time;
-# tests/test_serving.py::test_kernels_route_on_the_gpu checks it). True: on wherever the kernels
-# route runs; False: these batches read transformers' packed gather of every request's K/V, as every
-# other batch does (tests compare the two).
-READ_PAGES: bool | None = None
+# they need at their physical slots. True (default) or None: wherever the kernels route runs (on the
+# H200 since 2026-11-30: tests/test_serving.py::test_kernels_route_on_the_gpu gives the packed read's
+# tokens; `sparq bench serve` ran 3904 such layer calls); False: these batches read transformers' packed
+# gather of every request's K/V, as every other batch does (tests compare the two).
+READ_PAGES: bool | None = True
 # Layer calls with decode requests by route, over the process's life (bench serve reports them).
 # "pages": those of the kernels calls that read K/V through the pages (READ_PAGES), no packed read.
 DECODE_CALLS: dict[str, int] = {"kernels": 0, "torch": 0, "pages": 0}
@@ -272,10 +271,8 @@ def _kernels_may_run(method: DecodeMethod | None, query: Tensor, key: Tensor) ->
 
 
 def _read_pages() -> bool:
-    """`READ_PAGES` resolved (None: only under Triton's CPU interpreter)."""
-    from .kernels import interpreting
-
-    return READ_PAGES if READ_PAGES is not None else interpreting()
+    """`READ_PAGES` resolved (None: on, as True)."""
+    return READ_PAGES is not False
 
 
 def _layer_pages(cache: Any, layer_idx: int) -> tuple[Tensor, Tensor] | None:
