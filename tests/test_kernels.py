@@ -603,10 +603,12 @@ def test_compaction_split_into_single_tiles():
     each starting from the scan of the tile counts before it) gives the same kept lists."""
     from sparq.kernels.dispatch import DEFAULT_TUNING
 
-    # one emit split per KV head (the whole row), compaction in programs of 2 tiles
-    tuning = DEFAULT_TUNING.with_(deterministic=True, emit_blocks_per_sm=1, compact_tiles=2)
+    # one emit split per KV head (the whole row), compaction in programs of 2 tiles; 64-position emit
+    # tiles (the interpreter's size) so that these short rows span several programs on the GPU too
+    tuning = DEFAULT_TUNING.with_(deterministic=True, emit_blocks_per_sm=1, compact_tiles=2, emit_block=64)
     for case in (CPU_CASES[0], CPU_CASES[1]):
         batch, hq, hkv, seq, d, dtype, cfg = case
+        dtype = torch.float16 if CUDA else dtype  # the kernels take fp16/bf16 on the GPU
         plan = _plan(torch.empty(batch, hq, d, dtype=dtype), torch.empty(batch, hkv, seq, d, dtype=dtype), cfg, tuning)
         assert plan.n_split_e == 1 and plan.n_split_c > 1
         rows, flipped, _ = run_case(batch, hq, hkv, seq, d, dtype, cfg, 11, tuning)
