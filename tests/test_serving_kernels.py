@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -28,6 +25,7 @@ from sparq import kernels, serving  # noqa: E402
 from sparq.caches.paged import PagedSketch  # noqa: E402
 from sparq.methods.base import DecodeInputs  # noqa: E402
 from sparq.methods.sketch import SparQSketch  # noqa: E402
+from sm90 import compile_for_sm90  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -193,21 +191,10 @@ def test_slots_need_a_sketch_plan_starts_and_value_sums():
         plan.run(q, kv, kv, lengths, slots=slots, starts=starts, max_length=20)
 
 
-COMPILE = textwrap.dedent('''
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+COMPILE = '''
     from sparq.kernels.gather_attention import _gather_attention_kernel
     from sparq.kernels.sketch_scores import _sketch_scores_kernel
 
-    def build(fn, signature, constexprs, num_warps, **opts):
-        full = dict(signature)
-        full.update({k: "constexpr" for k in constexprs})
-        attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(full.values()) if t.startswith("*")}
-        triton.compile(ASTSource(fn, full, constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps, **opts})
-
-    ints = lambda *names: {n: "i32" for n in names}
     gather = {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "idx_ptr": "*i32", "kcount_ptr": "*i32",
               "logits_ptr": "*fp32", "logz_ptr": "*fp32", "starts_ptr": "*i32", "slots_ptr": "*i64",
               "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "alpha_ptr": "*fp32",
@@ -225,17 +212,11 @@ COMPILE = textwrap.dedent('''
                                               "CHUNK": 1024, "BLOCK_S": 128, "HAS_STARTS": True, "HAS_SLOTS": slots,
                                               "SPLIT_C": 2, "SPLIT_K": 2, "STATS": True, "ASM": True}, 4, num_stages=2)
     print("compiled")
-''')
+'''
 
 
 def test_kernels_with_slots_compile_for_sm90():
     """The gather and the sketch scorer build for the H100/H200 (sm_90) with and without the slot map
     (the interpreter runs their Python, not their compiled form; tests/test_gpu_compile.py does the
-    same for the selection kernels). A subprocess: TRITON_INTERPRET=1 makes `triton.jit` interpret."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = os.path.join(os.path.dirname(__file__), "..", "src")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(src), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
-    if res.returncode != 0 and ("ptxas" in res.stderr and "not found" in res.stderr.lower()):
-        pytest.skip("this triton wheel has no ptxas")
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+    same for the selection kernels; tests/sm90.py)."""
+    compile_for_sm90(COMPILE)
