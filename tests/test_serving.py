@@ -468,7 +468,7 @@ def test_kernels_route_on_the_gpu(monkeypatch):
     """The same on CUDA, the tiny Llama in fp16 (where the route runs outside the interpreter): the
     kernels route ran every decode call and gives the PyTorch route's tokens for at least 3 of the 4
     requests (fp16 rounding may flip a near-tie and with it the rest of a request). Reading decode-only
-    batches through the pages (`READ_PAGES`, off on CUDA by default until this passes there) gives the
+    batches through the pages (`READ_PAGES`, on by default since this passed on the H200) gives the
     packed read's tokens exactly (the same kernels over the same values, deterministic selection)."""
     monkeypatch.setattr(serving, "KERNELS", True)  # the default; set in case a caller turned it off
     monkeypatch.setattr(serving, "READ_PAGES", False)
