@@ -321,6 +321,21 @@ def test_bench_serve_smoke(tmp_path):
     with pytest.raises(ValueError, match="max_prompt"):
         bench_serve("tiny", min_prompt=50, max_prompt=40, **{k: v for k, v in kw.items() if k not in
                                                              ("min_prompt", "max_prompt")})
+    # the route flags apply to one run only: the module's settings come back afterwards
+    before = serving.KERNELS, serving.READ_PAGES
+    bench_serve("tiny", methods=("default",), kernels=False, read_pages=False, cache_gib=0.0001,
+                **{**kw, "requests": 1})
+    assert (serving.KERNELS, serving.READ_PAGES) == before
+
+
+def test_bench_serve_refuses_bad_route_flags():
+    """Checked before anything else (also on transformers versions whose CB cannot run paged|sparq)."""
+    from sparq.tools.bench_serve import bench_serve
+
+    with pytest.raises(TypeError, match="kernels must be True, False or None"):
+        bench_serve("tiny", kernels="yes", device="cpu", out_dir=None)
+    with pytest.raises(TypeError, match="read_pages must be True, False or None"):
+        bench_serve("tiny", read_pages=1, device="cpu", out_dir=None)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])

@@ -81,10 +81,10 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
     defaults)."""
     from .. import serving
 
-    serving.check_version()
     for name, v in (("kernels", kernels), ("read_pages", read_pages)):
         if v is not None and not isinstance(v, bool):
             raise TypeError(f"{name} must be True, False or None (serving.{name.upper()}'s default), got {v!r}")
+    serving.check_version()
     previous = serving.KERNELS, serving.READ_PAGES
     if kernels is not None:  # the kernels route for the default method's decode requests, for this run only
         serving.KERNELS = kernels
