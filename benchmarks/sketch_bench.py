@@ -67,27 +67,36 @@ def _bench(fn) -> float:
     return do_bench(_graphed(fn), warmup=25, rep=100, return_mode="median") * 1e3
 
 
+def prefilled_sketch(cache, bits, block):
+    """A `SketchState` of `bits`-bit codes in `block`-position blocks over the whole of `cache` (a full
+    `random_cache`), prefilled row by row so the PyTorch prefill's fp32 temporaries stay small."""
+    from sparq.kernels.sketch_state import SketchState
+
+    batch, hkv, seq, d = cache.key.shape
+    st = SketchState(batch, hkv, d, seq, bits=bits, block=block, dtype=cache.key.dtype, device=cache.key.device)
+    for b in range(batch):
+        st_b = SketchState(1, hkv, d, seq, bits=bits, block=block, dtype=cache.key.dtype, device=cache.key.device)
+        st_b.prefill(cache.key[b:b + 1], cache.lengths[b:b + 1])
+        st.codes[b].copy_(st_b.codes[0])
+        st.lo[b].copy_(st_b.lo[0])
+        st.hi[b].copy_(st_b.hi[0])
+        del st_b
+    return st
+
+
 def sketch_step(cache, q, out, bits, fraction, block, paper_settings=False):
     """(method, SketchState, DecodePlan, step) of the sketch method on `cache` (a full `random_cache`):
     the default method's settings (no local window, no reallocation) or, with paper_settings, local
     k / 4 and reallocation on. `step()` runs one un-graphed decode step into `out`."""
     from sparq.kernels.dispatch import DecodePlan
     from sparq.kernels.sketch_scores import SketchConfig
-    from sparq.kernels.sketch_state import SketchState
     from sparq.methods.sketch import SparQSketch
 
     batch, hkv, seq, d = cache.key.shape
     hq, dtype = q.shape[1], q.dtype
     m = (SparQSketch(fraction, bits=bits, block=block) if paper_settings  # local k/4, reallocation on
          else SparQSketch(fraction, bits=bits, block=block, local_fraction=0.0, reallocate=False))  # the default
-    st = SketchState(batch, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=q.device)
-    for b in range(batch):  # row by row: the PyTorch prefill's fp32 temporaries stay small
-        st_b = SketchState(1, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=q.device)
-        st_b.prefill(cache.key[b:b + 1], cache.lengths[b:b + 1])
-        st.codes[b].copy_(st_b.codes[0])
-        st.lo[b].copy_(st_b.lo[0])
-        st.hi[b].copy_(st_b.hi[0])
-        del st_b
+    st = prefilled_sketch(cache, bits, block)
     plan = DecodePlan(batch, hq, hkv, d, seq, SketchConfig.from_method(m, d), q.device, dtype)
     step = (lambda plan=plan, c=cache, st=st: plan.run(q, c.key, c.value, c.lengths,
                                                         value_sum=c.value_sum, out=out, sketch=st))

@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sketch_bench import _bench, _kernel_profile  # noqa: E402  (graphed do_bench median; per-kernel times)
+from sketch_bench import _bench, _kernel_profile, prefilled_sketch  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -44,7 +44,6 @@ def main() -> None:
 
     from sparq.kernels.dispatch import DEFAULT_TUNING, DecodePlan
     from sparq.kernels.sketch_scores import SketchConfig
-    from sparq.kernels.sketch_state import SketchState
     from sparq.methods.sketch import SparQSketch
     from sparq.tools.bench_kernels import random_cache
 
@@ -63,12 +62,7 @@ def main() -> None:
         cache, q = random_cache(batch, hq, hkv, seq, d, dtype)
         cache.derived.key_t_buf = None
         out = torch.empty_like(q)
-        st = SketchState(batch, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=q.device)
-        for b in range(batch):
-            st_b = SketchState(1, hkv, d, seq, bits=bits, block=block, dtype=dtype, device=q.device)
-            st_b.prefill(cache.key[b:b + 1], cache.lengths[b:b + 1])
-            st.codes[b].copy_(st_b.codes[0]); st.lo[b].copy_(st_b.lo[0]); st.hi[b].copy_(st_b.hi[0])
-            del st_b
+        st = prefilled_sketch(cache, bits, block)
         m = SparQSketch(0.125, bits=bits, block=block, local_fraction=0.0, reallocate=False)
         cfg = SketchConfig.from_method(m, d)
         row = {"shape": kind, "B": batch, "S": seq, "Hq": hq, "Hkv": hkv, "d": d, "dtype": str(dtype), "us": {}}
