@@ -320,9 +320,9 @@ def _sketch_scores_kernel(
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         # [BLOCK_K, d] key tiles live in registers: at most 64 positions for d > 128
-        BLOCK_K: tl.constexpr = 64 if (D > 128 and BLOCK_S > 64) else BLOCK_S
+        BLOCK_K: tl.constexpr = 32
         offs_k = tl.arange(0, BLOCK_K)
-        for s0 in range(start, end, BLOCK_K):
+        for s0 in tl.range(start, end, BLOCK_K, num_stages=1):
             s = s0 + offs_k
             s_ok = s < end
             if HAS_SLOTS:  # paged: the row of position s is in the slot map
