@@ -256,16 +256,22 @@ def _code_words(D: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _dot_hi_lo(c, a_hi, a_lo, BS: tl.constexpr, D: tl.constexpr, GQ: tl.constexpr):
-    """c [BS, D] @ (a_hi + a_lo) for a_hi, a_lo [D, GQ] fp16: one MMA whose B columns 2g, 2g + 1
-    are the hi, lo parts of query row g, the two parts summed in fp32 -> [BS, GQ]. (GQ = 4: an
-    N = 8 mma.sync; GQ >= 8 makes triton 3.6 take wgmma, whose register operand (kWidth 2) wants
-    another column order of the codes: `_unpack_codes(WG=1)` produces it and the B rows follow
-    (`_code_dims`), no PRMT / extra HADD2 per code; splitting into N = 8 MMAs instead was measured
-    worse: 910 vs 829 per tile at g = 8, d = 128, before that reordering.)"""
-    acc = tl.dot(c, tl.reshape(tl.join(a_hi, a_lo), (D, 2 * GQ)))
-    acc_hi, acc_lo = tl.split(tl.reshape(acc, (BS, GQ, 2)))
-    return acc_hi + acc_lo
+def _dot_hi_lo(c, a, even, base, BS: tl.constexpr, GQ: tl.constexpr, SPLIT_C: tl.constexpr):
+    """c [BS, D] @ a [D, 2 * GQ] (columns 2g, 2g + 1 both q_g * step, fp32) + q . lo -> logits [BS, GQ].
+
+    SPLIT_C: one fp16 MMA whose B column 2g is a's fp16 hi part and column 2g + 1 its fp16 lo part,
+    the two summed in fp32 (~fp32 logits; GQ = 4: an N = 8 mma.sync; GQ >= 8 makes triton 3.6 take
+    wgmma, whose register operand (kWidth 2) wants another column order of the codes:
+    `_unpack_codes(WG=1)` produces it and a's rows follow (`_code_dims`)). Else an fp32 dot
+    (the interpreter's fp32 keys) whose odd columns are dropped. base [2 * GQ] (q . lo, each
+    query twice) is added to the even columns."""
+    if SPLIT_C:
+        a_hi = a.to(tl.float16)
+        acc = tl.dot(c, tl.where(even[None, :], a_hi, (a - a_hi.to(tl.float32)).to(tl.float16)))
+    else:
+        acc = tl.where(even[None, :], tl.dot(c.to(tl.float32), a, input_precision="ieee"), 0.0)
+    acc_even, acc_odd = tl.split(tl.reshape(acc + tl.where(even, base, 0.0)[None, :], (BS, GQ, 2)))
+    return acc_even + acc_odd
 
 
 @triton.jit
@@ -342,10 +348,18 @@ def _sketch_scores_kernel(
         # d * bits < 128, that order is no cheaper: 466 vs 460 at d = 64, 1 bit)
         WG: tl.constexpr = GQ >= 8 and D * BITS >= 128
         dims = _code_dims(D, WG)  # B's rows in the code tile's column order
-        qt = tl.load(q_ptr + (bh * G + offs_q)[None, :] * D + dims[:, None], mask=q_ok[None, :], other=0.0)
-        qt = qt.to(tl.float32) * scale  # [D, GQ], rows in `dims` order
+        # B's 2 * GQ columns: column 2g + e is part e (fp16 hi, lo) of query g. The query and the
+        # range are loaded in that [D, 2 * GQ] shape (each query twice) and B is computed in it
+        # elementwise: building it by joining [D, GQ] hi and lo tensors gave a layout whose copy
+        # to shared memory was a 16-way bank conflict per store (ncu, H200: 60% of the kernel's
+        # shared-memory wavefronts were excessive)
+        offs_c = tl.arange(0, 2 * GQ)
+        col_q = offs_c // 2
+        even = (offs_c % 2) == 0
+        qt = tl.load(q_ptr + (bh * G + col_q)[None, :] * D + dims[:, None], mask=(col_q < G)[None, :], other=0.0)
+        qt = qt.to(tl.float32) * scale  # [D, 2 * GQ], rows in `dims` order
         if WG:  # q . lo summed in dim order (the same fp32 sum as without the permutation)
-            qn = tl.load(q_ptr + (bh * G + offs_q)[None, :] * D + offs_d[:, None], mask=q_ok[None, :], other=0.0)
+            qn = tl.load(q_ptr + (bh * G + col_q)[None, :] * D + offs_d[:, None], mask=(col_q < G)[None, :], other=0.0)
             qn = qn.to(tl.float32) * scale
         code_row = codes_ptr + bh.to(tl.int64) * code_cap * W
         widx = _code_words(D, BITS)  # [1, 4, HH]
@@ -357,25 +371,20 @@ def _sketch_scores_kernel(
             s = s0 + offs_s
             s_ok = offs_s < end - s0  # (a scalar bound: s0 stays out of the per-row compares)
             r = tl.minimum(s0 // BLOCK, n_full - 1)  # own block, or the last finished one
-            # the range loaded as [D, GQ] (each column the same) in qt's layout: no layout conversion
-            rp = rng + r * D + dims[:, None] + offs_q[None, :] * 0
+            # the range loaded as [D, 2 * GQ] (each column the same) in qt's layout: no layout conversion
+            rp = rng + r * D + dims[:, None] + offs_c[None, :] * 0
             lo = tl.load(lo_ptr + rp).to(tl.float32)
             hi = tl.load(hi_ptr + rp).to(tl.float32)
             step = _step(lo, hi, LEVELS, ASM)
-            a = qt * step  # [D, GQ]; step 0: the channel is lo whatever its code
+            a = qt * step  # [D, 2 * GQ]; step 0: the channel is lo whatever its code
             if WG:
-                base = tl.sum(qn * tl.load(lo_ptr + rng + r * D + offs_d[:, None] + offs_q[None, :] * 0).to(tl.float32), axis=0)
+                base = tl.sum(qn * tl.load(lo_ptr + rng + r * D + offs_d[:, None] + offs_c[None, :] * 0).to(tl.float32), axis=0)
             else:
-                base = tl.sum(qt * lo, axis=0)  # [GQ]
+                base = tl.sum(qt * lo, axis=0)  # [2 * GQ]: q . lo of each column's query
             words = _load_words(code_row, s, s_ok, widx, BLOCK_S, D, BITS)
             c = _unpack_codes(words, BLOCK_S, D, BITS, ASM, WG)  # [BLOCK_S, D] fp16
-            if SPLIT_C:  # q * step as fp16 hi + lo parts, the two columns 2g, 2g + 1 of one B operand
-                a_hi = a.to(tl.float16)
-                a_lo = (a - a_hi.to(tl.float32)).to(tl.float16)
-                acc_q = _dot_hi_lo(c, a_hi, a_lo, BLOCK_S, D, GQ)
-            else:
-                acc_q = tl.dot(c.to(tl.float32), a, input_precision="ieee")
-            logit = tl.where(s_ok[:, None], acc_q + base[None, :], float("-inf"))  # [BLOCK_S, GQ]
+            acc_q = _dot_hi_lo(c, a, even, base, BLOCK_S, GQ, SPLIT_C)
+            logit = tl.where(s_ok[:, None], acc_q, float("-inf"))  # [BLOCK_S, GQ]
             if s0 + BLOCK_S <= s_cap:
                 tl.store(out_q + s[:, None], logit, mask=q_ok[None, :])
             else:
