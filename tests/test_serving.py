@@ -75,6 +75,45 @@ def plans(monkeypatch):
     return seen
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+def test_prefill_attends_each_request_over_its_own_keys(groups):
+    """`_dense` (per request, lower-right causal) gives what one SDPA over the whole packed batch under
+    transformers' block-diagonal causal mask gives, for prefill chunks that continue a cached prefix,
+    whole prompts, decode rows (left zero: the decode path writes them) and padding tokens."""
+    class Module:
+        num_key_value_groups = groups
+
+    hkv, d = 2, 16
+    gen = torch.Generator().manual_seed(0)
+    # (new tokens, keys) per request: a chunk after a 9-token prefix, a decode token, a whole prompt
+    reqs = [(6, 15), (1, 12), (5, 5)]
+    bq, bk = [0], [0]
+    for n_q, n_k in reqs:
+        bq.append(bq[-1] + n_q)
+        bk.append(bk[-1] + n_k)
+    q_len = bq[-1] + 3  # 3 padding tokens
+    query = torch.randn(1, hkv * groups, q_len, d, generator=gen)
+    key = torch.randn(bk[-1], hkv, d, generator=gen)
+    value = torch.randn(bk[-1], hkv, d, generator=gen)
+    plan = serving._plan(torch.tensor(bq), torch.tensor(bk), bk[-1], torch.device("cpu"))
+    assert plan.prefill and plan.rows == [1]
+    out = serving._dense(Module(), query, key, value, plan, 0.0, None)
+    assert out.shape == (1, q_len, hkv * groups, d)
+    k = key.repeat_interleave(groups, 1)  # [K, Hq, d]
+    v = value.repeat_interleave(groups, 1)
+    for r, (n_q, n_k) in enumerate(reqs):
+        for i in range(n_q):
+            row = out[0, bq[r] + i]
+            if n_q == 1:  # a decode request
+                assert torch.equal(row, torch.zeros_like(row))
+                continue
+            seen = n_k - n_q + i + 1  # its position among the request's keys, plus one
+            kk, vv = k[bk[r]: bk[r] + seen], v[bk[r]: bk[r] + seen]
+            att = torch.softmax(torch.einsum("hd,khd->hk", query[0, :, bq[r] + i], kk) / d**0.5, -1)
+            torch.testing.assert_close(row, torch.einsum("hk,khd->hd", att, vv), atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[0, bq[-1]:], torch.zeros_like(out[0, bq[-1]:]))  # padding
+
+
 @needs_cb
 def test_k_at_least_length_equals_dense_cb_and_generate(plans):
     model = tiny("llama")
@@ -246,7 +285,7 @@ def test_sketch_is_kept_only_where_it_can_be_exact():
     method = build_method(KEPT_SKETCH, "1/8", 16)
     key = torch.randn(20, 2, 16)
     bq, bk = [0, 20], [0, 20]  # one request, a 20-token prefill: blocks 0 and 1 finish
-    plan = serving._Plan(cu_q=torch.tensor(bq), cu_k=torch.tensor(bk), total_k=20, prefill=True, dense_mask=None,
+    plan = serving._Plan(cu_q=torch.tensor(bq), cu_k=torch.tensor(bk), total_k=20, prefill=True,
                          rows=[], q_pos=torch.zeros(0, dtype=torch.long), k_start=[], lengths=[], bounds=(bq, bk))
     adjacent = torch.arange(96, 116)
     split = torch.cat([torch.arange(96, 108), torch.arange(304, 312)])  # block 1 = slots 104-107, 304-307
