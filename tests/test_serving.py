@@ -76,10 +76,10 @@ def plans(monkeypatch):
 
 
 @pytest.mark.parametrize("groups", [1, 3])
-def test_prefill_attends_each_request_over_its_own_keys(groups):
-    """`_dense` (per request, lower-right causal) gives what one SDPA over the whole packed batch under
-    transformers' block-diagonal causal mask gives, for prefill chunks that continue a cached prefix,
-    whole prompts, decode rows (left zero: the decode path writes them) and padding tokens."""
+def test_prefill_attention_of_a_packed_batch(groups):
+    """The prefill part of a packed batch (one SDPA under `_packed_causal_mask`, as transformers'
+    "paged|sdpa"): each prefill request's query attends causally to its own keys only, for a chunk
+    that continues a cached prefix and for a whole prompt, beside a decode row and padding tokens."""
     class Module:
         num_key_value_groups = groups
 
@@ -95,23 +95,20 @@ def test_prefill_attends_each_request_over_its_own_keys(groups):
     query = torch.randn(1, hkv * groups, q_len, d, generator=gen)
     key = torch.randn(bk[-1], hkv, d, generator=gen)
     value = torch.randn(bk[-1], hkv, d, generator=gen)
-    plan = serving._plan(torch.tensor(bq), torch.tensor(bk), bk[-1], torch.device("cpu"))
+    plan = serving._plan(torch.tensor(bq), torch.tensor(bk), q_len, bk[-1], torch.float32, torch.device("cpu"))
     assert plan.prefill and plan.rows == [1]
-    out = serving._dense(Module(), query, key, value, plan, 0.0, None)
+    out = serving._dense(Module(), query, key, value, plan.dense_mask, 0.0, None)
     assert out.shape == (1, q_len, hkv * groups, d)
     k = key.repeat_interleave(groups, 1)  # [K, Hq, d]
     v = value.repeat_interleave(groups, 1)
     for r, (n_q, n_k) in enumerate(reqs):
+        if n_q == 1:  # a decode request: its row is the decode path's
+            continue
         for i in range(n_q):
-            row = out[0, bq[r] + i]
-            if n_q == 1:  # a decode request
-                assert torch.equal(row, torch.zeros_like(row))
-                continue
             seen = n_k - n_q + i + 1  # its position among the request's keys, plus one
             kk, vv = k[bk[r]: bk[r] + seen], v[bk[r]: bk[r] + seen]
             att = torch.softmax(torch.einsum("hd,khd->hk", query[0, :, bq[r] + i], kk) / d**0.5, -1)
-            torch.testing.assert_close(row, torch.einsum("hk,khd->hd", att, vv), atol=1e-5, rtol=1e-5)
-    assert torch.equal(out[0, bq[-1]:], torch.zeros_like(out[0, bq[-1]:]))  # padding
+            torch.testing.assert_close(out[0, bq[r] + i], torch.einsum("hk,khd->hd", att, vv), atol=1e-5, rtol=1e-5)
 
 
 @needs_cb
@@ -285,7 +282,7 @@ def test_sketch_is_kept_only_where_it_can_be_exact():
     method = build_method(KEPT_SKETCH, "1/8", 16)
     key = torch.randn(20, 2, 16)
     bq, bk = [0, 20], [0, 20]  # one request, a 20-token prefill: blocks 0 and 1 finish
-    plan = serving._Plan(cu_q=torch.tensor(bq), cu_k=torch.tensor(bk), total_k=20, prefill=True,
+    plan = serving._Plan(cu_q=torch.tensor(bq), cu_k=torch.tensor(bk), total_k=20, prefill=True, dense_mask=None,
                          rows=[], q_pos=torch.zeros(0, dtype=torch.long), k_start=[], lengths=[], bounds=(bq, bk))
     adjacent = torch.arange(96, 116)
     split = torch.cat([torch.arange(96, 108), torch.arange(304, 312)])  # block 1 = slots 104-107, 304-307

@@ -107,6 +107,7 @@ class _Plan:
     cu_k: Tensor
     total_k: int
     prefill: bool           # some request has more than one new token: dense attention runs
+    dense_mask: Tensor | None  # [1, 1, Q, K] additive mask (0 / dtype min) for the dense part
     rows: list[int]         # the decode requests
     q_pos: Tensor           # [Bd] long: their query token in the packed batch
     k_start: list[int]      # where each one's keys begin in the packed read
@@ -120,7 +121,7 @@ class _Plan:
 _LAST_PLAN: list[_Plan] = []  # one slot: the current forward pass's plan
 
 
-def _plan(cu_q: Tensor, cu_k: Tensor, k_len: int, device: torch.device) -> _Plan:
+def _plan(cu_q: Tensor, cu_k: Tensor, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device) -> _Plan:
     if _LAST_PLAN and _LAST_PLAN[0].cu_q is cu_q and _LAST_PLAN[0].cu_k is cu_k and _LAST_PLAN[0].total_k == k_len:
         return _LAST_PLAN[0]
     # One host sync per forward pass (not per layer): the boundaries decide shapes and which
@@ -131,43 +132,57 @@ def _plan(cu_q: Tensor, cu_k: Tensor, k_len: int, device: torch.device) -> _Plan
     len_k = [bk[i + 1] - bk[i] for i in range(n_req)]
     rows = [i for i in range(n_req) if len_q[i] == 1 and len_k[i] >= 1]
     prefill = any(n > 1 for n in len_q)
-    plan = _Plan(cu_q=cu_q, cu_k=cu_k, total_k=k_len, prefill=prefill, rows=rows,
+    mask = None
+    if prefill:
+        mask = _packed_causal_mask(bq, bk, q_len, k_len, dtype, device)
+    plan = _Plan(cu_q=cu_q, cu_k=cu_k, total_k=k_len, prefill=prefill, dense_mask=mask, rows=rows,
                  q_pos=torch.tensor([bq[i] for i in rows], dtype=torch.long, device=device),
                  k_start=[bk[i] for i in rows], lengths=[len_k[i] for i in rows], bounds=(bq, bk))
     _LAST_PLAN[:] = [plan]
     return plan
 
 
-def _dense(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, plan: _Plan, dropout: float,
+def _packed_causal_mask(bq: list[int], bk: list[int], q_len: int, k_len: int, dtype: torch.dtype,
+                        device: torch.device) -> Tensor:
+    """[1, 1, Q, K] additive mask of a packed batch, as CB's `build_attention_mask` makes it for
+    "paged|sdpa": query token i of request r sees key j of r when j's position <= i's position
+    (the request's new tokens are the last ones of its keys). Padding tokens (beyond the last
+    request) see nothing and get a uniform row, as in transformers."""
+    n_req = len(bq) - 1
+    len_q = torch.tensor([bq[i + 1] - bq[i] for i in range(n_req)], device=device)
+    len_k = torch.tensor([bk[i + 1] - bk[i] for i in range(n_req)], device=device)
+    ids = torch.arange(n_req, device=device)
+    req_q = torch.full((q_len,), -1, dtype=torch.long, device=device)
+    req_k = torch.full((k_len,), -2, dtype=torch.long, device=device)
+    req_q[: bq[-1]] = torch.repeat_interleave(ids, len_q)
+    req_k[: bk[-1]] = torch.repeat_interleave(ids, len_k)
+    start_q = torch.tensor(bq[:-1], device=device)
+    start_k = torch.tensor(bk[:-1], device=device)
+    # position of each token within its request's keys (queries are the last len_q of them)
+    pos_q = torch.zeros(q_len, dtype=torch.long, device=device)
+    pos_k = torch.zeros(k_len, dtype=torch.long, device=device)
+    iq = torch.arange(bq[-1], device=device)
+    ik = torch.arange(bk[-1], device=device)
+    rq, rk = req_q[: bq[-1]], req_k[: bk[-1]]
+    pos_q[: bq[-1]] = iq - start_q[rq] + (len_k - len_q)[rq]
+    pos_k[: bk[-1]] = ik - start_k[rk]
+    allowed = (req_q[:, None] == req_k[None, :]) & (pos_k[None, :] <= pos_q[:, None])
+    mask = torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def _dense(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor, dropout: float,
            scaling: float | None) -> Tensor:
-    """Dense causal attention for the prefill requests of a packed batch, each over its own keys:
-    query [1, Hq, Q, d]; key, value [K, Hkv, d] (the packed read). Returns [1, Q, Hq, d]; the rows
-    of decode requests (written by the decode path) and of padding tokens are zero.
-
-    transformers' "paged|sdpa" computes the same prefill outputs with one SDPA over the whole packed
-    batch under a [Q, K] block-diagonal causal mask: Q x K work and a materialised mask (8192 x 100k
-    at 8192 tokens per step beside 8 requests of 12k). Here each prefill request's queries attend to
-    its own keys under a lower-right causal bias (its new tokens are the last of its keys), which
-    PyTorch runs without a mask where a fused kernel takes it."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    bq, bk = plan.bounds
-    hq, d = query.shape[1], query.shape[3]
+    """transformers' "paged|sdpa" on the packed batch: query [1, Hq, Q, d]; key, value [K, Hkv, d].
+    Returns [1, Q, Hq, d]."""
+    k = key.transpose(0, 1).unsqueeze(0)
+    v = value.transpose(0, 1).unsqueeze(0)
     groups = getattr(module, "num_key_value_groups", 1)
-    out = query.new_zeros(1, query.shape[2], hq, d)
-    for r in range(len(bq) - 1):
-        n_q, n_k = bq[r + 1] - bq[r], bk[r + 1] - bk[r]
-        if n_q <= 1:  # a decode request: the method's path
-            continue
-        q = query[:, :, bq[r]: bq[r + 1]].contiguous()
-        k = repeat_kv(key[bk[r]: bk[r + 1]].transpose(0, 1).unsqueeze(0), groups).contiguous()
-        v = repeat_kv(value[bk[r]: bk[r + 1]].transpose(0, 1).unsqueeze(0), groups).contiguous()
-        causal = n_q == n_k  # a whole prompt: the plain causal mask
-        y = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if causal else causal_lower_right(n_q, n_k), dropout_p=dropout, scale=scaling,
-            is_causal=causal)
-        out[0, bq[r]: bq[r + 1]] = y[0].transpose(0, 1)
-    return out
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.contiguous(), k.contiguous(), v.contiguous(), attn_mask=mask, dropout_p=dropout, scale=scaling,
+        is_causal=False)
+    return out.transpose(1, 2).contiguous()
 
 
 def _decode(method: DecodeMethod, query: Tensor, key: Tensor, value: Tensor, plan: _Plan, scale: float,
@@ -375,7 +390,7 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
     if (_read_pages() and KEEP_SKETCH and getattr(cache, "allow_block_sharing", False) and len(read) == 1
             and read[0].numel() and _kernels_may_run(method, query, key)):
         # the batch's boundaries (read once per forward pass) say whether it is decode-only
-        plan = _plan(kwargs["cu_seq_lens_q"], cu_k, read[0].numel(), query.device)
+        plan = _plan(kwargs["cu_seq_lens_q"], cu_k, query.shape[2], read[0].numel(), query.dtype, query.device)
         if not plan.prefill and plan.rows:
             pages = _layer_pages(cache, module.layer_idx)
     if pages is not None:
@@ -389,12 +404,12 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
         key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
                                   read_index=read, write_index=write)  # [K, Hkv, d]
         n_k = key.shape[0]
-    plan = _plan(kwargs["cu_seq_lens_q"], cu_k, n_k, query.device)
+    plan = _plan(kwargs["cu_seq_lens_q"], cu_k, query.shape[2], n_k, query.dtype, query.device)
     head_dim = query.shape[-1]
     scale = scaling if scaling is not None else head_dim**-0.5
 
     if plan.prefill:
-        out = _dense(module, query, key, value, plan, dropout, scaling)
+        out = _dense(module, query, key, value, plan.dense_mask, dropout, scaling)
     else:  # decode-only batch: every token below is overwritten (padding tokens stay zero)
         out = query.new_zeros(1, query.shape[2], query.shape[1], head_dim)
     sketch, slots = _kept_sketch(cache, module.layer_idx, method, key, plan, kwargs, paged=pages is not None)
