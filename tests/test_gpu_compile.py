@@ -1,6 +1,7 @@
-"""The selection kernels compile for the H100/H200 (sm_90) on a machine without a GPU (tests/sm90.py
-says why: the interpreter does not compile; this test fails on a kernel that once passed every
-interpreter test and did not build on the H200)."""
+"""The selection kernels and the sketch scorer compile for the H100/H200 (sm_90) on a machine without
+a GPU (tests/sm90.py says why: the interpreter does not compile; the selection test fails on a kernel
+that once passed every interpreter test and did not build on the H200, the scorer test on a malformed
+inline PTX instruction, which the interpreter never runs)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,32 @@ SCRIPT = '''
 
 def test_selection_kernels_compile_for_sm90():
     compile_for_sm90(SCRIPT)
+
+
+SCORER = '''
+    from sparq.kernels.sketch_scores import _sketch_scores_kernel
+
+    def scores(t):
+        return {"q_ptr": f"*{t}", "codes_ptr": "*i32", "lo_ptr": f"*{t}", "hi_ptr": f"*{t}", "key_ptr": f"*{t}",
+                "len_ptr": "*i32", "starts_ptr": "*i32", "slots_ptr": "*i32", "logits_ptr": "*fp32",
+                "m_ptr": "*fp32", "l_ptr": "*fp32", **ints("stride_kb", "stride_kh", "stride_ks", "num_kv_heads",
+                                                          "s_cap", "code_cap", "n_blk_cap", "n_split"),
+                "scale": "fp32"}
+
+    # (g, d, bits, dtype, tile): mma.sync with B computed in its [d, 2g] shape (g <= 4), the wgmma column
+    # order (g = 8, d * bits >= 128), words shared by lanes (d * bits < 128), the 64-position tile at d = 256
+    for g, d, bits, t, tile in ((1, 128, 2, "fp16", 128), (4, 64, 1, "bf16", 128), (8, 128, 2, "bf16", 128),
+                                (8, 256, 2, "bf16", 64), (1, 256, 1, "fp16", 128)):
+        gq = max(4, triton.next_power_of_2(g))
+        build(_sketch_scores_kernel, scores(t), {"G": g, "G_PAD": max(16, gq), "GQ": gq, "D": d, "BITS": bits,
+                                                 "BLOCK": 128, "CHUNK": 1024, "BLOCK_S": tile, "HAS_STARTS": False,
+                                                 "HAS_SLOTS": False, "SPLIT_C": 2, "SPLIT_K": 3 if t == "bf16" else 2,
+                                                 "STATS": g > 1, "ASM": True}, 4, num_stages=2)
+    print("compiled")
+'''
+
+
+def test_sketch_scorer_compiles_for_sm90():
+    """The sketch scorer's constexpr paths build for sm_90: the interpreter runs none of its inline PTX
+    or layout choices (the scorer's 2026-11-30 rewrites changed both)."""
+    compile_for_sm90(SCORER)
