@@ -325,7 +325,11 @@ def _sketch_scores_kernel(
         out_base = logits_ptr + (bh * G + offs_g).to(tl.int64)[:, None] * s_cap  # [G_PAD, 1]
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
-        # [BLOCK_K, d] key tiles live in registers: at most 64 positions for d > 128
+        # 32-position key tiles, not pipelined: this loop runs only for a sequence's first block,
+        # but a kernel's registers and shared memory are those of its largest path, and with the
+        # sketch loop's 128-position pipelined tiles it held the whole kernel at 128 registers and
+        # 53 KB (4 blocks per SM; now 72 registers, 20 KB, 7 blocks at d = 128, g = 1;
+        # H200: the sketch loop 431 -> 396 us at MHA B8 64k)
         BLOCK_K: tl.constexpr = 32
         offs_k = tl.arange(0, BLOCK_K)
         for s0 in tl.range(start, end, BLOCK_K, num_stages=1):
@@ -408,7 +412,7 @@ def _sketch_scores_kernel(
 def sketch_block_s(ws, sketch: SketchState) -> int:
     """Positions per scorer tile: a power of two dividing both the sketch block (one range per
     tile) and the plan's chunk (ws.block_s), at most 128 (the exact-key loop of short rows takes
-    at most 64 at d > 128); 64 at d > 128 with g >= 8 (128 spills registers there: triton 3.6, sm_90)."""
+    32 whatever this is); 64 at d > 128 with g >= 8 (128 spills registers there: triton 3.6, sm_90)."""
     return min(sketch.block, ws.block_s, 64 if sketch.head_dim > 128 and ws.g >= 8 else 128)
 
 
