@@ -328,7 +328,7 @@ def _sketch_scores_kernel(
         # 32-position key tiles, not pipelined: this loop runs only for a sequence's first block,
         # but a kernel's registers and shared memory are those of its largest path, and with the
         # sketch loop's 128-position pipelined tiles it held the whole kernel at 128 registers and
-        # 53 KB (4 blocks per SM; now 72 registers, 20 KB, 7 blocks at d = 128, g = 1;
+        # 53 KB (4 blocks per SM; now 80 registers, 16-20 KB, 6 blocks at d = 128, g = 1;
         # H200: the sketch loop 431 -> 396 us at MHA B8 64k)
         BLOCK_K: tl.constexpr = 32
         offs_k = tl.arange(0, BLOCK_K)
