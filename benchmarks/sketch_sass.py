@@ -87,18 +87,19 @@ def main() -> None:
     ap.add_argument("--block-s", type=int, default=0, help="scorer tile (0: as sketch_block_s)")
     ap.add_argument("--stages", type=int, default=2, help="software-pipelining stages (Tuning.sketch_stages)")
     ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--smp-shift", type=int, default=4, help="log2 of the selection's sample stride (0: no copy)")
     ap.add_argument("--no-append", action="store_true", help="skip the append kernel")
     args = ap.parse_args()
     t = args.dtype
     sig = {"q_ptr": f"*{t}", "codes_ptr": "*i32", "lo_ptr": f"*{t}", "hi_ptr": f"*{t}", "key_ptr": f"*{t}",
            "len_ptr": "*i32", "starts_ptr": "*i32", "slots_ptr": "*i32", "logits_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
-           "stride_kb": "i64", "stride_kh": "i64", "stride_ks": "i32", "num_kv_heads": "i32", "s_cap": "i32",
-           "code_cap": "i32", "n_blk_cap": "i32", "n_split": "i32", "scale": "fp32"}
+           "smp_ptr": "*fp32", "stride_kb": "i64", "stride_kh": "i64", "stride_ks": "i32", "num_kv_heads": "i32",
+           "s_cap": "i32", "code_cap": "i32", "n_blk_cap": "i32", "n_split": "i32", "n_smp": "i32", "scale": "fp32"}
     const = dict(G=args.g, G_PAD=max(16, triton.next_power_of_2(args.g)), GQ=max(4, triton.next_power_of_2(args.g)),
                  D=args.d, BITS=args.bits, BLOCK=128, CHUNK=4096,
                  BLOCK_S=args.block_s or (64 if args.d > 128 and args.g >= 8 else 128),  # as sketch_block_s
                  HAS_STARTS=False, HAS_SLOTS=False, SPLIT_C=2, SPLIT_K=3 if t == "bf16" else 2, STATS=args.stats,
-                 ASM=True)  # as score_sketch launches it
+                 ASM=True, SMP_SHIFT=args.smp_shift)  # as score_sketch launches it
     sass = report(f"_sketch_scores_kernel g={args.g} {args.bits} bit d={args.d} {t}",
                   build(_sketch_scores_kernel, sig, const, args.warps, ("s_cap", "code_cap", "stride_kb", "stride_kh", "stride_ks"),
                         num_stages=args.stages))

@@ -36,6 +36,10 @@ VARIANTS: dict[str, dict] = {
     "gather_warps=8": {"gather_warps": 8}, "gather_block=32": {"gather_block": 32},
     # atomic-order index lists: no keep bitmap, no compaction, no per-winner atomics in the resolve
     "det=0": {"deterministic": False},
+    # the selection's sample read in place (a sector per key) instead of step 1's compact copy;
+    # the resolve recomputing candidate keys from the logits instead of reading the emit's
+    "sample_copy=0": {"sample_copy": False}, "candidate_keys=0": {"candidate_keys": False},
+    "neither": {"sample_copy": False, "candidate_keys": False},
 }
 
 

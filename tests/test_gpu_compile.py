@@ -16,17 +16,19 @@ SCRIPT = '''
 
     lists = {n: "*i32" for n in ("k_ptr", "local_ptr")}
     emit = {"logits_ptr": "*fp32", "logz_ptr": "*fp32", "len_ptr": "*i64", **lists, "state_ptr": "*i64",
-            "count64_ptr": "*i64", "idx_ptr": "*i32", "cand_ptr": "*i32", "bits_ptr": "*i32", "tcount_ptr": "*i32",
+            "count64_ptr": "*i64", "idx_ptr": "*i32", "cand_ptr": "*i32", "ckey_ptr": "*i32", "bits_ptr": "*i32",
+            "tcount_ptr": "*i32",
             **ints("num_kv_heads", "s_cap", "k_max", "n_tiles")}
-    sample = {"logits_ptr": "*fp32", "logz_ptr": "*fp32", "len_ptr": "*i64", **lists, "state_ptr": "*i64",
-              "split_m_ptr": "*fp32", "split_l_ptr": "*fp32", **ints("n_split", "num_kv_heads", "s_cap")}
+    sample = {"smp_ptr": "*fp32", "logz_ptr": "*fp32", "len_ptr": "*i64", **lists, "state_ptr": "*i64",
+              "split_m_ptr": "*fp32", "split_l_ptr": "*fp32", **ints("n_split", "num_kv_heads", "n_smp", "smp_step")}
     compact = {"len_ptr": "*i64", "bits_ptr": "*i32", "tcount_ptr": "*i32", "idx_ptr": "*i32",
                **ints("num_kv_heads", "k_max", "n_tiles")}
     for g in (1, 3, 4):
         gp = triton.next_power_of_2(g)
         for det in (True, False):
             build(_emit_kernel, emit, {"G": g, "G_PAD": gp, "CHUNK": 4096, "BLOCK_S": 1024, "DET": det}, 4)
-        build(_sample_kernel, sample, {"G": g, "G_PAD": gp, "NS": 2048, "NS1_PAD": 16, "TOL": 65535, "PIVOTS": 4}, 8)
+        build(_sample_kernel, sample, {"G": g, "G_PAD": gp, "NS": 2048, "STRIDE": 16, "NS1_PAD": 16, "TOL": 65535,
+                                             "PIVOTS": 4}, 8)
     build(_compact_kernel, compact, {"CHUNK": 4096, "TILE": 1024, "NT_PAD": 64, "ASM": True}, 4)
     print("compiled")
 '''
@@ -42,8 +44,9 @@ SCORER = '''
     def scores(t):
         return {"q_ptr": f"*{t}", "codes_ptr": "*i32", "lo_ptr": f"*{t}", "hi_ptr": f"*{t}", "key_ptr": f"*{t}",
                 "len_ptr": "*i32", "starts_ptr": "*i32", "slots_ptr": "*i32", "logits_ptr": "*fp32",
-                "m_ptr": "*fp32", "l_ptr": "*fp32", **ints("stride_kb", "stride_kh", "stride_ks", "num_kv_heads",
-                                                          "s_cap", "code_cap", "n_blk_cap", "n_split"),
+                "m_ptr": "*fp32", "l_ptr": "*fp32", "smp_ptr": "*fp32",
+                **ints("stride_kb", "stride_kh", "stride_ks", "num_kv_heads", "s_cap", "code_cap", "n_blk_cap",
+                       "n_split", "n_smp"),
                 "scale": "fp32"}
 
     # (g, d, bits, dtype, tile): mma.sync with B computed in its [d, 2g] shape (g <= 4), the wgmma column
@@ -54,7 +57,7 @@ SCORER = '''
         build(_sketch_scores_kernel, scores(t), {"G": g, "G_PAD": max(16, gq), "GQ": gq, "D": d, "BITS": bits,
                                                  "BLOCK": 128, "CHUNK": 1024, "BLOCK_S": tile, "HAS_STARTS": False,
                                                  "HAS_SLOTS": False, "SPLIT_C": 2, "SPLIT_K": 3 if t == "bf16" else 2,
-                                                 "STATS": g > 1, "ASM": True}, 4, num_stages=2)
+                                                 "STATS": g > 1, "ASM": True, "SMP_SHIFT": 4}, 4, num_stages=2)
     print("compiled")
 '''
 

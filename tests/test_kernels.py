@@ -150,12 +150,14 @@ def _bracket_case(tuning, adversarial, cap=16, tied=False, samples=16, seed=5, c
     if tied:  # every key row one of 3 vectors: every score ties with ~1/3 of the others
         rows = torch.randn(3, d, generator=gen)
         k = rows[torch.randint(0, 3, (batch, hkv, seq), generator=gen)].to(DEVICE, k.dtype)
-    if adversarial:
+    if adversarial:  # the sampled positions (every stride-th candidate) score highest
+        from sparq.kernels.select import sample_stride
+
+        stride = sample_stride(seq, samples)
         for b in range(batch):
             n_cand = int(lengths[b]) - 20
-            ns = min(samples, n_cand)
-            for i in range(ns):
-                k[b, :, (i * n_cand) // ns] = 3 * q[b].reshape(hkv, -1, d).sum(1) / q[b].norm()
+            for pos in range(0, n_cand, stride):
+                k[b, :, pos] = 3 * q[b].reshape(hkv, -1, d).sum(1) / q[b].norm()
     ws = _plan(q, k, cfg, tuning)
     out = torch.full_like(q, float("nan"))
     ws.run(q, k, v, lengths, out=out)
@@ -199,6 +201,35 @@ def test_bracket_paths(adversarial, det):
     _bracket_case(det, adversarial)
 
 
+@pytest.mark.parametrize("copy, stored", [(True, True), (False, False)], ids=["copied-stored", "in-place-recomputed"])
+@pytest.mark.parametrize("adversarial", [False, True], ids=["bracket", "fallback"])
+def test_sample_and_candidate_key_sources(copy, stored, adversarial):
+    """The selection's sample read from step 1's compact copy or in place from the logits, the resolve's
+    candidate keys read as the emit stored them or recomputed: the reference's kept set either way,
+    in the register path (cap 512) with a sample stride of 8 (409 positions, 64 samples)."""
+    from sparq.kernels.dispatch import DEFAULT_TUNING
+
+    tuning = DEFAULT_TUNING.with_(sample_copy=copy, candidate_keys=stored)
+    ws = _bracket_case(tuning, adversarial, cap=512, samples=64)
+    assert ws.sample_stride == 8 and ws.sample_copy == copy
+    assert (ws.sample_buf.data_ptr() == ws.logits.data_ptr()) == (not copy)
+    if copy:  # the copy holds every 8th logit (row 0 of the batch is full: 409 positions, 52 samples)
+        lg, smp = ws.logits.cpu(), ws.sample_buf.cpu()
+        assert torch.equal(smp[:2, :, :52], lg[:2, :, 0:409:8])
+
+
+def test_sample_copy_is_for_groups_by_default():
+    """Tuning.sample_copy=None: step 1 copies the sample for g > 1 only (where reading it in place
+    costs g sectors per sampled position), and never with stride 1 (the sample is then the logits)."""
+    from sparq.kernels.dispatch import DEFAULT_TUNING, DecodePlan
+
+    cfg = SparQConfig(r=8, k=64, local_window=8)
+    for hq, hkv, cap, want in ((8, 2, 65536, True), (4, 4, 65536, False), (8, 2, 1024, False)):
+        plan = DecodePlan(1, hq, hkv, 32, cap, cfg, "cpu", torch.float32, DEFAULT_TUNING)
+        assert plan.sample_copy == want and (plan.sample_buf is plan.logits) == (not want), (hq, hkv, cap)
+        assert plan.sample_stride == (32 if cap == 65536 else 1) and plan.sample_shift == (5 if want else 0)
+
+
 @pytest.mark.parametrize("cap, samples", [(512, 128), (512, 16), (16, 16)], ids=["registers", "wide", "memory"])
 @pytest.mark.parametrize("adversarial", [False, True], ids=["bracket", "fallback"])
 def test_ties_go_to_earlier_positions(cap, samples, adversarial):
@@ -214,18 +245,20 @@ def test_ties_go_to_earlier_positions(cap, samples, adversarial):
 
 class _PermutedCandidates:
     """Stands in for dispatch._resolve_kernel: permutes each KV head's bracket-candidate list (the
-    order in which the emit tiles' atomics happened to land) before the real launch."""
+    order in which the emit tiles' atomics happened to land; the keys stored beside the positions
+    move with them) before the real launch."""
 
     def __init__(self, kernel, seed):
         self.kernel, self.gen = kernel, torch.Generator().manual_seed(seed)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            counts, cand = args[6], args[8]
+            counts, cand, cand_keys = args[6], args[8], args[9]
             for row, n in enumerate(counts[:, 1].tolist()):
                 if n > 1:
                     perm = torch.randperm(n, generator=self.gen).to(cand.device)
                     cand[row, :n] = cand[row, :n][perm]
+                    cand_keys[row, :n] = cand_keys[row, :n][perm]
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -344,10 +377,16 @@ def test_selection_sizes_fit_the_bracket():
     for seq, kf in ((4096, 1 / 16), (65536, 1 / 16), (131072, 1 / 16), (131072, 1 / 8), (131072, 1 / 4),
                     (262144, 1 / 4), (1 << 20, 1 / 2)):
         cfg = SparQConfig(r=16, k=64, k_fraction=kf, local_fraction=0.25)
-        ns, cap, tol = select.selection_sizes(seq, cfg)
-        worst = max(sum(select.predicted_bracket(n, cfg, ns)) for n in range(1, seq + 1, max(1, seq // 97)))
+        ns, stride, cap, tol = select.selection_sizes(seq, cfg)
+        assert ns >= -(-seq // stride) and ns & (ns - 1) == 0 and stride & (stride - 1) == 0
+        worst = max(sum(select.predicted_bracket(n, cfg, stride)) for n in range(1, seq + 1, max(1, seq // 97)))
         assert worst <= cap or cap == 16384, (seq, kf, ns, cap, worst)
-    assert select.selection_sizes(65536, SparQConfig(r=16, k=64, k_fraction=1 / 16, local_fraction=0.25))[:2] == (2048, 4096)
+    assert select.selection_sizes(65536, SparQConfig(r=16, k=64, k_fraction=1 / 16, local_fraction=0.25))[:3] == (
+        2048, 32, 4096)
+    # a capacity just past a power of two: the stride doubles, the sample stays within the tile
+    assert select.sample_sizes(32816, 2048, 4096, 65535)[:2] == (2048, 32)
+    assert select.sample_sizes(409, 16, 16, 65535)[:2] == (16, 32)
+    assert select.sample_sizes(100, 2048, 4096, 65535)[:2] == (128, 1)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -255,7 +255,8 @@ def check_logits(q, k, lengths, starts, bits, block, plan):
         torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
 
 
-def run_case(batch, hq, hkv, seq, d, dtype, bits, block, fraction, realloc, padded, seed, tuning, min_k=4):
+def run_case(batch, hq, hkv, seq, d, dtype, bits, block, fraction, realloc, padded, seed, tuning, min_k=4,
+             plans_out=None):
     DEFAULT_TUNING, DecodePlan, SketchConfig, SketchState, _ = _imports()
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, hq, d, generator=gen).to(DEVICE, dtype)
@@ -269,6 +270,8 @@ def run_case(batch, hq, hkv, seq, d, dtype, bits, block, fraction, realloc, padd
     out = torch.full_like(q, float("nan"))  # poison: every element must be written
     plan.run(q, k, v, lengths.to(DEVICE), starts=starts.to(DEVICE) if padded else None, out=out, sketch=st)
     check_logits(q, k, lengths, starts, bits, block, plan)
+    if plans_out is not None:
+        plans_out.append((plan, lengths))
     return compare(q, k, v, lengths, starts, m, plan, out)
 
 
@@ -301,6 +304,28 @@ def test_sketch_step_matches_reference(case, det):
     for seed in (0, 1) if CUDA else (0,):
         rows, flipped, _ = run_case(batch, hq, hkv, seq, d, dtype, bits, block, frac, realloc, padded, seed, det)
         assert flipped <= max(1, rows // 4), f"{flipped}/{rows} rows flipped"
+
+
+@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[3]], ids=["sketch", "exact-keys"])
+def test_scorer_copies_the_selection_sample(case):
+    """A plan whose sample is every stride-th candidate (stride 16 for 133 positions, 2 for 29): the
+    scorer's compact copy holds exactly those logits of every row (from the sketch loop and from
+    the exact-key loop of rows shorter than a block), and the step still matches the reference."""
+    from sparq.kernels.dispatch import DEFAULT_TUNING
+
+    batch, hq, hkv, seq, d, dtype, bits, block, frac, realloc, padded = case
+    got = []
+    rows, flipped, _ = run_case(batch, hq, hkv, seq, d, dtype, bits, block, frac, realloc, padded, 0,
+                                DEFAULT_TUNING.with_(samples=16, select_cap=4096), plans_out=got)
+    assert flipped <= max(1, rows // 4)
+    plan, lengths = got[0]
+    stride = plan.sample_stride
+    assert plan.sample_copy and stride == (16 if seq > 100 else 2)
+    lg, smp = plan.logits.cpu(), plan.sample_buf.cpu()
+    for bh in range(batch * hkv):
+        n = int(lengths[bh // hkv])
+        want = lg[bh, :, 0:n:stride]
+        assert torch.equal(smp[bh, :, : want.shape[-1]], want), bh
 
 
 def test_k_one_and_keep_everything():

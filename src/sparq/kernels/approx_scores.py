@@ -28,11 +28,12 @@ import triton.language as tl
 @triton.jit
 def _transposed_key_scores_kernel(
     kt_ptr, qsel_ptr, fac_ptr, dims_ptr, len_ptr, starts_ptr,
-    logits_ptr, m_ptr, l_ptr,
+    logits_ptr, m_ptr, l_ptr, smp_ptr,
     stride_kb, stride_kh, stride_kd,
-    num_kv_heads, s_cap, kt_len, r, n_split,
+    num_kv_heads, s_cap, kt_len, r, n_split, n_smp,
     G: tl.constexpr, G_PAD: tl.constexpr, R_PAD: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, USE_DOT: tl.constexpr, HAS_STARTS: tl.constexpr,
+    SMP_SHIFT: tl.constexpr = 0,
 ):
     """Approximate logits of one (batch, KV head) over one chunk of the sequence.
 
@@ -40,7 +41,9 @@ def _transposed_key_scores_kernel(
     [length, s_cap) of the last tile may be read and written (as -inf); never used.
     Reads  r * min(CHUNK, valid) * elt bytes of K^T (r rows, each contiguous along S), plus
            g*r*4 (selected query), g*4 (temperature factor), r*4 (dims) bytes.
-    Writes 4 * g * (valid positions of the chunk) bytes of logits and 8 * g bytes of split stats.
+    Writes 4 * g * (valid positions of the chunk) bytes of logits and 8 * g bytes of split stats;
+    SMP_SHIFT > 0: also the logits of every 2^SMP_SHIFT-th position to smp [BH, g, n_smp] (the
+    selection's sample, `select._sample_kernel`).
     """
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -97,6 +100,9 @@ def _transposed_key_scores_kernel(
                 tl.store(logits_ptr + bh.to(tl.int64) * s_cap + s, logit)
             else:
                 tl.store(logits_ptr + bh.to(tl.int64) * s_cap + s, logit, mask=s < s_cap)
+            if SMP_SHIFT > 0:
+                smp_hit = s_ok & ((s & ((1 << SMP_SHIFT) - 1)) == 0)
+                tl.store(smp_ptr + bh.to(tl.int64) * n_smp + (s >> SMP_SHIFT), logit, mask=smp_hit)
             m_new1 = tl.maximum(m_1, tl.max(logit, axis=0))
             l_1 = l_1 * tl.exp(m_1 - m_new1) + tl.sum(tl.exp(logit - m_new1), axis=0)
             m_1 = m_new1
@@ -107,6 +113,10 @@ def _transposed_key_scores_kernel(
                 tl.store(out_base + s[None, :], logit, mask=g_ok[:, None])
             else:
                 tl.store(out_base + s[None, :], logit, mask=g_ok[:, None] & (s[None, :] < s_cap))
+            if SMP_SHIFT > 0:
+                smp_hit = s_ok & ((s & ((1 << SMP_SHIFT) - 1)) == 0)
+                tl.store(smp_ptr + (bh * G + offs_g).to(tl.int64)[:, None] * n_smp + (s >> SMP_SHIFT)[None, :], logit,
+                         mask=g_ok[:, None] & smp_hit[None, :])
             m_new = tl.maximum(m_i, tl.max(logit, axis=1))
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
             m_i = m_new
@@ -163,7 +173,8 @@ def score_transposed_keys(ws, query: torch.Tensor, key_t: torch.Tensor, lengths:
     """Step 1 over K^T [B, Hkv, d, >= S] (contiguous along the sequence) into the plan's workspace.
 
     Bytes read per KV head: r * length * elt (the selected rows of K^T, contiguous) + g * d * elt
-    (query); written: 4 * g * length (fp32 logits) + 8 * g * n_split (split statistics).
+    (query); written: 4 * g * length (fp32 logits) + 8 * g * n_split (split statistics) + the
+    selection's sample (4 * g * length / stride, when the plan's sample stride is > 1).
     """
     if key_t.dim() != 4 or (key_t.stride(-1) != 1 and key_t.shape[-1] > 1):
         raise ValueError("key_t must be [B, Hkv, d, S] and contiguous along the sequence")
@@ -181,9 +192,9 @@ def score_transposed_keys(ws, query: torch.Tensor, key_t: torch.Tensor, lengths:
     extra = {} if ws.score_stages is None else {"num_stages": ws.score_stages}
     return _transposed_key_scores_kernel[(batch * num_kv_heads, ws.n_split1)](
         key_t, ws.q_sel, ws.fac, ws.dims, lengths, starts,
-        ws.logits, ws.split_m, ws.split_l,
+        ws.logits, ws.split_m, ws.split_l, ws.sample_buf,
         key_t.stride(0), key_t.stride(1), key_t.stride(2),
-        num_kv_heads, ws.capacity, kt_len, r, ws.n_split1,
+        num_kv_heads, ws.capacity, kt_len, r, ws.n_split1, ws.sample_buf.shape[-1],
         G=g, G_PAD=g_pad, R_PAD=r_pad, CHUNK=ws.chunk1, BLOCK_S=ws.block_s,
-        USE_DOT=ws.use_dot, HAS_STARTS=has_starts, num_warps=ws.score_warps, **extra,
+        USE_DOT=ws.use_dot, HAS_STARTS=has_starts, SMP_SHIFT=ws.sample_shift, num_warps=ws.score_warps, **extra,
     )

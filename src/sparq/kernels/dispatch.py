@@ -13,6 +13,7 @@ smaller plan. `tuning` is a value (`Tuning`), never a module global changed at r
   _budgets_kernel                       k_b, local_b looked up by length in the plan's table, zero counters
   _query_prep_kernel + scorer kernel    step 1: dims/factors + logits + split softmax stats
   _sample_kernel                        logZ per query head; bracket of the selection threshold
+                                        (from the sample step 1 copied: every stride-th logit)
   _emit_kernel                          one pass: sure winners + local window, bracket candidates
   _resolve_kernel                       exact winners inside the bracket
   _compact_kernel                       (deterministic only) the kept-index list in position order
@@ -98,6 +99,16 @@ class Tuning:
     search_budget: int | None = 64
     # ...but bisection above this many KV heads per SM (MHA B=64 S=4k 627 -> 552 us on H100)
     pivots_max_blocks_per_sm: int | None = 2
+    # step 1 copies the selection's sample (every stride-th logit) to a compact buffer; False: the sample
+    # kernel reads it in place (a 32-byte sector per 4-byte key, g of them per position); None: only for
+    # g > 1. H200 (sketch-sweep-...231335Z.json): the copy makes the sample kernel 2-4x faster (GQA B16 64k
+    # 42.3 -> 11.7 us) but the sketch scorer ~4% slower (its store instructions: 305 -> 326 us at MHA B8
+    # 64k); the whole step is 5% / 3% / 2% faster at GQA B16 64k / B8 32k / B1 32k, 2-3% slower at MHA
+    sample_copy: bool | None = None
+    # the resolve reads each bracket candidate's key as the emit pass stored it; False: recomputes it
+    # from the logits (g scattered 4-byte reads per candidate). H200 (same sweep): resolve 42.6 -> 18.0 us
+    # at GQA B16 64k, 20.8 -> 13.3 at GQA B1 32k, 43.7 -> 31.8 at MHA B8 64k (whose emit pays ~11 us more)
+    candidate_keys: bool = True
     # bitwise-reproducible step with the kept-index list in ascending position order (module doc)
     deterministic: bool = True
 
@@ -122,9 +133,10 @@ def _score_block(r: int, elt: int, interp: bool, tuning: Tuning) -> int:
 class DecodePlan:
     """Launch geometry and workspaces of the SparQ step for caches of up to `capacity` positions.
 
-    Workspace memory per KV head (fp32 unless noted): logits g * capacity, bracket candidates
-    capacity (int32), kept-index list k_max (int32), keep bitmap capacity / 8 bytes, split
-    statistics and partial outputs (n_split * g * (d + 3)). About (4 g + 4.2) bytes per position.
+    Workspace memory per KV head (fp32 unless noted): logits g * capacity, bracket candidates and
+    their keys 2 * capacity (int32), the selection's sample g * capacity / stride, kept-index list
+    k_max (int32), keep bitmap capacity / 8 bytes, split statistics and partial outputs
+    (n_split * g * (d + 3)). About (4 g + 8.2) bytes per position.
     """
 
     def __init__(self, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, capacity: int,
@@ -169,10 +181,14 @@ class DecodePlan:
 
         # selection sizes from the budgets: the sample bracket must fit the resolve kernel's registers
         if tuning.samples or tuning.select_cap:  # forced sizes (tests, sweeps)
-            self.samples, self.cap, self.sample_tol = (tuning.samples or 2048, tuning.select_cap or _select.BASE_CAP,
-                                                       65535)
+            sizes = _select.sample_sizes(s_cap, tuning.samples or 2048, tuning.select_cap or _select.BASE_CAP, 65535)
         else:
-            self.samples, self.cap, self.sample_tol = _select.selection_sizes(s_cap, config)
+            sizes = _select.selection_sizes(s_cap, config)
+        self.samples, self.sample_stride, self.cap, self.sample_tol = sizes
+        # step 1 copies every 2^shift-th logit to a compact sample (0: the sample is read in place)
+        copy = g > 1 if tuning.sample_copy is None else bool(tuning.sample_copy)
+        self.sample_copy = copy and self.sample_stride > 1
+        self.sample_shift = self.sample_stride.bit_length() - 1 if self.sample_copy else 0
         if tuning.select_tol is not None:
             self.sample_tol = tuning.select_tol
         self.deterministic = bool(tuning.deterministic)
@@ -216,6 +232,10 @@ class DecodePlan:
         self.fac = torch.empty(bh, g, **f32)
         self.state = torch.empty(bh, 2, dtype=torch.int64, device=device)  # (U_hi, U_lo)
         self.cand = torch.empty(bh, s_cap, **i32)
+        self.cand_keys = torch.empty(bh, s_cap, **i32)  # each bracket candidate's key, beside its position
+        # the selection's sample: every sample_stride-th logit, copied by step 1 (or the logits, read in place)
+        self.sample_buf = (torch.empty(bh, g, triton.cdiv(s_cap, self.sample_stride), **f32) if self.sample_copy
+                           else self.logits)
         self.idx = torch.zeros(bh, self.k_max, **i32)  # entries past k_b stay as they were
         det = self.deterministic
         self.bits = torch.empty(bh, self.n_tiles * self.emit_block // 32 if det else 1, **i32)
@@ -323,23 +343,26 @@ class DecodePlan:
         g_pad = triton.next_power_of_2(g)
         s_cap = self.capacity
         _sample_kernel[(bh, 2)](
-            self.logits, self.logz, lengths, self.k_b, self.local_b, self.state, self.split_m, self.split_l,
-            self.n_split1, num_kv_heads, s_cap,
-            G=g, G_PAD=g_pad, NS=self.samples, NS1_PAD=triton.next_power_of_2(self.n_split1), TOL=self.sample_tol,
+            self.sample_buf, self.logz, lengths, self.k_b, self.local_b, self.state, self.split_m, self.split_l,
+            self.n_split1, num_kv_heads, self.sample_buf.shape[-1], 1 if self.sample_copy else self.sample_stride,
+            G=g, G_PAD=g_pad, NS=self.samples, STRIDE=self.sample_stride,
+            NS1_PAD=triton.next_power_of_2(self.n_split1), TOL=self.sample_tol,
             PIVOTS=self.sample_pivots, num_warps=self.sample_warps,
         )
         _emit_kernel[(bh, self.n_split_e)](
             self.logits, self.logz, lengths, self.k_b, self.local_b, self.state, self.counts.view(torch.int64),
-            self.idx, self.cand, self.bits, self.tile_counts, num_kv_heads, s_cap, self.k_max, self.n_tiles,
+            self.idx, self.cand, self.cand_keys, self.bits, self.tile_counts, num_kv_heads, s_cap, self.k_max,
+            self.n_tiles,
             G=g, G_PAD=g_pad, CHUNK=self.chunk_e, BLOCK_S=self.emit_block, DET=self.deterministic,
             num_warps=self.emit_warps,
         )
         _resolve_kernel[(bh,)](
             self.logits, self.logz, lengths, self.k_b, self.local_b, self.state, self.counts, self.idx, self.cand,
-            self.bits, self.tile_counts, num_kv_heads, s_cap, self.k_max, self.n_tiles,
+            self.cand_keys, self.bits, self.tile_counts, num_kv_heads, s_cap, self.k_max, self.n_tiles,
             G=g, G_PAD=g_pad, CAP=self.cap, BLOCK=self.resolve_block,
             PIVOTS=self.resolve_pivots, PIVOTS_MEM=self.resolve_pivots_mem,
-            TILE=self.emit_block, DET=self.deterministic, num_warps=self.resolve_warps,
+            TILE=self.emit_block, DET=self.deterministic, CKEYS=bool(self.tuning.candidate_keys),
+            num_warps=self.resolve_warps,
         )
         if self.deterministic:
             _compact_kernel[(bh, self.n_split_c)](

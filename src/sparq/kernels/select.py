@@ -9,13 +9,18 @@ group's query heads:
 Each fp32 key maps to an order-preserving unsigned 32-bit integer u (held in int64).
 
 Threshold selection in three kernels (no sort, one full pass over the keys; DET adds a 4th, below):
-1. `_sample_kernel` (one block per KV head): a stratified sample of NS candidate keys; sample
+1. `_sample_kernel` (one block per KV head): a systematic sample of the candidate keys, every
+   STRIDE-th position (STRIDE a power of two fixed by the plan), read from a compact copy that
+   step 1 writes as it writes the logits (`sample_store`): reading every STRIDE-th logit in place
+   fetched a whole 32-byte sector per 4-byte key, i.e. half to all of the logits; sample
    order statistics (a search over u, counts by comparison, to tolerance TOL) bracket the need-th largest
    key: U_hi (surely above: ~4 sigma of the sample quantile) and U_lo. When the sample is the whole
    candidate set the bracket is exact (U_hi = U_lo = the need-th largest key).
 2. `_emit_kernel` (split over the sequence): one pass over the keys; appends the local window and
    every candidate with u > U_hi to the index list, the candidates with U_lo <= u <= U_hi to a
-   small candidate list (one atomic add per block and list).
+   small candidate list (one atomic add per block and list), with each candidate's key beside it
+   (int32, `_signed_key`), so that the resolve reads 4 contiguous bytes per candidate instead of
+   g scattered logits (a 32-byte sector each) and does not recompute the g > 1 sums.
 3. `_resolve_kernel` (one block per KV head): the exact remaining winners among the bracket's
    candidates (a search over u on the candidate keys held in registers; ties at the threshold
    are broken by candidate order, as any top-k may). If the bracket missed (too many above U_hi,
@@ -45,6 +50,7 @@ search over 2^32 takes 11 rounds with P = 8 instead of 32, a bracket of 2^22 tak
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -54,7 +60,10 @@ import triton.language as tl
 KEY_SPAN = tl.constexpr(4294967296)  # 2^32: above every key
 
 # (samples, order-key tolerance of the sample bisection, resolve capacity CAP) tried in turn; the
-# first whose predicted bracket (+3 sigma) fits CAP wins. A tolerance of 65535 order-key steps saves
+# first whose predicted bracket (+3 sigma) fits CAP wins. `samples` is the sample kernel's register
+# tile: the sample is every STRIDE-th candidate, STRIDE the smallest power of two that leaves at most
+# `samples` positions of the capacity (so between samples / 2 and samples at full length).
+# A tolerance of 65535 order-key steps saves
 # 8 bisection rounds (2 rounds of the 8-pivot search) and widens the bracket only a little (not in
 # predicted_bracket). Larger samples cost time (16384 samples:
 # +34 us at GQA B=1 S=131072 k=S/16 on H100), so a larger CAP comes before a larger sample, except
@@ -66,17 +75,37 @@ _SAMPLE_PLANS = ((2048, 65535, 4096), (4096, 65535, 4096), (8192, 65535, 4096), 
 BASE_CAP = 4096
 
 
-def predicted_bracket(length: int, config, samples: int) -> tuple[float, float]:
+class SampleSizes(NamedTuple):
+    samples: int  # the sample kernel's register tile (a power of two >= ceil(capacity / stride))
+    stride: int   # every stride-th candidate position is sampled (a power of two; 1: all of them)
+    cap: int      # the resolve kernel's register capacity
+    tol: int      # order-key tolerance of the sample's threshold search
+
+
+def sample_stride(s_cap: int, samples: int) -> int:
+    """The smallest power of two p with ceil(s_cap / p) <= samples."""
+    p = 1
+    while -(-s_cap // p) > samples:
+        p *= 2
+    return p
+
+
+def sample_sizes(s_cap: int, samples: int, cap: int, tol: int) -> SampleSizes:
+    stride = sample_stride(s_cap, samples)
+    return SampleSizes(max(16, 1 << (-(-s_cap // stride) - 1).bit_length()), stride, cap, tol)
+
+
+def predicted_bracket(length: int, config, stride: int) -> tuple[float, float]:
     """(mean, standard deviation) of the number of bracket candidates for a sequence of `length`
-    valid positions: the sample ranks between U_hi and U_lo (~2 * margin + 1, see _sample_kernel;
-    counted as 2 * margin + 3) scaled to the candidate count; the population between two sample order statistics has a
-    relative spread of ~1/sqrt(ranks)."""
+    valid positions, sampled every `stride`-th candidate: the sample ranks between U_hi and U_lo
+    (~2 * margin + 1, see _sample_kernel; counted as 2 * margin + 3) scaled to the candidate count;
+    the population between two sample order statistics has a relative spread of ~1/sqrt(ranks)."""
     k = config.k_for(length)
     lb = config.local_for(length)
     n_cand, need = length - lb, k - lb
     if k >= length or need <= 0:
         return 0.0, 0.0
-    ns = min(n_cand, samples)
+    ns = -(-n_cand // stride)
     if ns == n_cand:
         return 1.0, 0.0  # exact bracket: only ties at the threshold
     t = need * ns / n_cand
@@ -85,8 +114,8 @@ def predicted_bracket(length: int, config, samples: int) -> tuple[float, float]:
     return n_cand * ranks / ns, n_cand * math.sqrt(ranks) / ns
 
 
-def selection_sizes(s_cap: int, config) -> tuple[int, int, int]:
-    """(samples, resolve capacity CAP, sample bisection tolerance) for caches of s_cap positions.
+def selection_sizes(s_cap: int, config) -> SampleSizes:
+    """Sample tile and stride, resolve capacity CAP, sample tolerance for caches of s_cap positions.
 
     The bracket must fit the resolve kernel's registers (CAP candidates) for every length up to
     s_cap, else the resolve kernel falls back to passes over the candidates in memory (one block
@@ -98,9 +127,10 @@ def selection_sizes(s_cap: int, config) -> tuple[int, int, int]:
     """
     lengths = sorted({max(1, s_cap >> i) for i in range(8)})
     for ns, tol, cap in _SAMPLE_PLANS:
-        if all(m + 3.0 * sd <= cap for m, sd in (predicted_bracket(n, config, ns) for n in lengths)):
-            return ns, cap, tol
-    return _SAMPLE_PLANS[-1][0], _SAMPLE_PLANS[-1][2], _SAMPLE_PLANS[-1][1]
+        sizes = sample_sizes(s_cap, ns, cap, tol)
+        if all(m + 3.0 * sd <= cap for m, sd in (predicted_bracket(n, config, sizes.stride) for n in lengths)):
+            return sizes
+    return sample_sizes(s_cap, _SAMPLE_PLANS[-1][0], _SAMPLE_PLANS[-1][2], _SAMPLE_PLANS[-1][1])
 
 
 def search_pivots(n_keys: int, num_warps: int, pivots: int | None, budget: int | None) -> int:
@@ -278,16 +308,19 @@ def _kth_largest_mp(u, ok, j, lo, hi, tol, P: tl.constexpr):
 
 @triton.jit
 def _sample_kernel(
-    logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, split_m_ptr, split_l_ptr, n_split,
-    num_kv_heads, s_cap,
-    G: tl.constexpr, G_PAD: tl.constexpr, NS: tl.constexpr, NS1_PAD: tl.constexpr, TOL: tl.constexpr,
-    PIVOTS: tl.constexpr,
+    smp_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, split_m_ptr, split_l_ptr, n_split,
+    num_kv_heads, n_smp, smp_step,
+    G: tl.constexpr, G_PAD: tl.constexpr, NS: tl.constexpr, STRIDE: tl.constexpr, NS1_PAD: tl.constexpr,
+    TOL: tl.constexpr, PIVOTS: tl.constexpr,
 ):
     """log-normalisers of s_hat from step 1's split statistics, then the bracket [U_lo, U_hi] of
-    the need-th largest key from a stratified sample.
+    the need-th largest key from a systematic sample: candidate positions 0, STRIDE, 2 STRIDE, ...,
+    whose logits are entries 0, smp_step, 2 smp_step, ... of the rows of smp [BH, g, n_smp]: the
+    compact copy step 1 wrote (smp_step 1), or the logits themselves (smp_step = STRIDE).
 
-    Reads 8 * g * n_split bytes of statistics and up to NS keys per KV head (4 * g bytes each,
-    strided); writes 4 * g bytes of logZ and 16 bytes of state.
+    Reads 8 * g * n_split bytes of statistics and up to NS keys per KV head (4 * g bytes each:
+    contiguous from the copy, a 32-byte sector each in place); writes 4 * g bytes of logZ and 16
+    bytes of state.
     """
     bh = tl.program_id(0)
     offs_gs = tl.arange(0, G_PAD)
@@ -310,11 +343,10 @@ def _sample_kernel(
     which = tl.program_id(1)  # 0: U_hi, 1: U_lo (two blocks per KV head halve the latency)
     val = tl.full([], 4294967296, tl.int64)
     if (kb < length) & (need > 0):
-        ns = tl.minimum(n_cand, NS)
+        ns = (n_cand + STRIDE - 1) // STRIDE  # <= NS: the plan sizes NS for its capacity
         i = tl.arange(0, NS)
         ok = i < ns
-        pos = (i.to(tl.int64) * n_cand) // ns
-        u = _key_at(logits_ptr, logz_ptr, bh, pos, ok, s_cap, G, G_PAD)
+        u = _key_at(smp_ptr, logz_ptr, bh, i * smp_step, ok, n_smp, G, G_PAD)
         nsf = ns.to(tl.float32)
         t = need.to(tl.float32) * nsf / n_cand.to(tl.float32)
         margin = 4.0 * tl.sqrt(tl.maximum(t * (1.0 - t / nsf), 0.0)) + 2.0
@@ -348,15 +380,15 @@ def _pack_bits(keep, N: tl.constexpr):
 
 @triton.jit
 def _emit_kernel(
-    logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count64_ptr, idx_ptr, cand_ptr,
+    logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count64_ptr, idx_ptr, cand_ptr, ckey_ptr,
     bits_ptr, tcount_ptr, num_kv_heads, s_cap, k_max, n_tiles,
     G: tl.constexpr, G_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, DET: tl.constexpr,
 ):
     """Append one chunk's surely-kept positions to the index list and its bracket candidates to
-    the candidate list.
+    the candidate list (position in cand, key in ckey: int32, `_signed_key`).
 
     Reads 4 * g bytes per candidate position of the chunk (the logits); writes 4 bytes per
-    appended position, plus one 64-bit atomic per block tile on count64[bh] (= the int32 pair
+    appended position (8 per bracket candidate), plus one 64-bit atomic per block tile on count64[bh] (= the int32 pair
     (kept so far, candidates) of count[bh], little-endian).
     DET (deterministic order): the kept positions are not appended; instead each tile (BLOCK_S
     positions, tile t = s // BLOCK_S) writes its keep bitmap (BLOCK_S / 8 bytes, bits[bh]) and
@@ -395,10 +427,12 @@ def _emit_kernel(
             u = _order_key32(v)
             keep = (ok & (s >= read_lim)) | (is_cand & (u > k_hi))
             bnd = is_cand & (u >= k_lo) & (u <= k_top)
+            key32 = u
         else:  # int64 keys: measured faster than int32 ones for g > 1 on the H200 (GQA B16 64k: 66 vs 77 us)
             u = _key_at(logits_ptr, logz_ptr, bh, s, is_cand, s_cap, G, G_PAD)
             keep = (ok & (s >= read_lim)) | (is_cand & (u > u_hi))
             bnd = is_cand & (u >= u_lo) & (u <= u_hi)
+            key32 = _signed_key(u)
         # one scan and one 64-bit atomic per tile for both lists: low half counts kept
         # positions, high half bracket candidates (a tile has < 2^16 positions)
         packed = keep.to(tl.int32) + (bnd.to(tl.int32) << 16)
@@ -416,6 +450,7 @@ def _emit_kernel(
             pos_k = (base & 4294967295).to(tl.int32) + (excl & 65535)
             tl.store(idx_ptr + bh.to(tl.int64) * k_max + pos_k, s, mask=keep & (pos_k < k_max))
         tl.store(cand_ptr + bh.to(tl.int64) * s_cap + pos_c, s, mask=bnd)
+        tl.store(ckey_ptr + bh.to(tl.int64) * s_cap + pos_c, key32, mask=bnd)
 
 
 @triton.jit
@@ -466,15 +501,17 @@ def _mark_kept(bits_row, tc_row, pos, keep, TILE: tl.constexpr):
 
 @triton.jit
 def _resolve_kernel(
-    logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count_ptr, idx_ptr, cand_ptr,
+    logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count_ptr, idx_ptr, cand_ptr, ckey_ptr,
     bits_ptr, tcount_ptr, num_kv_heads, s_cap, k_max, n_tiles,
     G: tl.constexpr, G_PAD: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
     PIVOTS: tl.constexpr, PIVOTS_MEM: tl.constexpr, TILE: tl.constexpr, DET: tl.constexpr,
+    CKEYS: tl.constexpr = True,
 ):
     """Exact winners inside the bracket (or, if the bracket missed, over all candidates).
 
-    Usual case: reads 4 + 4 * g bytes per bracket candidate once (held in registers), writes 4
-    bytes per winner. Fallback: 2 + (search rounds) passes over the candidate keys of the KV head
+    Usual case: reads 8 bytes per bracket candidate once (position and the key `_emit_kernel`
+    stored beside it, held in registers; CKEYS = 0: 4 + 4 * g, the key recomputed from the
+    logits), writes 4 bytes per winner. Fallback: 2 + (search rounds) passes over the candidate keys of the KV head
     (32 rounds with PIVOTS_MEM = 1, 11 with 8).
 
     DET: the winners are marked in the keep bitmap / tile counts of `_emit_kernel` (two integer
@@ -517,7 +554,10 @@ def _resolve_kernel(
                 offs_r = tl.arange(0, CAP)
                 ok_r = offs_r < n_list
                 pos_r = tl.load(cand_row + offs_r, mask=ok_r, other=0)
-                u_r = _key_at(logits_ptr, logz_ptr, bh, pos_r, ok_r, s_cap, G, G_PAD)
+                if CKEYS:  # the key emit computed: the same number it classified the candidate with
+                    u_r = tl.load(ckey_ptr + bh.to(tl.int64) * s_cap + offs_r, mask=ok_r, other=0).to(tl.int64) + 2147483648
+                else:  # recomputed from the logits (g scattered reads per candidate)
+                    u_r = _key_at(logits_ptr, logz_ptr, bh, pos_r, ok_r, s_cap, G, G_PAD)
                 # every candidate lies in [U_lo, U_hi]: bisect inside the bracket only
                 b_lo = tl.load(state_ptr + bh * 2 + 1)
                 b_hi = tl.minimum(tl.load(state_ptr + bh * 2), 4294967295)

@@ -277,12 +277,13 @@ def _dot_hi_lo(c, a, even, base, BS: tl.constexpr, GQ: tl.constexpr, SPLIT_C: tl
 @triton.jit
 def _sketch_scores_kernel(
     q_ptr, codes_ptr, lo_ptr, hi_ptr, key_ptr, len_ptr, starts_ptr, slots_ptr,
-    logits_ptr, m_ptr, l_ptr,
+    logits_ptr, m_ptr, l_ptr, smp_ptr,
     stride_kb, stride_kh, stride_ks,
-    num_kv_heads, s_cap, code_cap, n_blk_cap, n_split, scale,
+    num_kv_heads, s_cap, code_cap, n_blk_cap, n_split, n_smp, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, HAS_STARTS: tl.constexpr,
     HAS_SLOTS: tl.constexpr, SPLIT_C: tl.constexpr, SPLIT_K: tl.constexpr, STATS: tl.constexpr, ASM: tl.constexpr,
+    SMP_SHIFT: tl.constexpr = 0,
 ):
     """Sketch logits of one (batch, KV head) over one chunk of the sequence (split-S).
 
@@ -292,7 +293,9 @@ def _sketch_scores_kernel(
     (with slots, + the slot map's element size, 4 or 8, per position: HAS_SLOTS, a paged cache,
     reads position s of row b at row slots[starts[b] + s] of K, whose batch stride is 0).
     Writes 4 * g bytes of logits per position (the last tile's positions >= length as -inf) and
-    8 * g bytes of split statistics (STATS = 0: nobody reads them; written as an empty split's).
+    8 * g bytes of split statistics (STATS = 0: nobody reads them; written as an empty split's);
+    SMP_SHIFT > 0: also the logits of every 2^SMP_SHIFT-th position to smp [BH, g, n_smp] (the
+    selection's sample, `select._sample_kernel`), 4 * g bytes per sampled position.
 
     The sketch loop computes logits transposed, [BLOCK_S, GQ] = codes [BLOCK_S, d] @ (q * step)ᵀ:
     the codes are the MMA's A operand, unpacked in registers (`_unpack_codes`), and the query's
@@ -345,6 +348,17 @@ def _sketch_scores_kernel(
         stat = (bh * G + offs_g) * n_split + split
         tl.store(m_ptr + stat, m_i, mask=g_ok)
         tl.store(l_ptr + stat, l_i, mask=g_ok)
+        if SMP_SHIFT > 0:  # the selection's sample, copied back from the logits this block wrote (a
+            # store inside the loop above raised the whole kernel from 80 to 90 registers: sm_90, g = 1)
+            tl.debug_barrier()  # other threads' logit stores are visible after it
+            STRIDE: tl.constexpr = 1 << SMP_SHIFT
+            offs_i = tl.arange(0, 16)
+            for p0 in range((start + STRIDE - 1) // STRIDE * STRIDE, end, 16 * STRIDE):
+                p = p0 + offs_i * STRIDE
+                p_ok = g_ok[:, None] & (p < end)[None, :]
+                v = tl.load(out_base + p[None, :], mask=p_ok, other=0.0)
+                tl.store(smp_ptr + (bh * G + offs_g).to(tl.int64)[:, None] * n_smp + (p >> SMP_SHIFT)[None, :], v,
+                         mask=p_ok)
     else:  # the sketch; the loop has no branch, so its code loads can be pipelined
         offs_q = tl.arange(0, GQ)
         q_ok = offs_q < G
@@ -369,6 +383,7 @@ def _sketch_scores_kernel(
         widx = _code_words(D, BITS)  # [1, 4, HH]
         rng = bh.to(tl.int64) * n_blk_cap * D
         out_q = logits_ptr + (bh * G + offs_q).to(tl.int64)[None, :] * s_cap  # [1, GQ]
+        smp_q = (bh * G + offs_q)[None, :] * n_smp  # int32 offsets: the plan keeps the sample < 2^31 entries
         m_e = tl.full([BLOCK_S, GQ], float("-inf"), tl.float32)  # per element: reduced once, after the loop
         l_e = tl.zeros([BLOCK_S, GQ], tl.float32)
         for s0 in range(start, end, BLOCK_S):
@@ -393,6 +408,15 @@ def _sketch_scores_kernel(
                 tl.store(out_q + s[:, None], logit, mask=q_ok[None, :])
             else:
                 tl.store(out_q + s[:, None], logit, mask=q_ok[None, :] & (offs_s[:, None] < s_cap - s0))
+            if SMP_SHIFT > 0:  # the selection's sample: 1 / 2^SMP_SHIFT of the positions
+                # (s0 is a multiple of BLOCK_S: which rows of the tile are sampled is loop-invariant)
+                if (1 << SMP_SHIFT) <= BLOCK_S:
+                    smp_hit = s_ok & ((offs_s & ((1 << SMP_SHIFT) - 1)) == 0)
+                    smp_at = (offs_s >> SMP_SHIFT) + (s0 >> SMP_SHIFT)
+                else:
+                    smp_hit = s_ok & (offs_s == 0) & ((s0 & ((1 << SMP_SHIFT) - 1)) == 0)
+                    smp_at = offs_s * 0 + (s0 >> SMP_SHIFT)
+                tl.store(smp_ptr + (smp_q + smp_at[:, None]), logit, mask=q_ok[None, :] & smp_hit[:, None])
             if STATS:  # running max and sum of exp per element (no cross-thread reduction per tile)
                 m_e_new = tl.maximum(m_e, logit)
                 m_eref = tl.where(m_e_new > float("-inf"), m_e_new, 0.0)
@@ -424,7 +448,8 @@ def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState
     Bytes read per KV head: length * d * bits / 8 (codes) + 2 * d * elt per tile (ranges) +
     g * d * elt (query); rows shorter than one block read length * d * elt of exact keys instead
     (with `slots`, through the slot map: + its element size per position).
-    Written: 4 * g * length (fp32 logits) + 8 * g * n_split (split statistics).
+    Written: 4 * g * length (fp32 logits) + 8 * g * n_split (split statistics) + 4 * g * length /
+    stride (the selection's sample, when the plan copies it: `DecodePlan.sample_shift`).
     span: the logical positions the sketch must cover (default key.shape[2]; less for a packed K
     buffer read through per-row starts, `DecodePlan.run`'s max_length).
     slots (with starts): the slot map of a paged K (`DecodePlan.run`'s slots).
@@ -444,12 +469,12 @@ def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState
     stages = None if query.device.type != "cuda" else (ws.score_stages or ws.tuning.sketch_stages)
     _sketch_scores_kernel[(batch * num_kv_heads, ws.n_split1)](
         query, sketch.codes, sketch.lo, sketch.hi, key, lengths, starts, starts if slots is None else slots,
-        ws.logits, ws.split_m, ws.split_l,
+        ws.logits, ws.split_m, ws.split_l, ws.sample_buf,
         key.stride(0), key.stride(1), key.stride(2),
-        num_kv_heads, ws.capacity, sketch.capacity, sketch.n_blocks, ws.n_split1, float(scale),
+        num_kv_heads, ws.capacity, sketch.capacity, sketch.n_blocks, ws.n_split1, ws.sample_buf.shape[-1], float(scale),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), GQ=max(4, triton.next_power_of_2(g)), D=head_dim,
         BITS=sketch.bits, BLOCK=sketch.block, CHUNK=ws.chunk1, BLOCK_S=sketch_block_s(ws, sketch),
         HAS_STARTS=has_starts, HAS_SLOTS=slots is not None, SPLIT_C=split_c, SPLIT_K=split_k, STATS=stats,
-        ASM=query.device.type == "cuda",
+        ASM=query.device.type == "cuda", SMP_SHIFT=ws.sample_shift,
         num_warps=ws.score_warps, **({"num_stages": stages} if stages else {}),
     )
