@@ -219,15 +219,21 @@ def test_sample_and_candidate_key_sources(copy, stored, adversarial):
 
 
 def test_sample_copy_is_for_groups_by_default():
-    """Tuning.sample_copy=None: step 1 copies the sample for g > 1 only (where reading it in place
-    costs g sectors per sampled position), and never with stride 1 (the sample is then the logits)."""
+    """Tuning.sample_copy=None: the sketch scorer copies the sample for g > 1 only (where reading it in
+    place costs g sectors per sampled position), never with stride 1 (the sample is then the logits);
+    the paper's scorer never does (its wide tiles made the copy cost more than it saved)."""
     from sparq.kernels.dispatch import DEFAULT_TUNING, DecodePlan
+    from sparq.kernels.sketch_scores import SketchConfig
+    from sparq.methods.sketch import SparQSketch
 
-    cfg = SparQConfig(r=8, k=64, local_window=8)
-    for hq, hkv, cap, want in ((8, 2, 65536, True), (4, 4, 65536, False), (8, 2, 1024, False)):
+    sketch = SketchConfig.from_method(SparQSketch(0.125, bits=2, block=128), 32)
+    paper = SparQConfig(r=8, k=64, local_window=8)
+    for cfg, hq, hkv, cap, want in ((sketch, 8, 2, 65536, True), (sketch, 4, 4, 65536, False),
+                                    (sketch, 8, 2, 1024, False), (paper, 8, 2, 65536, False)):
         plan = DecodePlan(1, hq, hkv, 32, cap, cfg, "cpu", torch.float32, DEFAULT_TUNING)
         assert plan.sample_copy == want and (plan.sample_buf is plan.logits) == (not want), (hq, hkv, cap)
-        assert plan.sample_stride == (32 if cap == 65536 else 1) and plan.sample_shift == (5 if want else 0)
+        assert plan.sample_shift == (plan.sample_stride.bit_length() - 1 if want else 0), (hq, hkv, cap)
+        assert (plan.sample_stride > 1) == (cap == 65536)
 
 
 @pytest.mark.parametrize("cap, samples", [(512, 128), (512, 16), (16, 16)], ids=["registers", "wide", "memory"])

@@ -101,9 +101,11 @@ class Tuning:
     pivots_max_blocks_per_sm: int | None = 2
     # step 1 copies the selection's sample (every stride-th logit) to a compact buffer; False: the sample
     # kernel reads it in place (a 32-byte sector per 4-byte key, g of them per position); None: only for
-    # g > 1. H200 (sketch-sweep-...231335Z.json): the copy makes the sample kernel 2-4x faster (GQA B16 64k
-    # 42.3 -> 11.7 us) but the sketch scorer ~4% slower (its store instructions: 305 -> 326 us at MHA B8
-    # 64k); the whole step is 5% / 3% / 2% faster at GQA B16 64k / B8 32k / B1 32k, 2-3% slower at MHA
+    # g > 1 with the sketch scorer. H200 (sketch-sweep-...231335Z.json): the copy makes the sample kernel
+    # 2-4x faster (GQA B16 64k 42.3 -> 11.7 us) but the sketch scorer ~4% slower (its store instructions:
+    # 305 -> 326 us at MHA B8 64k); the whole step is 5% / 3% / 2% faster at GQA B16 64k / B8 32k / B1 32k,
+    # 2-3% slower at MHA. The paper's scorer stores [16, 512] tiles (64 elements per thread): its step was
+    # 6% slower with the copy at GQA B16 64k (sketch-...231801Z.json), so it reads the sample in place
     sample_copy: bool | None = None
     # the resolve reads each bracket candidate's key as the emit pass stored it; False: recomputes it
     # from the logits (g scattered 4-byte reads per candidate). H200 (same sweep): resolve 42.6 -> 18.0 us
@@ -186,7 +188,7 @@ class DecodePlan:
             sizes = _select.selection_sizes(s_cap, config)
         self.samples, self.sample_stride, self.cap, self.sample_tol = sizes
         # step 1 copies every 2^shift-th logit to a compact sample (0: the sample is read in place)
-        copy = g > 1 if tuning.sample_copy is None else bool(tuning.sample_copy)
+        copy = (g > 1 and hasattr(config, "k_bound")) if tuning.sample_copy is None else bool(tuning.sample_copy)
         self.sample_copy = copy and self.sample_stride > 1
         self.sample_shift = self.sample_stride.bit_length() - 1 if self.sample_copy else 0
         if tuning.select_tol is not None:
