@@ -40,6 +40,9 @@ VARIANTS: dict[str, dict] = {
     # the resolve recomputing candidate keys from the logits instead of reading the emit's
     "sample_copy=0": {"sample_copy": False}, "candidate_keys=0": {"candidate_keys": False},
     "neither": {"sample_copy": False, "candidate_keys": False},
+    # sample tile / resolve capacity pairs (the plan's choice comes from select.selection_sizes)
+    "s2k-c4k": {"samples": 2048, "select_cap": 4096}, "s4k-c4k": {"samples": 4096, "select_cap": 4096},
+    "s2k-c8k": {"samples": 2048, "select_cap": 8192}, "s4k-c8k": {"samples": 4096, "select_cap": 8192},
 }
 
 
