@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--block-s", type=int, default=0, help="scorer tile (0: as sketch_block_s)")
     ap.add_argument("--stages", type=int, default=2, help="software-pipelining stages (Tuning.sketch_stages)")
     ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--maxnreg", type=int, default=0, help="register cap per thread (0: the compiler's choice)")
     ap.add_argument("--smp-shift", type=int, default=4, help="log2 of the selection's sample stride (0: no copy)")
     ap.add_argument("--no-append", action="store_true", help="skip the append kernel")
     args = ap.parse_args()
@@ -102,7 +103,7 @@ def main() -> None:
                  ASM=True, SMP_SHIFT=args.smp_shift)  # as score_sketch launches it
     sass = report(f"_sketch_scores_kernel g={args.g} {args.bits} bit d={args.d} {t}",
                   build(_sketch_scores_kernel, sig, const, args.warps, ("s_cap", "code_cap", "stride_kb", "stride_kh", "stride_ks"),
-                        num_stages=args.stages))
+                        num_stages=args.stages, **({"maxnreg": args.maxnreg} if args.maxnreg else {})))
     if args.sass:
         with open(args.sass, "w") as f:
             f.write(sass)

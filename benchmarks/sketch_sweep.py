@@ -40,6 +40,12 @@ VARIANTS: dict[str, dict] = {
     # the resolve recomputing candidate keys from the logits instead of reading the emit's
     "sample_copy=0": {"sample_copy": False}, "candidate_keys=0": {"candidate_keys": False},
     "neither": {"sample_copy": False, "candidate_keys": False},
+    # register caps (the default since 2026-11-30 is the plan's: dispatch.Tuning); 0 = no cap
+    "emit_maxnreg=64": {"emit_maxnreg": 64}, "emit_maxnreg=56": {"emit_maxnreg": 56},
+    "sketch_maxnreg=72": {"sketch_maxnreg": 72}, "sketch_maxnreg=64": {"sketch_maxnreg": 64},
+    "maxnreg=72/64": {"sketch_maxnreg": 72, "emit_maxnreg": 64},
+    "maxnreg=0": {"sketch_maxnreg": 0, "emit_maxnreg": 0},
+    "emit_block=512+maxnreg=64": {"emit_block": 512, "emit_maxnreg": 64},
     # sample tile / resolve capacity pairs (the plan's choice comes from select.selection_sizes)
     "s2k-c4k": {"samples": 2048, "select_cap": 4096}, "s4k-c4k": {"samples": 4096, "select_cap": 4096},
     "s2k-c8k": {"samples": 2048, "select_cap": 8192}, "s4k-c8k": {"samples": 4096, "select_cap": 8192},

@@ -26,7 +26,8 @@ SCRIPT = '''
     for g in (1, 3, 4):
         gp = triton.next_power_of_2(g)
         for det in (True, False):
-            build(_emit_kernel, emit, {"G": g, "G_PAD": gp, "CHUNK": 4096, "BLOCK_S": 1024, "DET": det}, 4)
+            # with the plan's register cap (dispatch: 64 for g <= 4)
+            build(_emit_kernel, emit, {"G": g, "G_PAD": gp, "CHUNK": 4096, "BLOCK_S": 1024, "DET": det}, 4, maxnreg=64)
         build(_sample_kernel, sample, {"G": g, "G_PAD": gp, "NS": 2048, "STRIDE": 16, "NS1_PAD": 16, "TOL": 65535,
                                              "PIVOTS": 4}, 8)
     build(_compact_kernel, compact, {"CHUNK": 4096, "TILE": 1024, "NT_PAD": 64, "ASM": True}, 4)
@@ -57,7 +58,8 @@ SCORER = '''
         build(_sketch_scores_kernel, scores(t), {"G": g, "G_PAD": max(16, gq), "GQ": gq, "D": d, "BITS": bits,
                                                  "BLOCK": 128, "CHUNK": 1024, "BLOCK_S": tile, "HAS_STARTS": False,
                                                  "HAS_SLOTS": False, "SPLIT_C": 2, "SPLIT_K": 3 if t == "bf16" else 2,
-                                                 "STATS": g > 1, "ASM": True, "SMP_SHIFT": 4}, 4, num_stages=2)
+                                                 "STATS": g > 1, "ASM": True, "SMP_SHIFT": 4}, 4, num_stages=2,
+              **({"maxnreg": 72} if 2 <= g <= 4 and d <= 128 else {}))  # the plan's register cap
     print("compiled")
 '''
 

@@ -84,6 +84,14 @@ class Tuning:
     gather_warps: int = 4
     gather_blocks_per_sm: int | None = 32
     emit_block: int = 1024
+    # per-thread register caps (ptx .maxnreg; 0: the compiler's choice; None: the plan's). The emit pass
+    # is latency-bound on its loads (ncu) at 80 registers (6 blocks of 4 warps per SM); capped at 64 (8
+    # blocks) for g <= 4, the sketch scorer at 72 for g = 2..4, d <= 128 (7 blocks). H200
+    # (sketch-sweep-...233024Z.json, both caps): whole step -4% at GQA B8 32k and B1 128k, -1% at GQA
+    # B16 64k; at g = 1 the scorer cap cost +2% (so MHA caps only the emit: -1%). The sm_90 builds
+    # spill nothing inside the loops (emit g <= 3: nothing at all; g = 4: 2 spill instructions)
+    emit_maxnreg: int | None = None
+    sketch_maxnreg: int | None = None
     emit_warps: int = 4
     emit_blocks_per_sm: int | None = 16
     compact_tiles: int | None = None  # emit tiles per `_compact_kernel` program (None: the emit chunk's)
@@ -214,6 +222,11 @@ class DecodePlan:
         self.score_stages = None if interp else tuning.score_stages
         self.gather_warps = 4 if interp else tuning.gather_warps
         self.emit_warps = 4 if interp else tuning.emit_warps
+        # compile options passed at launch (the interpreter takes none)
+        emit_cap = (64 if g <= 4 else 0) if tuning.emit_maxnreg is None else tuning.emit_maxnreg
+        sketch_cap = (72 if 2 <= g <= 4 and head_dim <= 128 else 0) if tuning.sketch_maxnreg is None else tuning.sketch_maxnreg
+        self.emit_opts = {"maxnreg": emit_cap} if emit_cap and not interp else {}
+        self.sketch_opts = {"maxnreg": sketch_cap} if sketch_cap and not interp else {}
 
         f32 = dict(dtype=torch.float32, device=device)
         i32 = dict(dtype=torch.int32, device=device)
@@ -356,7 +369,7 @@ class DecodePlan:
             self.idx, self.cand, self.cand_keys, self.bits, self.tile_counts, num_kv_heads, s_cap, self.k_max,
             self.n_tiles,
             G=g, G_PAD=g_pad, CHUNK=self.chunk_e, BLOCK_S=self.emit_block, DET=self.deterministic,
-            num_warps=self.emit_warps,
+            num_warps=self.emit_warps, **self.emit_opts,
         )
         _resolve_kernel[(bh,)](
             self.logits, self.logz, lengths, self.k_b, self.local_b, self.state, self.counts, self.idx, self.cand,

@@ -476,5 +476,5 @@ def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState
         BITS=sketch.bits, BLOCK=sketch.block, CHUNK=ws.chunk1, BLOCK_S=sketch_block_s(ws, sketch),
         HAS_STARTS=has_starts, HAS_SLOTS=slots is not None, SPLIT_C=split_c, SPLIT_K=split_k, STATS=stats,
         ASM=query.device.type == "cuda", SMP_SHIFT=ws.sample_shift,
-        num_warps=ws.score_warps, **({"num_stages": stages} if stages else {}),
+        num_warps=ws.score_warps, **({"num_stages": stages} if stages else {}), **ws.sketch_opts,
     )
