@@ -174,6 +174,36 @@ def test_kernels_through_the_pages_equal_the_packed_read(case, slot_dtype):
     close(paged, spec(m, query, key, value, plan, scale), dtype)
 
 
+@pytest.mark.parametrize("hq", [8, 4], ids=["gqa-copied-sample", "mha-in-place-sample"])
+def test_pages_with_a_strided_sample(hq):
+    """A plan whose selection sample is every 16th candidate (forced small sample): for g > 1 the
+    scorer copies it (also from rows shorter than a block, whose keys come through the pages), for
+    g = 1 the sample kernel reads it in place; paged and packed reads give the same output as the
+    PyTorch spec."""
+    from sparq.kernels.dispatch import DEFAULT_TUNING
+
+    hkv, d, dtype, block = 4, 64, torch.float32, 16
+    lengths = [5, 16, 70, 33, 131]
+    query, key, value, slots, plan, sk = packed_batch(lengths, hq, hkv, d, block, dtype, seed=11 + hq)
+    m = SparQSketch(1 / 4, bits=2, block=block, local_fraction=0.0, reallocate=False, min_k=1)
+    scale = 1.0 / math.sqrt(d)
+    route = serving._Route(tuning=DEFAULT_TUNING.with_(samples=16, select_cap=4096))  # 256 positions: stride 16
+    packed = serving._decode_kernels(m, query, key, value, plan, scale, sk, slots, route)
+    paged = serving._decode_kernels(m, query, paged_cache(key, slots), paged_cache(value, slots), plan, scale, sk,
+                                    slots, route, paged=True)
+    (dplan,) = route.plans.values()
+    assert dplan.sample_stride == 16 and dplan.sample_copy == (hq > hkv)
+    if dplan.sample_copy:  # the copy holds every 16th logit of each request (the output cannot show it:
+        # a wrong sample only widens the bracket, and the resolve stays exact)
+        lg, smp = dplan.logits.cpu(), dplan.sample_buf.cpu()
+        for b, n in enumerate(lengths):
+            for h in range(hkv):
+                want = lg[b * hkv + h, :, 0:n:16]
+                assert torch.equal(smp[b * hkv + h, :, : want.shape[-1]], want), (b, h)
+    assert paged is not None and torch.equal(paged, packed)
+    close(paged, spec(m, query, key, value, plan, scale), dtype)
+
+
 def test_slots_need_a_sketch_plan_starts_and_value_sums():
     from sparq.kernels.dispatch import DecodePlan
     from sparq.kernels.sketch_scores import SketchConfig

@@ -228,16 +228,18 @@ class _Route:
     bufs: StepBuffers = field(default_factory=StepBuffers)
     created: int = 0  # plans made (tests watch it)
     runs: int = 0     # decode calls that ran on the kernels (tests watch it)
+    tuning: Any = None  # the plans' dispatch.Tuning (None: DEFAULT_TUNING; tests force small samples)
 
     def plan(self, batch: int, hq: int, hkv: int, d: int, length: int, config: Any, dtype: torch.dtype,
              device: torch.device) -> Any:
-        from .kernels.dispatch import DecodePlan
+        from .kernels.dispatch import DEFAULT_TUNING, DecodePlan
 
         ident = (batch, hq, hkv, d, config, dtype, device)
         p = self.plans.get(ident)
         if p is None or p.capacity < length:
             cap = max(MIN_CAPACITY, config.block, 1 << max(0, length - 1).bit_length())
-            p = self.plans[ident] = DecodePlan(batch, hq, hkv, d, cap, config, device, dtype)
+            p = self.plans[ident] = DecodePlan(batch, hq, hkv, d, cap, config, device, dtype,
+                                               self.tuning or DEFAULT_TUNING)
             self.created += 1
         return p
 
