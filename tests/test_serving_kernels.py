@@ -232,15 +232,17 @@ COMPILE = '''
                      "s_cap", "k_max", "n_split"), "scale": "fp32"}
     scores = {"q_ptr": "*fp16", "codes_ptr": "*i32", "lo_ptr": "*fp16", "hi_ptr": "*fp16", "key_ptr": "*fp16",
               "len_ptr": "*i32", "starts_ptr": "*i32", "slots_ptr": "*i64", "logits_ptr": "*fp32", "m_ptr": "*fp32",
-              "l_ptr": "*fp32", **ints("stride_kb", "stride_kh", "stride_ks", "num_kv_heads", "s_cap", "code_cap",
-                                        "n_blk_cap", "n_split"), "scale": "fp32"}
+              "l_ptr": "*fp32", "smp_ptr": "*fp32",
+              **ints("stride_kb", "stride_kh", "stride_ks", "num_kv_heads", "s_cap", "code_cap", "n_blk_cap", "n_split",
+                     "n_smp"), "scale": "fp32"}
     for slots in (False, True):
         for realloc in (False, True):
             build(_gather_attention_kernel, gather, {"G": 4, "G_PAD": 16, "D": 128, "CHUNK": 64, "BLOCK_N": 64,
                                                      "REALLOC": realloc, "HAS_STARTS": True, "HAS_SLOTS": slots}, 4)
         build(_sketch_scores_kernel, scores, {"G": 4, "G_PAD": 16, "GQ": 4, "D": 128, "BITS": 2, "BLOCK": 128,
                                               "CHUNK": 1024, "BLOCK_S": 128, "HAS_STARTS": True, "HAS_SLOTS": slots,
-                                              "SPLIT_C": 2, "SPLIT_K": 2, "STATS": True, "ASM": True}, 4, num_stages=2)
+                                              "SPLIT_C": 2, "SPLIT_K": 2, "STATS": True, "ASM": True, "SMP_SHIFT": 4},
+              4, num_stages=2, maxnreg=72)  # as a g = 4, d = 128 plan launches it (sample copy, register cap)
     print("compiled")
 '''
 
