@@ -276,9 +276,10 @@ def test_bench_generate_engine_hf_runs_on_cpu(tmp_path):
 
     from sparq.tools.cli import app
 
+    # no --out-dir: the JSON goes to $OUT (as on the GPU machines, whose $OUT folder comes back)
     res = CliRunner().invoke(app, ["bench", "generate", "--engine", "hf", "--model", "tiny", "--device", "cpu",
                                    "--batch", "2", "--context", "20", "--new-tokens", "3", "--compressions", "4",
-                                   "--ragged", "--hf-loop", "--out-dir", str(tmp_path)])
+                                   "--ragged", "--hf-loop"], env={"OUT": str(tmp_path)})
     assert res.exit_code == 0, res.output
     (file,) = tmp_path.glob("generate-hf-tiny-cpu-*.json")
     rows = json.loads(file.read_text())["rows"]
@@ -290,6 +291,17 @@ def test_bench_generate_engine_hf_runs_on_cpu(tmp_path):
     assert "vs_fast_loop" in rows[2] and "speedup_vs_best_dense_generate" in rows[2]
     bad = CliRunner().invoke(app, ["bench", "generate", "--engine", "vllm"])
     assert bad.exit_code != 0 and "--engine must be fast or hf" in bad.output
+
+
+def test_benchmark_json_goes_to_out_dir_then_env_out(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from sparq.tools.cli import results_dir
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert results_dir(Path("elsewhere")) == Path("elsewhere") and results_dir(None) == tmp_path
+    monkeypatch.delenv("OUT")
+    assert results_dir(None) == Path("benchmarks/results")
 
 
 def test_bench_hf_keeps_going_past_a_failing_variant(tmp_path, monkeypatch):

@@ -278,13 +278,20 @@ def _int_list(text: str, name: str) -> list[int]:
     return values
 
 
+def results_dir(out_dir: Path | None) -> Path:
+    """Where a benchmark's JSON goes: --out-dir, else $OUT (the GPU machines' folder that comes back, as
+    the scripts in benchmarks/ use it), else benchmarks/results."""
+    return out_dir if out_dir is not None else Path(os.environ.get("OUT") or "benchmarks/results")
+
+
 @bench_app.command("kernels")
 def bench_kernels(
     r_div: Annotated[int, typer.Option(min=1, help="r = head_dim / R_DIV.")] = 8,
     k_div: Annotated[int, typer.Option(min=1, help="k = S / K_DIV.")] = 16,
     local_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Local window as a fraction of k.")] = 0.25,
     reallocate: Annotated[bool, typer.Option(help="Step 3 on or off.")] = True,
-    out_dir: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("benchmarks/results"),
+    out_dir: Annotated[Optional[Path], typer.Option(help="Where the JSON goes (default: $OUT if set, else "
+                                                         "benchmarks/results).")] = None,
 ) -> None:
     """SparQ decode kernels vs the best dense SDPA backend, per shape, against the bandwidth floor (CUDA)."""
     import torch
@@ -293,7 +300,8 @@ def bench_kernels(
         fail("bench kernels needs a CUDA device")
     from .bench_kernels import bench_kernels as run
 
-    result = run(r_div=r_div, k_div=k_div, local_fraction=local_fraction, reallocate=reallocate, out_dir=out_dir)
+    result = run(r_div=r_div, k_div=k_div, local_fraction=local_fraction, reallocate=reallocate,
+                 out_dir=results_dir(out_dir))
     console.print(f"wrote {result.get('path')}")
 
 
@@ -323,7 +331,8 @@ def bench_generate(
                                                "(sparq.enabled(..., fast_loop=False); slow).")] = False,
     device: Annotated[str, typer.Option(help="--engine hf: the device (cpu runs a smoke test, e.g. --model "
                                              "tiny).")] = "cuda",
-    out_dir: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("benchmarks/results"),
+    out_dir: Annotated[Optional[Path], typer.Option(help="Where the JSON goes (default: $OUT if set, else "
+                                                         "benchmarks/results).")] = None,
 ) -> None:
     """Decode tokens/s of dense vs SparQ: in one static-cache CUDA-graph loop with floors and memory
     (--engine fast), or through model.generate next to that loop (--engine hf). CUDA (hf: also CPU)."""
@@ -344,7 +353,7 @@ def bench_generate(
         result = bench_hf_generate(model, batches, contexts, new_tokens, comps, dense_settings=settings,
                                    hf_loop=hf_loop, ragged=ragged, device=device,
                                    dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
-                                   out_dir=out_dir)
+                                   out_dir=results_dir(out_dir))
         console.print(format_hf_table(result), soft_wrap=True)
         console.print(f"wrote {result.get('path')}")
         return
@@ -356,7 +365,7 @@ def bench_generate(
 
     sketches = _int_list(sketch, "--sketch") if sketch.strip() else ()
     result = run(model, batches, contexts, new_tokens, comps, auto=auto or None, ragged=ragged, tensor_parallel=tp,
-                 out_dir=out_dir, sketch=sketches, sketch_bits=sketch_bits)
+                 out_dir=results_dir(out_dir), sketch=sketches, sketch_bits=sketch_bits)
     if result.get("path") or not tp:  # rank 0 reports
         console.print(format_table(result), soft_wrap=True)
         console.print(f"wrote {result.get('path')}")
@@ -385,7 +394,8 @@ def bench_serve(
         "--read-pages/--no-read-pages", help="Decode-only batches on the kernels route read K/V through the "
                                              "pages, skipping transformers' gather (sparq.serving.READ_PAGES); "
                                              "unset: its default.")] = None,
-    out_dir: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("benchmarks/results"),
+    out_dir: Annotated[Optional[Path], typer.Option(help="Where the JSON goes (default: $OUT if set, else "
+                                                         "benchmarks/results).")] = None,
 ) -> None:
     """Continuous batching (transformers' generate_batch, paged KV cache): dense vs SparQ, same requests and
     cache. Throughput, time per output token (median, p95), requests in flight, peak memory."""
@@ -402,7 +412,7 @@ def bench_serve(
         serving.check_version()
         result = run(model, requests, min_prompt, max_prompt, new_tokens, names, budget, cache_gib=cache_gib,
                      block_size=block_size, max_batch_tokens=max_batch_tokens, device=device, kernels=kernels, read_pages=read_pages,
-                     out_dir=out_dir)
+                     out_dir=results_dir(out_dir))
     except (ValueError, RuntimeError) as e:
         fail(str(e))
     console.print(format_serve_table(result), soft_wrap=True)
