@@ -11,8 +11,8 @@ Each fp32 key maps to an order-preserving unsigned 32-bit integer u (held in int
 Threshold selection in three kernels (no sort, one full pass over the keys; DET adds a 4th, below):
 1. `_sample_kernel` (one block per KV head): a systematic sample of the candidate keys, every
    STRIDE-th position (STRIDE a power of two fixed by the plan), read from a compact copy that
-   step 1 writes as it writes the logits (`sample_store`): reading every STRIDE-th logit in place
-   fetched a whole 32-byte sector per 4-byte key, i.e. half to all of the logits; sample
+   step 1 writes beside the logits (the scorers' SMP_SHIFT; by default for g > 1 sketch plans,
+   `dispatch.Tuning.sample_copy`) or else in place, a whole 32-byte sector per 4-byte key; sample
    order statistics (a search over u, counts by comparison, to tolerance TOL) bracket the need-th largest
    key: U_hi (surely above: ~4 sigma of the sample quantile) and U_lo. When the sample is the whole
    candidate set the bracket is exact (U_hi = U_lo = the need-th largest key).
