@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .select import _in_sample
+
 
 
 @triton.jit
@@ -101,8 +103,8 @@ def _transposed_key_scores_kernel(
             else:
                 tl.store(logits_ptr + bh.to(tl.int64) * s_cap + s, logit, mask=s < s_cap)
             if SMP_SHIFT > 0:
-                smp_hit = s_ok & ((s & ((1 << SMP_SHIFT) - 1)) == 0)
-                tl.store(smp_ptr + bh.to(tl.int64) * n_smp + (s >> SMP_SHIFT), logit, mask=smp_hit)
+                tl.store(smp_ptr + bh.to(tl.int64) * n_smp + (s >> SMP_SHIFT), logit,
+                         mask=_in_sample(s, s_ok, SMP_SHIFT))
             m_new1 = tl.maximum(m_1, tl.max(logit, axis=0))
             l_1 = l_1 * tl.exp(m_1 - m_new1) + tl.sum(tl.exp(logit - m_new1), axis=0)
             m_1 = m_new1
@@ -114,9 +116,8 @@ def _transposed_key_scores_kernel(
             else:
                 tl.store(out_base + s[None, :], logit, mask=g_ok[:, None] & (s[None, :] < s_cap))
             if SMP_SHIFT > 0:
-                smp_hit = s_ok & ((s & ((1 << SMP_SHIFT) - 1)) == 0)
                 tl.store(smp_ptr + (bh * G + offs_g).to(tl.int64)[:, None] * n_smp + (s >> SMP_SHIFT)[None, :], logit,
-                         mask=g_ok[:, None] & smp_hit[None, :])
+                         mask=g_ok[:, None] & _in_sample(s, s_ok, SMP_SHIFT)[None, :])
             m_new = tl.maximum(m_i, tl.max(logit, axis=1))
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
             m_i = m_new

@@ -221,6 +221,13 @@ def _key_at(logits_ptr, logz_ptr, bh, pos, mask, s_cap, G: tl.constexpr, G_PAD: 
 
 
 @triton.jit
+def _in_sample(s, ok, SHIFT: tl.constexpr):
+    """Which positions s (where ok) belong to the selection's sample: every 2^SHIFT-th; entry s >> SHIFT
+    of the scorers' compact copy (`DecodePlan.sample_buf`)."""
+    return ok & ((s & ((1 << SHIFT) - 1)) == 0)
+
+
+@triton.jit
 def _popc(x, ASM: tl.constexpr):
     """Set bits of each int32 word (0..32, int32): one POPC on the GPU, a SWAR count elsewhere."""
     if ASM:

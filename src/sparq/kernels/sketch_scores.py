@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..methods.sketch import SparQSketch
+from .select import _in_sample
 from .sketch_state import SketchState
 
 
@@ -409,14 +410,8 @@ def _sketch_scores_kernel(
             else:
                 tl.store(out_q + s[:, None], logit, mask=q_ok[None, :] & (offs_s[:, None] < s_cap - s0))
             if SMP_SHIFT > 0:  # the selection's sample: 1 / 2^SMP_SHIFT of the positions
-                # (s0 is a multiple of BLOCK_S: which rows of the tile are sampled is loop-invariant)
-                if (1 << SMP_SHIFT) <= BLOCK_S:
-                    smp_hit = s_ok & ((offs_s & ((1 << SMP_SHIFT) - 1)) == 0)
-                    smp_at = (offs_s >> SMP_SHIFT) + (s0 >> SMP_SHIFT)
-                else:
-                    smp_hit = s_ok & (offs_s == 0) & ((s0 & ((1 << SMP_SHIFT) - 1)) == 0)
-                    smp_at = offs_s * 0 + (s0 >> SMP_SHIFT)
-                tl.store(smp_ptr + (smp_q + smp_at[:, None]), logit, mask=q_ok[None, :] & smp_hit[:, None])
+                tl.store(smp_ptr + (smp_q + (s >> SMP_SHIFT)[:, None]), logit,
+                         mask=q_ok[None, :] & _in_sample(s, s_ok, SMP_SHIFT)[:, None])
             if STATS:  # running max and sum of exp per element (no cross-thread reduction per tile)
                 m_e_new = tl.maximum(m_e, logit)
                 m_eref = tl.where(m_e_new > float("-inf"), m_e_new, 0.0)
