@@ -218,6 +218,16 @@ def test_sample_and_candidate_key_sources(copy, stored, adversarial):
         assert torch.equal(smp[:2, :, :52], lg[:2, :, 0:409:8])
 
 
+def test_register_caps_are_checked():
+    from sparq.kernels.dispatch import DEFAULT_TUNING, DecodePlan
+
+    cfg = SparQConfig(r=8, k=64, local_window=8)
+    for bad in (dict(emit_maxnreg=8), dict(sketch_maxnreg=300), dict(emit_maxnreg=-1)):
+        with pytest.raises(ValueError, match="maxnreg must be None"):
+            DecodePlan(1, 4, 4, 32, 256, cfg, "cpu", torch.float32, DEFAULT_TUNING.with_(**bad))
+    DecodePlan(1, 4, 4, 32, 256, cfg, "cpu", torch.float32, DEFAULT_TUNING.with_(emit_maxnreg=0, sketch_maxnreg=72))
+
+
 def test_sample_copy_is_for_groups_by_default():
     """Tuning.sample_copy=None: the sketch scorer copies the sample for g > 1 only (where reading it in
     place costs g sectors per sampled position), never with stride 1 (the sample is then the logits);

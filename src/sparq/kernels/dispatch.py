@@ -223,6 +223,10 @@ class DecodePlan:
         self.gather_warps = 4 if interp else tuning.gather_warps
         self.emit_warps = 4 if interp else tuning.emit_warps
         # compile options passed at launch (the interpreter takes none)
+        for name in ("emit_maxnreg", "sketch_maxnreg"):
+            cap = getattr(tuning, name)
+            if cap is not None and cap != 0 and not 24 <= cap <= 255:
+                raise ValueError(f"Tuning.{name} must be None (the plan's), 0 (no cap) or 24..255 registers, got {cap}")
         emit_cap = (64 if g <= 4 else 0) if tuning.emit_maxnreg is None else tuning.emit_maxnreg
         sketch_cap = (72 if 2 <= g <= 4 and head_dim <= 128 else 0) if tuning.sketch_maxnreg is None else tuning.sketch_maxnreg
         self.emit_opts = {"maxnreg": emit_cap} if emit_cap and not interp else {}
