@@ -47,6 +47,11 @@ VARIANTS: dict[str, dict] = {
     "maxnreg=0": {"sketch_maxnreg": 0, "emit_maxnreg": 0},
     "emit_block=512+maxnreg=64": {"emit_block": 512, "emit_maxnreg": 64},
     # sample tile / resolve capacity pairs (the plan's choice comes from select.selection_sizes)
+    # plain launches / programmatic dependent ones (kernels/pdl.py; off by default since 2026-12-01)
+    "pdl=0": {"pdl": False}, "pdl=1": {"pdl": True},
+    # the resolve's register tile always CAP keys instead of the smallest of CAP / 8, CAP / 2, CAP that fits
+    "fit=0": {"resolve_fit_tile": False},
+    "select_warps=4": {"select_warps": 4}, "pivots=16": {"search_pivots": 16, "search_budget": None},
     "s2k-c4k": {"samples": 2048, "select_cap": 4096}, "s4k-c4k": {"samples": 4096, "select_cap": 4096},
     "s2k-c8k": {"samples": 2048, "select_cap": 8192}, "s4k-c8k": {"samples": 4096, "select_cap": 8192},
 }

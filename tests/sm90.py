@@ -22,11 +22,14 @@ PRELUDE = textwrap.dedent('''
     from triton.compiler import ASTSource
 
     def build(fn, signature, constexprs, num_warps, **opts):
+        # constexprs with defaults the caller leaves out (ASTSource needs every parameter)
+        constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default
+                         and p.name not in constexprs}, **constexprs}
         full = dict(signature)
         full.update({k: "constexpr" for k in constexprs})
         attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(full.values()) if t.startswith("*")}
-        triton.compile(ASTSource(fn, full, constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps, **opts})
+        return triton.compile(ASTSource(fn, full, constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, **opts})
 
     ints = lambda *names: {n: "i32" for n in names}
 ''')

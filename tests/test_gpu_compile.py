@@ -68,3 +68,41 @@ def test_sketch_scorer_compiles_for_sm90():
     """The sketch scorer's constexpr paths build for sm_90: the interpreter runs none of its inline PTX
     or layout choices (the scorer's 2026-11-30 rewrites changed both)."""
     compile_for_sm90(SCORER)
+
+
+PDL_CHAIN = '''
+    import re
+    from sparq.kernels.select import _budgets_kernel, _emit_kernel, _resolve_kernel
+
+    lists = {n: "*i32" for n in ("k_ptr", "local_ptr")}
+    budgets = {"len_ptr": "*i32", "table_ptr": "*i32", **lists, "count_ptr": "*i32", **ints("num_kv_heads")}
+    emit = {"logits_ptr": "*fp32", "logz_ptr": "*fp32", "len_ptr": "*i32", **lists, "state_ptr": "*i64",
+            "count64_ptr": "*i64", "idx_ptr": "*i32", "cand_ptr": "*i32", "ckey_ptr": "*i32", "bits_ptr": "*i32",
+            "tcount_ptr": "*i32", **ints("num_kv_heads", "s_cap", "k_max", "n_tiles")}
+    resolve = {"logits_ptr": "*fp32", "logz_ptr": "*fp32", "len_ptr": "*i32", **lists, "state_ptr": "*i64",
+               "count_ptr": "*i32", "idx_ptr": "*i32", "cand_ptr": "*i32", "ckey_ptr": "*i32", "bits_ptr": "*i32",
+               "tcount_ptr": "*i32", **ints("num_kv_heads", "s_cap", "k_max", "n_tiles")}
+    builds = {
+        "budgets": (_budgets_kernel, budgets, {"H2_PAD": 16}, 1),
+        "emit": (_emit_kernel, emit, {"G": 4, "G_PAD": 4, "CHUNK": 4096, "BLOCK_S": 1024, "DET": True}, 4),
+        "resolve": (_resolve_kernel, resolve, {"G": 4, "G_PAD": 4, "CAP": 4096, "BLOCK": 1024, "PIVOTS": 4,
+                                               "PIVOTS_MEM": 4, "TILE": 1024, "DET": True, "CKEYS": True}, 16),
+    }
+    for name, (fn, sig, const, warps) in builds.items():
+        ptx = build(fn, sig, {**const, "PDL": True}, warps, launch_pdl=True).asm["ptx"]
+        body = ptx[ptx.index(".entry"):]
+        wait = body.find("griddepcontrol.wait")
+        first_mem = min(i for i in (body.find("ld.global"), body.find("st.global"), body.find("atom.global")) if i >= 0)
+        assert 0 <= wait < first_mem, f"{name}: griddepcontrol.wait at {wait}, first global access at {first_mem}"
+        assert "griddepcontrol.launch_dependents" in body, name
+        plain = build(fn, sig, {**const, "PDL": False}, warps).asm["ptx"]
+        assert "griddepcontrol" not in plain, name
+    print("compiled")
+'''
+
+
+def test_pdl_kernels_wait_before_any_global_access():
+    """With PDL each kernel's first device instruction on memory comes after griddepcontrol.wait (pdl.py's
+    contract: a kernel may launch while its predecessor still writes what it reads); without PDL the
+    kernels have no griddepcontrol at all."""
+    compile_for_sm90(PDL_CHAIN)

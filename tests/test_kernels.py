@@ -165,7 +165,7 @@ def _bracket_case(tuning, adversarial, cap=16, tied=False, samples=16, seed=5, c
         compare(q, k, v, lengths, cfg, out, (ws.idx.cpu(), ws.counts[:, 0].cpu()), ws.deterministic)
     if check and tied and ws.deterministic:
         _assert_reference_ties(q, k, lengths, cfg, ws)
-    ws.last_out = out
+    ws.last_out, ws.last_lengths = out, lengths.cpu()
     return ws
 
 
@@ -201,6 +201,25 @@ def test_bracket_paths(adversarial, det):
     _bracket_case(det, adversarial)
 
 
+@pytest.mark.parametrize("tied, cap, samples, tile", [
+    (False, 512, 16, 512), (False, 1024, 16, 512), (False, 1024, 256, 128),
+    (True, 512, 16, 512), (True, 1024, 16, 512), (True, 4096, 16, 512)],
+    ids=["whole", "half", "eighth", "tied-whole", "tied-half", "tied-eighth"])
+def test_resolve_tile_fits_the_bracket(tied, cap, samples, tile, det):
+    """The resolve holds the bracket in the smallest of CAP / 8, CAP / 2 or CAP keys that fits it (each
+    search round compares every key of the tile): the reference's kept set in each of the three tiles,
+    with distinct keys and with exact ties at the threshold (the earliest tied positions kept)."""
+    ws = _bracket_case(det, False, cap=cap, samples=samples, tied=tied)
+    if tile < cap:  # the same case in the whole tile (Tuning.resolve_fit_tile=False): the same kept set
+        whole = _bracket_case(det.with_(resolve_fit_tile=False), False, cap=cap, samples=samples, tied=tied)
+        assert torch.equal(whole.idx.cpu(), ws.idx.cpu()) if ws.deterministic else True
+    n_c = [int(n) for n, kb, ln in zip(ws.counts[:, 1].tolist(), ws.k_b.repeat_interleave(2).tolist(),
+                                       ws.last_lengths.repeat_interleave(2).tolist()) if kb < ln]
+    assert n_c, "no KV head ran the selection"
+    for n in n_c:  # the tile this case is meant to exercise is the smallest that holds the candidates
+        assert min(t for t in (cap // 8, cap // 2, cap) if t >= n) == tile, (n_c, tile)
+
+
 @pytest.mark.parametrize("copy, stored", [(True, True), (False, False)], ids=["copied-stored", "in-place-recomputed"])
 @pytest.mark.parametrize("adversarial", [False, True], ids=["bracket", "fallback"])
 def test_sample_and_candidate_key_sources(copy, stored, adversarial):
@@ -226,6 +245,78 @@ def test_register_caps_are_checked():
         with pytest.raises(ValueError, match="maxnreg must be None"):
             DecodePlan(1, 4, 4, 32, 256, cfg, "cpu", torch.float32, DEFAULT_TUNING.with_(**bad))
     DecodePlan(1, 4, 4, 32, 256, cfg, "cpu", torch.float32, DEFAULT_TUNING.with_(emit_maxnreg=0, sketch_maxnreg=72))
+
+
+def test_pdl_is_checked_and_off_where_unsupported():
+    """Tuning.pdl (off by default): None turns programmatic dependent launch on only where it exists (CUDA
+    sm_90+, not the interpreter); True where it does not is a ValueError naming the field, not a launch
+    error."""
+    from sparq.kernels.dispatch import DEFAULT_TUNING, DecodePlan
+
+    cfg = SparQConfig(r=8, k=64, local_window=8)
+    for pdl in (None, False):
+        plan = DecodePlan(1, 4, 4, 32, 256, cfg, "cpu", torch.float32, DEFAULT_TUNING.with_(pdl=pdl))
+        assert plan.pdl is False and plan.launch_opts == {}
+    with pytest.raises(ValueError, match="Tuning.pdl=True"):
+        DecodePlan(1, 4, 4, 32, 256, cfg, "cpu", torch.float32, DEFAULT_TUNING.with_(pdl=True))
+
+
+def test_every_step_kernel_waits_first():
+    """pdl.py's contract: in every kernel the step launches, wait_for_previous(PDL) is the first statement
+    (a kernel that touched memory before it could read what its predecessor is still writing)."""
+    import ast
+    import inspect
+    import textwrap
+
+    from sparq.kernels import approx_scores, gather_attention, select, sketch_scores
+
+    kernels = [select._budgets_kernel, select._sample_kernel, select._emit_kernel, select._resolve_kernel,
+               select._compact_kernel, gather_attention._gather_attention_kernel, gather_attention._combine_kernel,
+               sketch_scores._sketch_scores_kernel, approx_scores._query_prep_kernel,
+               approx_scores._transposed_key_scores_kernel]
+    for kern in kernels:
+        fn = ast.parse(textwrap.dedent(inspect.getsource(kern.fn))).body[0]
+        body = [n for n in fn.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+        first = ast.unparse(body[0])
+        assert first == "wait_for_previous(PDL)", (kern.fn.__name__, first)
+        assert "PDL" in [a.arg for a in fn.args.args], kern.fn.__name__
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_pdl_step_is_bitwise_the_plain_step():
+    """The step launched with PDL (Tuning.pdl=True, sm_90+) gives bitwise the output of plain launches,
+    eagerly and replayed in a CUDA graph, over many steps (a kernel reading before its predecessor's
+    writes land would show as a difference)."""
+    from sparq.kernels.dispatch import DEFAULT_TUNING, DecodePlan
+    from sparq.kernels.pdl import pdl_supported
+
+    if not pdl_supported("cuda"):
+        pytest.skip("no programmatic dependent launch on this GPU / Triton")
+    torch.manual_seed(5)
+    batch, hkv, hq, d, s = 3, 4, 16, 128, 9000
+    cfg = SparQConfig(r=16, k=64, k_fraction=1 / 8, local_fraction=0.25)
+    k = torch.randn(batch, hkv, s, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    lengths = torch.tensor([9000, 4100, 7777], device="cuda", dtype=torch.int32)
+    plans = {p: DecodePlan(batch, hq, hkv, d, s, cfg, "cuda", torch.bfloat16, DEFAULT_TUNING.with_(pdl=p))
+             for p in (False, True)}
+    assert plans[True].pdl and not plans[False].pdl
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    outs = {p: torch.empty_like(q) for p in plans}
+    for p, plan in plans.items():  # compile outside the capture
+        plan.run(q, k, v, lengths, out=outs[p])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plans[True].run(q, k, v, lengths, out=outs[True])
+    for _ in range(20):
+        q.copy_(torch.randn_like(q))
+        plans[False].run(q, k, v, lengths, out=outs[False])
+        want = outs[False].clone()
+        plans[True].run(q, k, v, lengths, out=outs[True])
+        assert torch.equal(outs[True], want)
+        outs[True].zero_()
+        graph.replay()
+        assert torch.equal(outs[True], want)
 
 
 def test_sample_copy_is_for_groups_by_default():

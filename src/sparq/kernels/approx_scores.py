@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import wait_for_previous
+
 from .select import _in_sample
 
 
@@ -36,6 +38,7 @@ def _transposed_key_scores_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, R_PAD: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, USE_DOT: tl.constexpr, HAS_STARTS: tl.constexpr,
     SMP_SHIFT: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):
     """Approximate logits of one (batch, KV head) over one chunk of the sequence.
 
@@ -47,6 +50,7 @@ def _transposed_key_scores_kernel(
     SMP_SHIFT > 0: also the logits of every 2^SMP_SHIFT-th position to smp [BH, g, n_smp] (the
     selection's sample, `select._sample_kernel`).
     """
+    wait_for_previous(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
@@ -131,12 +135,14 @@ def _transposed_key_scores_kernel(
 
 @triton.jit
 def _query_prep_kernel(q_ptr, dims_ptr, qsel_ptr, fac_ptr, r, scale,
-                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, JB: tl.constexpr):
+                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, JB: tl.constexpr,
+                       PDL: tl.constexpr = False):
     """Per KV head: the r dims with the largest |q| summed over the group (ties: lower index),
     q[i1] per query head and the temperature factor scale / sqrt(||q[i1]||_1 / ||q||_1).
 
     Reads g * d * elt bytes of query; writes 4 * (r + g * r + g) bytes.
     """
+    wait_for_previous(PDL)
     bh = tl.program_id(0)
     offs_d = tl.arange(0, D)
     offs_g = tl.arange(0, G_PAD)
@@ -184,7 +190,7 @@ def score_transposed_keys(ws, query: torch.Tensor, key_t: torch.Tensor, lengths:
     r = ws.r
     _query_prep_kernel[(batch * num_kv_heads,)](
         query, ws.dims, ws.q_sel, ws.fac, r, float(scale),
-        G=g, G_PAD=triton.next_power_of_2(g), D=head_dim, JB=min(head_dim, 32), num_warps=4,
+        G=g, G_PAD=triton.next_power_of_2(g), D=head_dim, JB=min(head_dim, 32), num_warps=4, PDL=ws.pdl, **ws.launch_opts,
     )
     # tensor cores (exact products: q[i1] is exact in the cache dtype; fp32 sums), or for
     # g = 1 optionally a plain reduction over the r rows
@@ -198,4 +204,5 @@ def score_transposed_keys(ws, query: torch.Tensor, key_t: torch.Tensor, lengths:
         num_kv_heads, ws.capacity, kt_len, r, ws.n_split1, ws.sample_buf.shape[-1],
         G=g, G_PAD=g_pad, R_PAD=r_pad, CHUNK=ws.chunk1, BLOCK_S=ws.block_s,
         USE_DOT=ws.use_dot, HAS_STARTS=has_starts, SMP_SHIFT=ws.sample_shift, num_warps=ws.score_warps, **extra,
+        PDL=ws.pdl, **ws.launch_opts,
     )

@@ -15,6 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl import wait_for_previous
+
 
 @triton.jit
 def _gather_attention_kernel(
@@ -25,6 +27,7 @@ def _gather_attention_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, REALLOC: tl.constexpr, HAS_STARTS: tl.constexpr,
     HAS_SLOTS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Partial attention of one KV head's query group over one slice of its kept positions.
 
@@ -36,6 +39,7 @@ def _gather_attention_kernel(
     HAS_SLOTS (with HAS_STARTS; a paged cache): kept position p of row b is row
     slots[starts[b] + p] of K and V (their batch stride 0), so rows are read through the slot map.
     """
+    wait_for_previous(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
@@ -105,11 +109,13 @@ def _combine_kernel(
     m_ptr, l_ptr, acc_ptr, alpha_ptr, vsum_ptr, len_ptr, kcount_ptr, out_ptr,
     num_q_heads, n_split,
     G: tl.constexpr, D: tl.constexpr, NS_PAD: tl.constexpr, REALLOC: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Merge one query head's split partials and apply the reallocation.
 
     Reads n_split * (12 + 4 * d) bytes of partials and 4 * d bytes of v_sum; writes d * elt bytes.
     """
+    wait_for_previous(PDL)
     row = tl.program_id(0)  # b * Hq + query head
     b = row // num_q_heads
     bh = row // G  # KV head row (b * Hkv + h_kv)

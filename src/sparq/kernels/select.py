@@ -57,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import wait_for_previous
+
 KEY_SPAN = tl.constexpr(4294967296)  # 2^32: above every key
 
 # (samples, order-key tolerance of the sample bisection, resolve capacity CAP) tried in turn; the
@@ -179,9 +181,11 @@ def budget_table(config, capacity: int) -> np.ndarray:
 
 
 @triton.jit
-def _budgets_kernel(len_ptr, table_ptr, k_ptr, local_ptr, count_ptr, num_kv_heads, H2_PAD: tl.constexpr):
+def _budgets_kernel(len_ptr, table_ptr, k_ptr, local_ptr, count_ptr, num_kv_heads, H2_PAD: tl.constexpr,
+                    PDL: tl.constexpr = False):
     """k_b, local_b of sequence b looked up in the plan's budget table (`budget_table`, or a sketch
     config's), and zero its KV heads' list counters. Reads 4 + 8 bytes, writes 8 + 8 * Hkv bytes."""
+    wait_for_previous(PDL)
     b = tl.program_id(0)
     ln = tl.load(len_ptr + b)
     tl.store(k_ptr + b, tl.load(table_ptr + 2 * ln))
@@ -319,6 +323,7 @@ def _sample_kernel(
     num_kv_heads, n_smp, smp_step,
     G: tl.constexpr, G_PAD: tl.constexpr, NS: tl.constexpr, STRIDE: tl.constexpr, NS1_PAD: tl.constexpr,
     TOL: tl.constexpr, PIVOTS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """log-normalisers of s_hat from step 1's split statistics, then the bracket [U_lo, U_hi] of
     the need-th largest key from a systematic sample: candidate positions 0, STRIDE, 2 STRIDE, ...,
@@ -329,6 +334,7 @@ def _sample_kernel(
     contiguous from the copy, a 32-byte sector each in place); writes 4 * g bytes of logZ and 16
     bytes of state.
     """
+    wait_for_previous(PDL)
     bh = tl.program_id(0)
     offs_gs = tl.arange(0, G_PAD)
     offs_p = tl.arange(0, NS1_PAD)
@@ -390,6 +396,7 @@ def _emit_kernel(
     logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count64_ptr, idx_ptr, cand_ptr, ckey_ptr,
     bits_ptr, tcount_ptr, num_kv_heads, s_cap, k_max, n_tiles,
     G: tl.constexpr, G_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, DET: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Append one chunk's surely-kept positions to the index list and its bracket candidates to
     the candidate list (position in cand, key in ckey: int32, `_signed_key`).
@@ -403,6 +410,7 @@ def _emit_kernel(
     ascending position order once `_resolve_kernel` has added its winners. The candidate list is
     still appended in tile-scheduling order: everything derived from it is order independent.
     """
+    wait_for_previous(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
@@ -507,12 +515,50 @@ def _mark_kept(bits_row, tc_row, pos, keep, TILE: tl.constexpr):
 
 
 @triton.jit
+def _resolve_in_registers(logits_ptr, logz_ptr, ckey_ptr, state_ptr, cand_row, idx_row, bits_row, tc_row, bh,
+                          n_list, m, base, s_cap, k_max, G: tl.constexpr, G_PAD: tl.constexpr, N: tl.constexpr,
+                          PIVOTS: tl.constexpr, TILE: tl.constexpr, DET: tl.constexpr, CKEYS: tl.constexpr):
+    """The resolve's usual case: the m largest of the n_list <= N bracket candidates, held in an
+    N-key register tile (positions and keys read once: 8 bytes per candidate with CKEYS, else 4 + 4 g),
+    marked in the keep bitmap (DET) or appended to the index list at base."""
+    offs_r = tl.arange(0, N)
+    ok_r = offs_r < n_list
+    pos_r = tl.load(cand_row + offs_r, mask=ok_r, other=0)
+    if CKEYS:  # the key emit computed: the same number it classified the candidate with
+        u_r = tl.load(ckey_ptr + bh.to(tl.int64) * s_cap + offs_r, mask=ok_r, other=0).to(tl.int64) + 2147483648
+    else:  # recomputed from the logits (g scattered reads per candidate)
+        u_r = _key_at(logits_ptr, logz_ptr, bh, pos_r, ok_r, s_cap, G, G_PAD)
+    # every candidate lies in [U_lo, U_hi]: search inside the bracket only
+    b_lo = tl.load(state_ptr + bh * 2 + 1)
+    b_hi = tl.minimum(tl.load(state_ptr + bh * 2), 4294967295)
+    thr_r, _ = _kth_largest_mp(u_r, ok_r, m - 1, b_lo, b_hi, b_lo * 0, PIVOTS)
+    gt_r = ok_r & (u_r > thr_r)
+    tie_r = ok_r & (u_r == thr_r)
+    n_ties_r = m - tl.sum(gt_r.to(tl.int32), 0)
+    if DET:
+        # the n_ties_r earliest tied positions: s_cap - pos >= cut (values in [1, s_cap])
+        cut = b_lo * 0
+        if tl.sum(tie_r.to(tl.int32), 0) > n_ties_r:
+            cut, _ = _kth_largest_mp(s_cap - pos_r.to(tl.int64), tie_r, n_ties_r - 1,
+                                     b_lo * 0, b_lo * 0 + s_cap, b_lo * 0, PIVOTS)
+        keep_r = gt_r | (tie_r & (s_cap - pos_r.to(tl.int64) >= cut))
+        _mark_kept(bits_row, tc_row, pos_r, keep_r, TILE)
+    else:
+        tie_i_r = tie_r.to(tl.int32)
+        keep_r = gt_r | ((tie_i_r > 0) & (tl.cumsum(tie_i_r, 0) - tie_i_r < n_ties_r))
+        keep_i_r = keep_r.to(tl.int32)
+        out_r = base + tl.cumsum(keep_i_r, 0) - keep_i_r
+        tl.store(idx_row + out_r, pos_r, mask=keep_r & (out_r < k_max))
+
+
+@triton.jit
 def _resolve_kernel(
     logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count_ptr, idx_ptr, cand_ptr, ckey_ptr,
     bits_ptr, tcount_ptr, num_kv_heads, s_cap, k_max, n_tiles,
     G: tl.constexpr, G_PAD: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
     PIVOTS: tl.constexpr, PIVOTS_MEM: tl.constexpr, TILE: tl.constexpr, DET: tl.constexpr,
-    CKEYS: tl.constexpr = True,
+    CKEYS: tl.constexpr = True, FIT: tl.constexpr = True,
+    PDL: tl.constexpr = False,
 ):
     """Exact winners inside the bracket (or, if the bracket missed, over all candidates).
 
@@ -528,6 +574,7 @@ def _resolve_kernel(
     candidate list's order. The fallback rewrites the whole bitmap and the tile counts in
     position order (one more pass over the candidate keys).
     """
+    wait_for_previous(PDL)
     bh = tl.program_id(0)
     b = bh // num_kv_heads
     length = tl.load(len_ptr + b)
@@ -558,34 +605,22 @@ def _resolve_kernel(
         list_lim = tl.where(fallback, 0, BLOCK)  # fallback: the list is 0..n_cand-1, not cand_row
         if m > 0:
             if (n_list <= CAP) & (fallback == 0):
-                offs_r = tl.arange(0, CAP)
-                ok_r = offs_r < n_list
-                pos_r = tl.load(cand_row + offs_r, mask=ok_r, other=0)
-                if CKEYS:  # the key emit computed: the same number it classified the candidate with
-                    u_r = tl.load(ckey_ptr + bh.to(tl.int64) * s_cap + offs_r, mask=ok_r, other=0).to(tl.int64) + 2147483648
-                else:  # recomputed from the logits (g scattered reads per candidate)
-                    u_r = _key_at(logits_ptr, logz_ptr, bh, pos_r, ok_r, s_cap, G, G_PAD)
-                # every candidate lies in [U_lo, U_hi]: bisect inside the bracket only
-                b_lo = tl.load(state_ptr + bh * 2 + 1)
-                b_hi = tl.minimum(tl.load(state_ptr + bh * 2), 4294967295)
-                thr_r, _ = _kth_largest_mp(u_r, ok_r, m - 1, b_lo, b_hi, b_lo * 0, PIVOTS)
-                gt_r = ok_r & (u_r > thr_r)
-                tie_r = ok_r & (u_r == thr_r)
-                n_ties_r = m - tl.sum(gt_r.to(tl.int32), 0)
-                if DET:
-                    # the n_ties_r earliest tied positions: s_cap - pos >= cut (values in [1, s_cap])
-                    cut = b_lo * 0
-                    if tl.sum(tie_r.to(tl.int32), 0) > n_ties_r:
-                        cut, _ = _kth_largest_mp(s_cap - pos_r.to(tl.int64), tie_r, n_ties_r - 1,
-                                                 b_lo * 0, b_lo * 0 + s_cap, b_lo * 0, PIVOTS)
-                    keep_r = gt_r | (tie_r & (s_cap - pos_r.to(tl.int64) >= cut))
-                    _mark_kept(bits_row, tc_row, pos_r, keep_r, TILE)
+                # the tile the bracket fits: each search round compares every key of the tile with
+                # the pivots, so a bracket of ~1300 keys in a 4096-key tile costs 3x its compares
+                N8: tl.constexpr = CAP // 8 if CAP >= 128 else CAP
+                N2: tl.constexpr = CAP // 2 if CAP >= 32 else CAP
+                if FIT & (n_list <= N8):
+                    _resolve_in_registers(logits_ptr, logz_ptr, ckey_ptr, state_ptr, cand_row, idx_row, bits_row,
+                                          tc_row, bh, n_list, m, base, s_cap, k_max, G, G_PAD,
+                                          N8, PIVOTS, TILE, DET, CKEYS)
+                elif FIT & (n_list <= N2):
+                    _resolve_in_registers(logits_ptr, logz_ptr, ckey_ptr, state_ptr, cand_row, idx_row, bits_row,
+                                          tc_row, bh, n_list, m, base, s_cap, k_max, G, G_PAD,
+                                          N2, PIVOTS, TILE, DET, CKEYS)
                 else:
-                    tie_i_r = tie_r.to(tl.int32)
-                    keep_r = gt_r | ((tie_i_r > 0) & (tl.cumsum(tie_i_r, 0) - tie_i_r < n_ties_r))
-                    keep_i_r = keep_r.to(tl.int32)
-                    out_r = base + tl.cumsum(keep_i_r, 0) - keep_i_r
-                    tl.store(idx_row + out_r, pos_r, mask=keep_r & (out_r < k_max))
+                    _resolve_in_registers(logits_ptr, logz_ptr, ckey_ptr, state_ptr, cand_row, idx_row, bits_row,
+                                          tc_row, bh, n_list, m, base, s_cap, k_max, G, G_PAD,
+                                          CAP, PIVOTS, TILE, DET, CKEYS)
             else:
                 offs = tl.arange(0, BLOCK)
                 lo = (base * 0).to(tl.int64)
@@ -676,7 +711,8 @@ def _resolve_kernel(
 
 @triton.jit
 def _compact_kernel(len_ptr, bits_ptr, tcount_ptr, idx_ptr, num_kv_heads, k_max, n_tiles,
-                    CHUNK: tl.constexpr, TILE: tl.constexpr, NT_PAD: tl.constexpr, ASM: tl.constexpr = False):
+                    CHUNK: tl.constexpr, TILE: tl.constexpr, NT_PAD: tl.constexpr, ASM: tl.constexpr = False,
+                    PDL: tl.constexpr = False):
     """DET: the index list of KV head bh in ascending position order, from the keep bitmap and
     the per-tile kept counts (`_emit_kernel` + `_resolve_kernel`). Program (bh, split) writes the
     kept positions of the tiles of positions [split * CHUNK, (split + 1) * CHUNK) at the exclusive
@@ -685,6 +721,7 @@ def _compact_kernel(len_ptr, bits_ptr, tcount_ptr, idx_ptr, num_kv_heads, k_max,
     Reads 4 * (tiles before the chunk) bytes of counts and TILE / 8 bytes of bitmap per tile of
     the chunk below length; writes 4 bytes per kept position.
     """
+    wait_for_previous(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import wait_for_previous
+
 from ..methods.sketch import SparQSketch
 from .select import _in_sample
 from .sketch_state import SketchState
@@ -285,6 +287,7 @@ def _sketch_scores_kernel(
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, HAS_STARTS: tl.constexpr,
     HAS_SLOTS: tl.constexpr, SPLIT_C: tl.constexpr, SPLIT_K: tl.constexpr, STATS: tl.constexpr, ASM: tl.constexpr,
     SMP_SHIFT: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):
     """Sketch logits of one (batch, KV head) over one chunk of the sequence (split-S).
 
@@ -303,6 +306,7 @@ def _sketch_scores_kernel(
     hi and lo fp16 parts are the 2 * GQ columns of one B operand (GQ = max(4, g) rounded to a
     power of two: 8 columns, the MMA's minimum, for g <= 4).
     """
+    wait_for_previous(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
@@ -472,4 +476,5 @@ def score_sketch(ws, query: torch.Tensor, key: torch.Tensor, sketch: SketchState
         HAS_STARTS=has_starts, HAS_SLOTS=slots is not None, SPLIT_C=split_c, SPLIT_K=split_k, STATS=stats,
         ASM=query.device.type == "cuda", SMP_SHIFT=ws.sample_shift,
         num_warps=ws.score_warps, **({"num_stages": stages} if stages else {}), **ws.sketch_opts,
+        PDL=ws.pdl, **ws.launch_opts,
     )
