@@ -35,6 +35,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..methods.sketch import quant_step
+
 
 class PagedSketch:
     """One layer's sketch over the paged cache's slots (see the module docstring)."""
@@ -91,12 +93,12 @@ class PagedSketch:
     def _code(self, k: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
         """`key_sketch`'s codes of k (fp32) with ranges lo, hi (broadcast): float codes in [0, levels]."""
         levels = 2**self.bits - 1
-        step = (hi - lo) / levels
+        step = quant_step(lo, hi, levels)
         safe = torch.where(step > 0, step, torch.ones_like(step))
         return ((k - lo) / safe).round().clamp(0, levels)
 
     def _deq(self, codes: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-        step = (hi - lo) / (2**self.bits - 1)
+        step = quant_step(lo, hi, 2**self.bits - 1)
         return torch.where(step > 0, lo + codes * step, lo)
 
     def _pack(self, codes: Tensor) -> Tensor:

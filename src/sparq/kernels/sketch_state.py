@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import torch
 
+from ..methods.sketch import quant_step
+
 try:  # the Triton append; without triton (a CPU install) only the PyTorch path exists
     import triton
     import triton.language as tl
@@ -296,7 +298,7 @@ class SketchState:
             r = torch.minimum(pos[None, :] // blk, (n_full - 1).clamp_min(0)[:, None]).clamp(max=nb - 1)
             r4 = r[:, None, :, None].expand(b, h, p1 - p0, d)
             lo_p, hi_p = self.lo.float().gather(2, r4), self.hi.float().gather(2, r4)
-            step = (hi_p - lo_p) / levels
+            step = quant_step(lo_p, hi_p, levels)
             safe = torch.where(step > 0, step, torch.ones_like(step))
             codes = ((x - lo_p) / safe).round().clamp(0, levels).long()
             coded = (pos[None, :] < lengths[:, None]) & (n_full > 0)[:, None]
@@ -333,7 +335,7 @@ class SketchState:
     def _encode(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """int64 codes of x (fp32) with the range lo, hi (fp32, broadcast): `prefill`'s operations."""
         levels = 2**self.bits - 1
-        step = (hi - lo) / levels
+        step = quant_step(lo, hi, levels)
         safe = torch.where(step > 0, step, torch.ones_like(step))
         return ((x - lo) / safe).round().clamp(0, levels).long()
 
@@ -398,7 +400,7 @@ class SketchState:
         r4 = r.clamp(max=self.n_blocks - 1)[:, None, :, None].expand(b, h, nb, d)
         lo, hi = self.lo.float().gather(2, r4)[:, :, :, None], self.hi.float().gather(2, r4)[:, :, :, None]
         # lo + c * step: where step is 0 (a constant channel) that is lo, as key_sketch's where() gives
-        deq = codes.mul_((hi - lo) / (2**self.bits - 1)).add_(lo).reshape(b, h, nb * blk, d)[:, :, :n]
+        deq = codes.mul_(quant_step(lo, hi, 2**self.bits - 1)).add_(lo).reshape(b, h, nb * blk, d)[:, :, :n]
         if zero_invalid:
             pos = torch.arange(n, device=dev)
             coded = (pos[None, :] < lengths[:, None]) & (n_full > 0)[:, None]

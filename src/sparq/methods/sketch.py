@@ -28,6 +28,18 @@ from . import _check
 from .base import DecodeInputs, DecodeMethod
 
 
+def quant_step(lo: Tensor, hi: Tensor, levels: int) -> Tensor:
+    """(hi - lo) / levels in fp32 with an IEEE division on every device.
+
+    On CUDA, PyTorch divides a tensor by a Python scalar as a multiplication by the scalar's
+    reciprocal, which can differ from the quotient in the last bit; a key on a code's rounding
+    boundary then gets another code than the CPU and the kernels (`tl.math.div_rn`) give it.
+    Dividing by a tensor is a true division everywhere (the GPU fuzz found codes differing between
+    the PyTorch prefill and the append kernel in 1-13 of 2048 code words per layer)."""
+    diff = hi - lo
+    return diff / torch.full_like(diff, float(levels))
+
+
 def key_sketch(key: Tensor, valid: Tensor, bits: int, block: int) -> Tensor:
     """The keys as step 1 sees them [B, Hkv, S, d] (fp32), padding rows zero.
 
@@ -58,7 +70,7 @@ def key_sketch(key: Tensor, valid: Tensor, bits: int, block: int) -> Tensor:
     src4 = src[:, None, :, None].expand(b, hkv, s, d)
     lo_p, hi_p = lo.gather(2, src4), hi.gather(2, src4)
     levels = 2**bits - 1
-    step = (hi_p - lo_p) / levels
+    step = quant_step(lo_p, hi_p, levels)
     safe = torch.where(step > 0, step, torch.ones_like(step))
     codes = ((k - lo_p) / safe).round().clamp(0, levels)
     deq = torch.where(step > 0, lo_p + codes * step, lo_p)
