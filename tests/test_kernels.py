@@ -220,24 +220,6 @@ def test_resolve_tile_fits_the_bracket(tied, cap, samples, tile, det):
         assert min(t for t in (cap // 8, cap // 2, cap) if t >= n) == tile, (n_c, tile)
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["distinct", "tied"])
-def test_emit_word_ranks_equal_the_scan(tied):
-    """The deterministic emit places each bracket candidate by popcounts of its tile's candidate words
-    (Tuning.emit_word_ranks, the default) or by a scan over the tile: the same kept set (checked against
-    the reference by _bracket_case) and the same candidates with the same keys beside them."""
-    from sparq.kernels.dispatch import DEFAULT_TUNING
-
-    runs = [_bracket_case(DEFAULT_TUNING.with_(emit_word_ranks=w), False, cap=512, samples=16, tied=tied)
-            for w in (True, False)]
-    assert torch.equal(runs[0].idx.cpu(), runs[1].idx.cpu())
-    n_c = runs[0].counts[:, 1].cpu()
-    assert torch.equal(n_c, runs[1].counts[:, 1].cpu()) and int(n_c.sum()) > 100
-    for bh, n in enumerate(n_c.tolist()):
-        pairs = [sorted(zip(r.cand[bh, :n].tolist(), r.cand_keys[bh, :n].tolist())) for r in runs]
-        assert pairs[0] == pairs[1], bh
-        assert len({p for p, _ in pairs[0]}) == n, "a candidate listed twice"
-
-
 @pytest.mark.parametrize("copy, stored", [(True, True), (False, False)], ids=["copied-stored", "in-place-recomputed"])
 @pytest.mark.parametrize("adversarial", [False, True], ids=["bracket", "fallback"])
 def test_sample_and_candidate_key_sources(copy, stored, adversarial):

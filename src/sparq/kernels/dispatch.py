@@ -130,9 +130,6 @@ class Tuning:
     # (sketch-sweep-...20261201T014447Z.json), PDL on vs off: GQA B1 32k 59.5 vs 56.8 us, MHA B1 4k 44.8
     # vs 43.6, GQA B1 128k 93.2 vs 96.6, the large shapes within 1%
     pdl: bool | None = False
-    # deterministic emit: each bracket candidate's place in its tile from popcounts of the tile's candidate
-    # bitmap words (and only in tiles that have candidates) instead of a scan over the tile; False: the scan
-    emit_word_ranks: bool = True
     # the resolve holds the bracket in the smallest register tile of CAP / 8, CAP / 2, CAP keys that fits
     # it (its search rounds compare every key of the tile with the pivots); False: always CAP
     resolve_fit_tile: bool = True
@@ -394,7 +391,6 @@ class DecodePlan:
             self.idx, self.cand, self.cand_keys, self.bits, self.tile_counts, num_kv_heads, s_cap, self.k_max,
             self.n_tiles,
             G=g, G_PAD=g_pad, CHUNK=self.chunk_e, BLOCK_S=self.emit_block, DET=self.deterministic,
-            WORD_RANKS=bool(self.tuning.emit_word_ranks), ASM=query.device.type == "cuda",
             num_warps=self.emit_warps, PDL=self.pdl, **self.emit_opts, **self.launch_opts,
         )
         _resolve_kernel[(bh,)](

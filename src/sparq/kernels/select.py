@@ -396,7 +396,6 @@ def _emit_kernel(
     logits_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, count64_ptr, idx_ptr, cand_ptr, ckey_ptr,
     bits_ptr, tcount_ptr, num_kv_heads, s_cap, k_max, n_tiles,
     G: tl.constexpr, G_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, DET: tl.constexpr,
-    WORD_RANKS: tl.constexpr = True, ASM: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     """Append one chunk's surely-kept positions to the index list and its bracket candidates to
@@ -449,42 +448,24 @@ def _emit_kernel(
             keep = (ok & (s >= read_lim)) | (is_cand & (u > u_hi))
             bnd = is_cand & (u >= u_lo) & (u <= u_hi)
             key32 = _signed_key(u)
-        # one 64-bit atomic per tile for both lists: low half counts kept positions, high half
-        # bracket candidates (a tile has < 2^16 positions)
+        # one scan and one 64-bit atomic per tile for both lists: low half counts kept
+        # positions, high half bracket candidates (a tile has < 2^16 positions)
         packed = keep.to(tl.int32) + (bnd.to(tl.int32) << 16)
-        if DET & WORD_RANKS:
-            # the kept positions go to the bitmap (no ranks needed); a candidate's rank in the tile
-            # is the popcount of its word's lower lanes plus a 32-wide scan of the words' counts:
-            # no scan over the tile's BLOCK_S elements (its barriers were the emit's second stall)
-            total = tl.sum(packed, 0)
-            base = tl.atomic_add(count64_ptr + bh, (total & 65535).to(tl.int64) + ((total >> 16).to(tl.int64) << 32),
-                                 sem="relaxed")  # a slot reservation: no ordering needed
+        incl = tl.cumsum(packed, 0)
+        total = tl.sum(packed, 0)
+        base = tl.atomic_add(count64_ptr + bh, (total & 65535).to(tl.int64) + ((total >> 16).to(tl.int64) << 32),
+                             sem="relaxed")  # a slot reservation: no ordering needed
+        excl = incl - packed
+        pos_c = (base >> 32).to(tl.int32) + (excl >> 16)
+        if DET:
             tl.store(tcount_ptr + bh * n_tiles + s0 // BLOCK_S, total & 65535)
             tl.store(bits_ptr + bh.to(tl.int64) * (n_tiles * (BLOCK_S // 32)) + s0 // 32
                      + tl.arange(0, BLOCK_S // 32), _pack_bits(keep, BLOCK_S))
-            if total >= 65536:  # some candidates in this tile (most tiles have none)
-                bit, rank, _ = _ranks_in_words(_pack_bits(bnd, BLOCK_S), ASM)
-                pos_w = (base >> 32).to(tl.int32) + rank  # [BLOCK_S // 32, 32]: element 32 w + i
-                s_w = s0 + tl.arange(0, BLOCK_S // 32)[:, None] * 32 + tl.arange(0, 32)[None, :]
-                tl.store(cand_ptr + bh.to(tl.int64) * s_cap + pos_w, s_w, mask=bit > 0)
-                tl.store(ckey_ptr + bh.to(tl.int64) * s_cap + pos_w, tl.reshape(key32, [BLOCK_S // 32, 32]),
-                         mask=bit > 0)
         else:
-            incl = tl.cumsum(packed, 0)
-            total = tl.sum(packed, 0)
-            base = tl.atomic_add(count64_ptr + bh, (total & 65535).to(tl.int64) + ((total >> 16).to(tl.int64) << 32),
-                                 sem="relaxed")  # a slot reservation: no ordering needed
-            excl = incl - packed
-            pos_c = (base >> 32).to(tl.int32) + (excl >> 16)
-            if DET:
-                tl.store(tcount_ptr + bh * n_tiles + s0 // BLOCK_S, total & 65535)
-                tl.store(bits_ptr + bh.to(tl.int64) * (n_tiles * (BLOCK_S // 32)) + s0 // 32
-                         + tl.arange(0, BLOCK_S // 32), _pack_bits(keep, BLOCK_S))
-            else:
-                pos_k = (base & 4294967295).to(tl.int32) + (excl & 65535)
-                tl.store(idx_ptr + bh.to(tl.int64) * k_max + pos_k, s, mask=keep & (pos_k < k_max))
-            tl.store(cand_ptr + bh.to(tl.int64) * s_cap + pos_c, s, mask=bnd)
-            tl.store(ckey_ptr + bh.to(tl.int64) * s_cap + pos_c, key32, mask=bnd)
+            pos_k = (base & 4294967295).to(tl.int32) + (excl & 65535)
+            tl.store(idx_ptr + bh.to(tl.int64) * k_max + pos_k, s, mask=keep & (pos_k < k_max))
+        tl.store(cand_ptr + bh.to(tl.int64) * s_cap + pos_c, s, mask=bnd)
+        tl.store(ckey_ptr + bh.to(tl.int64) * s_cap + pos_c, key32, mask=bnd)
 
 
 @triton.jit
