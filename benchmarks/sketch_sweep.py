@@ -51,8 +51,6 @@ VARIANTS: dict[str, dict] = {
     "pdl=0": {"pdl": False}, "pdl=1": {"pdl": True},
     # the resolve's register tile always CAP keys instead of the smallest of CAP / 8, CAP / 2, CAP that fits
     "fit=0": {"resolve_fit_tile": False},
-    # the resolve's search with evenly spaced pivots instead of guessed ones (select._kth_largest_ip)
-    "interp=0": {"search_interpolate": False},
     "select_warps=4": {"select_warps": 4}, "pivots=16": {"search_pivots": 16, "search_budget": None},
     "s2k-c4k": {"samples": 2048, "select_cap": 4096}, "s4k-c4k": {"samples": 4096, "select_cap": 4096},
     "s2k-c8k": {"samples": 2048, "select_cap": 8192}, "s4k-c8k": {"samples": 4096, "select_cap": 8192},

@@ -130,10 +130,6 @@ class Tuning:
     # (sketch-sweep-...20261201T014447Z.json), PDL on vs off: GQA B1 32k 59.5 vs 56.8 us, MHA B1 4k 44.8
     # vs 43.6, GQA B1 128k 93.2 vs 96.6, the large shapes within 1%
     pdl: bool | None = False
-    # the resolve's search over the bracket places its pivots where the answer is expected from the counts
-    # so far (select._kth_largest_ip; with stored candidate keys and >= 2 pivots): ~2-5 rounds instead of
-    # 8-10 (a replay on float keys); False: evenly spaced pivots (_kth_largest_mp)
-    search_interpolate: bool = True
     # the resolve holds the bracket in the smallest register tile of CAP / 8, CAP / 2, CAP keys that fits
     # it (its search rounds compare every key of the tile with the pivots); False: always CAP
     resolve_fit_tile: bool = True
@@ -403,7 +399,7 @@ class DecodePlan:
             G=g, G_PAD=g_pad, CAP=self.cap, BLOCK=self.resolve_block,
             PIVOTS=self.resolve_pivots, PIVOTS_MEM=self.resolve_pivots_mem,
             TILE=self.emit_block, DET=self.deterministic, CKEYS=bool(self.tuning.candidate_keys),
-            FIT=bool(self.tuning.resolve_fit_tile), INTERP_SEARCH=bool(self.tuning.search_interpolate),
+            FIT=bool(self.tuning.resolve_fit_tile),
             num_warps=self.resolve_warps, PDL=self.pdl, **self.launch_opts,
         )
         if self.deterministic:

@@ -318,64 +318,6 @@ def _kth_largest_mp(u, ok, j, lo, hi, tol, P: tl.constexpr):
 
 
 @triton.jit
-def _pick(vals, idx, i):
-    """vals[i] of a small [P] tensor (0 where i is out of range): a P-element reduction."""
-    return tl.sum(tl.where(idx == i, vals, 0), 0)
-
-
-@triton.jit
-def _kth_largest_ip(u, ok, j, lo, hi, tol, c_lo, c_hi, FIRST_EVEN: tl.constexpr, P: tl.constexpr):
-    """_kth_largest_mp (same contract: returns (lo, hi) with lo <= v <= hi, exact with tol = 0) with
-    pivots placed where the answer is expected instead of evenly.
-
-    c_lo = count(ok & u >= lo), c_hi = count(ok & u > hi) on entry (the caller knows them: all its keys lie
-    in [lo, hi] in every use here). With m = c_lo - c_hi keys in [lo, hi], v is the t-th largest of them,
-    t = j + 1 - c_hi; taking those keys as spread evenly over [lo, hi], the P pivots go at the values with
-    t + s (1 - (2i + 1) / P) keys above them, s ~ 2 sigma of a rank (one [n, P] count per round, as in
-    _kth_largest_mp). A round whose pivots did not straddle v is followed by an evenly spaced one, so a
-    round never shrinks [lo, hi] less than every other one of _kth_largest_mp's. The search ends with one
-    max (t = 1) or min (t = m) reduction over the keys in [lo, hi] once v is the largest or smallest of
-    them: pinning an exact integer by pivots alone can take many rounds where keys are sparse.
-    Rounds cost in proportion to the compares (KERNEL_NOTES.md, 2026-12-01): fewer rounds is the gain."""
-    k2 = _signed_key(tl.where(ok, u, 0))[:, None]
-    idx = tl.arange(0, P)
-    even = (lo * 0 + FIRST_EVEN).to(tl.int32)
-    t = j + 1 - c_hi
-    m = c_lo - c_hi
-    while (hi - lo > tol) & (t != 1) & (t != m):
-        width = hi - lo + 1
-        if even != 0:
-            step = (hi - lo) // (P + 1) + 1
-            piv = tl.minimum(lo + (idx + 1).to(tl.int64) * step, hi)
-        else:
-            tf = t.to(tl.float32)
-            mf = m.to(tl.float32)
-            s = (2.0 * tl.sqrt(tf * (mf - tf + 1.0) / mf) + 1.0).to(tl.int64)
-            # rank (keys above, times P) of pivot i, descending in i: pivots ascend in value
-            r_p = t.to(tl.int64) * P + s * (P - 2 * idx - 1).to(tl.int64)
-            piv = hi + 1 - (r_p * width) // ((m.to(tl.int64) + 1) * P)
-            piv = tl.minimum(tl.maximum(piv, lo + 1), hi)
-        cnt = tl.sum((k2 >= _signed_key(piv)[None, :]).to(tl.int32), axis=0)
-        n = tl.sum((cnt >= j + 1).to(tl.int32), 0)  # pivots at or below v: the first n (ascending)
-        new_lo = tl.where(n > 0, _pick(piv, idx, n - 1), lo)
-        c_lo = tl.where(n > 0, _pick(cnt, idx, n - 1), c_lo)
-        new_hi = tl.where(n < P, tl.minimum(_pick(piv, idx, n) - 1, hi), hi)
-        c_hi = tl.where(n < P, _pick(cnt, idx, n), c_hi)
-        # after a guessed round that missed v or shrank [lo, hi] less than (P + 1)-fold: an even one
-        even = ((even == 0) & ((n == 0) | (n == P) | (new_hi - new_lo + 1 > width // (P + 1) + 1))).to(tl.int32)
-        lo = new_lo
-        hi = new_hi
-        t = j + 1 - c_hi
-        m = c_lo - c_hi
-    if hi - lo > tol:  # v is the largest (t = 1) or the smallest (t = m) key in [lo, hi]
-        inside = ok & (u >= lo) & (u <= hi)
-        v = tl.where(t == 1, tl.max(tl.where(inside, u, -1), 0), tl.min(tl.where(inside, u, 4294967296), 0))
-        lo = v
-        hi = v
-    return lo, hi
-
-
-@triton.jit
 def _sample_kernel(
     smp_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, split_m_ptr, split_l_ptr, n_split,
     num_kv_heads, n_smp, smp_step,
@@ -575,8 +517,7 @@ def _mark_kept(bits_row, tc_row, pos, keep, TILE: tl.constexpr):
 @triton.jit
 def _resolve_in_registers(logits_ptr, logz_ptr, ckey_ptr, state_ptr, cand_row, idx_row, bits_row, tc_row, bh,
                           n_list, m, base, s_cap, k_max, G: tl.constexpr, G_PAD: tl.constexpr, N: tl.constexpr,
-                          PIVOTS: tl.constexpr, TILE: tl.constexpr, DET: tl.constexpr, CKEYS: tl.constexpr,
-                          INTERP: tl.constexpr):
+                          PIVOTS: tl.constexpr, TILE: tl.constexpr, DET: tl.constexpr, CKEYS: tl.constexpr):
     """The resolve's usual case: the m largest of the n_list <= N bracket candidates, held in an
     N-key register tile (positions and keys read once: 8 bytes per candidate with CKEYS, else 4 + 4 g),
     marked in the keep bitmap (DET) or appended to the index list at base."""
@@ -590,24 +531,16 @@ def _resolve_in_registers(logits_ptr, logz_ptr, ckey_ptr, state_ptr, cand_row, i
     # every candidate lies in [U_lo, U_hi]: search inside the bracket only
     b_lo = tl.load(state_ptr + bh * 2 + 1)
     b_hi = tl.minimum(tl.load(state_ptr + bh * 2), 4294967295)
-    if INTERP:  # every stored key lies in [U_lo, U_hi]: n_list keys from b_lo up, none above b_hi
-        thr_r, _ = _kth_largest_ip(u_r, ok_r, m - 1, b_lo, b_hi, b_lo * 0, n_list, n_list * 0, False, PIVOTS)
-    else:
-        thr_r, _ = _kth_largest_mp(u_r, ok_r, m - 1, b_lo, b_hi, b_lo * 0, PIVOTS)
+    thr_r, _ = _kth_largest_mp(u_r, ok_r, m - 1, b_lo, b_hi, b_lo * 0, PIVOTS)
     gt_r = ok_r & (u_r > thr_r)
     tie_r = ok_r & (u_r == thr_r)
     n_ties_r = m - tl.sum(gt_r.to(tl.int32), 0)
     if DET:
         # the n_ties_r earliest tied positions: s_cap - pos >= cut (values in [1, s_cap])
         cut = b_lo * 0
-        n_tied = tl.sum(tie_r.to(tl.int32), 0)
-        if n_tied > n_ties_r:
-            if INTERP:
-                cut, _ = _kth_largest_ip(s_cap - pos_r.to(tl.int64), tie_r, n_ties_r - 1, b_lo * 0,
-                                         b_lo * 0 + s_cap, b_lo * 0, n_tied, n_tied * 0, False, PIVOTS)
-            else:
-                cut, _ = _kth_largest_mp(s_cap - pos_r.to(tl.int64), tie_r, n_ties_r - 1,
-                                         b_lo * 0, b_lo * 0 + s_cap, b_lo * 0, PIVOTS)
+        if tl.sum(tie_r.to(tl.int32), 0) > n_ties_r:
+            cut, _ = _kth_largest_mp(s_cap - pos_r.to(tl.int64), tie_r, n_ties_r - 1,
+                                     b_lo * 0, b_lo * 0 + s_cap, b_lo * 0, PIVOTS)
         keep_r = gt_r | (tie_r & (s_cap - pos_r.to(tl.int64) >= cut))
         _mark_kept(bits_row, tc_row, pos_r, keep_r, TILE)
     else:
@@ -624,7 +557,7 @@ def _resolve_kernel(
     bits_ptr, tcount_ptr, num_kv_heads, s_cap, k_max, n_tiles,
     G: tl.constexpr, G_PAD: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
     PIVOTS: tl.constexpr, PIVOTS_MEM: tl.constexpr, TILE: tl.constexpr, DET: tl.constexpr,
-    CKEYS: tl.constexpr = True, FIT: tl.constexpr = True, INTERP_SEARCH: tl.constexpr = True,
+    CKEYS: tl.constexpr = True, FIT: tl.constexpr = True,
     PDL: tl.constexpr = False,
 ):
     """Exact winners inside the bracket (or, if the bracket missed, over all candidates).
@@ -674,22 +607,20 @@ def _resolve_kernel(
             if (n_list <= CAP) & (fallback == 0):
                 # the tile the bracket fits: each search round compares every key of the tile with
                 # the pivots, so a bracket of ~1300 keys in a 4096-key tile costs 3x its compares
-                # guessed pivots need the stored keys (inside the bracket by construction) and >= 2 pivots
-                INTERP: tl.constexpr = INTERP_SEARCH and CKEYS and PIVOTS >= 2
                 N8: tl.constexpr = CAP // 8 if CAP >= 128 else CAP
                 N2: tl.constexpr = CAP // 2 if CAP >= 32 else CAP
                 if FIT & (n_list <= N8):
                     _resolve_in_registers(logits_ptr, logz_ptr, ckey_ptr, state_ptr, cand_row, idx_row, bits_row,
                                           tc_row, bh, n_list, m, base, s_cap, k_max, G, G_PAD,
-                                          N8, PIVOTS, TILE, DET, CKEYS, INTERP)
+                                          N8, PIVOTS, TILE, DET, CKEYS)
                 elif FIT & (n_list <= N2):
                     _resolve_in_registers(logits_ptr, logz_ptr, ckey_ptr, state_ptr, cand_row, idx_row, bits_row,
                                           tc_row, bh, n_list, m, base, s_cap, k_max, G, G_PAD,
-                                          N2, PIVOTS, TILE, DET, CKEYS, INTERP)
+                                          N2, PIVOTS, TILE, DET, CKEYS)
                 else:
                     _resolve_in_registers(logits_ptr, logz_ptr, ckey_ptr, state_ptr, cand_row, idx_row, bits_row,
                                           tc_row, bh, n_list, m, base, s_cap, k_max, G, G_PAD,
-                                          CAP, PIVOTS, TILE, DET, CKEYS, INTERP)
+                                          CAP, PIVOTS, TILE, DET, CKEYS)
             else:
                 offs = tl.arange(0, BLOCK)
                 lo = (base * 0).to(tl.int64)
