@@ -19,7 +19,8 @@ SCRIPT = '''
             "count64_ptr": "*i64", "idx_ptr": "*i32", "cand_ptr": "*i32", "ckey_ptr": "*i32", "bits_ptr": "*i32",
             "tcount_ptr": "*i32",
             **ints("num_kv_heads", "s_cap", "k_max", "n_tiles")}
-    sample = {"smp_ptr": "*fp32", "logz_ptr": "*fp32", "len_ptr": "*i64", **lists, "state_ptr": "*i64",
+    sample = {"smp_ptr": "*fp32", "logz_ptr": "*fp32", "len_ptr": "*i64", "table_ptr": "*i32", **lists,
+              "count_ptr": "*i32", "state_ptr": "*i64",
               "split_m_ptr": "*fp32", "split_l_ptr": "*fp32", **ints("n_split", "num_kv_heads", "n_smp", "smp_step")}
     compact = {"len_ptr": "*i64", "bits_ptr": "*i32", "tcount_ptr": "*i32", "idx_ptr": "*i32",
                **ints("num_kv_heads", "k_max", "n_tiles")}

@@ -564,6 +564,24 @@ def test_kernel_cache_prefill_append_matches_reference():
     assert ((out.float() - ref).norm() / ref.norm()).item() < TOL[dtype]
 
 
+def test_step_writes_its_budgets_and_counters(det):
+    """The step looks k_b, local_b up and zeroes its list counters itself (in the sample kernel, no
+    launch of its own): a plan whose budget and counter buffers hold garbage from elsewhere gives the
+    same output and kept lists as a fresh one."""
+    gen = torch.Generator().manual_seed(21)
+    q, k, v, lengths = _case(3, 8, 2, 300, 32, torch.float32, gen)
+    cfg = SparQConfig(r=8, k=40, local_window=8)
+    plan = _plan(q, k, cfg, det)
+    fresh = plan.run(q, k, v, lengths).clone()
+    idx = plan.idx.clone()
+    plan.k_b.fill_(7)
+    plan.local_b.fill_(299)
+    plan.counts.fill_(12345)
+    again = plan.run(q, k, v, lengths)
+    assert torch.equal(again, fresh) and torch.equal(plan.idx, idx)
+    assert plan.k_b.tolist() == [cfg.k_for(int(n)) for n in lengths]
+
+
 def test_budget_table_kernel_matches_config():
     """The plan's budget table equals SparQConfig.k_for / local_for for every length (round half to
     even included), and `_budgets_kernel` looks it up on the device: every length on the GPU; in the

@@ -10,9 +10,9 @@ one (transformers' DynamicCache) plans for a capacity that doubles when outgrown
 smaller plan. `tuning` is a value (`Tuning`), never a module global changed at run time.
 
 `DecodePlan.run` launches:
-  _budgets_kernel                       k_b, local_b looked up by length in the plan's table, zero counters
   _query_prep_kernel + scorer kernel    step 1: dims/factors + logits + split softmax stats
-  _sample_kernel                        logZ per query head; bracket of the selection threshold
+  _sample_kernel                        k_b, local_b looked up by length in the plan's table, zeroed
+                                        counters; logZ per query head; bracket of the selection threshold
                                         (from the sample step 1 copied: every stride-th logit)
   _emit_kernel                          one pass: sure winners + local window, bracket candidates
   _resolve_kernel                       exact winners inside the bracket
@@ -59,7 +59,7 @@ from .gather_attention import _combine_kernel, _gather_attention_kernel
 from .plans import PlanCache
 from .pdl import pdl_supported
 from .sketch_scores import score_sketch
-from .select import _budgets_kernel, _compact_kernel, _emit_kernel, _resolve_kernel, _sample_kernel
+from .select import _compact_kernel, _emit_kernel, _resolve_kernel, _sample_kernel
 
 
 
@@ -367,10 +367,6 @@ class DecodePlan:
         has_starts = starts is not None
         starts_arg = starts if has_starts else lengths  # any int32 [B] tensor; unread without HAS_STARTS
 
-        _budgets_kernel[(batch,)](
-            lengths, self.budget_table, self.k_b, self.local_b, self.counts, num_kv_heads,
-            H2_PAD=triton.next_power_of_2(2 * num_kv_heads), num_warps=1, PDL=self.pdl, **self.launch_opts,
-        )
         if is_sketch:  # step 1 of sparq-sketch (sketch_scores.py)
             score_sketch(self, query, key, sketch, lengths, starts_arg, has_starts, scale,
                          seq_len if max_length is None else max_length, slots)
@@ -380,7 +376,8 @@ class DecodePlan:
         g_pad = triton.next_power_of_2(g)
         s_cap = self.capacity
         _sample_kernel[(bh, 2)](
-            self.sample_buf, self.logz, lengths, self.k_b, self.local_b, self.state, self.split_m, self.split_l,
+            self.sample_buf, self.logz, lengths, self.budget_table, self.k_b, self.local_b, self.counts, self.state,
+            self.split_m, self.split_l,
             self.n_split1, num_kv_heads, self.sample_buf.shape[-1], 1 if self.sample_copy else self.sample_stride,
             G=g, G_PAD=g_pad, NS=self.samples, STRIDE=self.sample_stride,
             NS1_PAD=triton.next_power_of_2(self.n_split1), TOL=self.sample_tol,

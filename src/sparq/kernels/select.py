@@ -181,15 +181,23 @@ def budget_table(config, capacity: int) -> np.ndarray:
 
 
 @triton.jit
+def _budgets_of(table_ptr, length):
+    """(k_b, local_b) of a sequence of `length` valid positions: row `length` of the plan's budget
+    table (`budget_table`, or a sketch config's). Reads 8 bytes."""
+    return tl.load(table_ptr + 2 * length), tl.load(table_ptr + 2 * length + 1)
+
+
+@triton.jit
 def _budgets_kernel(len_ptr, table_ptr, k_ptr, local_ptr, count_ptr, num_kv_heads, H2_PAD: tl.constexpr,
                     PDL: tl.constexpr = False):
-    """k_b, local_b of sequence b looked up in the plan's budget table (`budget_table`, or a sketch
-    config's), and zero its KV heads' list counters. Reads 4 + 8 bytes, writes 8 + 8 * Hkv bytes."""
+    """k_b, local_b of sequence b looked up in the budget table, and zero its KV heads' list counters:
+    what `_sample_kernel` does at its start in the decode step (one launch fewer); this kernel runs the
+    lookup alone (tests). Reads 4 + 8 bytes, writes 8 + 8 * Hkv bytes."""
     wait_for_previous(PDL)
     b = tl.program_id(0)
-    ln = tl.load(len_ptr + b)
-    tl.store(k_ptr + b, tl.load(table_ptr + 2 * ln))
-    tl.store(local_ptr + b, tl.load(table_ptr + 2 * ln + 1))
+    kb, lb = _budgets_of(table_ptr, tl.load(len_ptr + b))
+    tl.store(k_ptr + b, kb)
+    tl.store(local_ptr + b, lb)
     offs = tl.arange(0, H2_PAD)
     tl.store(count_ptr + b * num_kv_heads * 2 + offs, tl.zeros([H2_PAD], tl.int32), mask=offs < num_kv_heads * 2)
 
@@ -319,13 +327,15 @@ def _kth_largest_mp(u, ok, j, lo, hi, tol, P: tl.constexpr):
 
 @triton.jit
 def _sample_kernel(
-    smp_ptr, logz_ptr, len_ptr, k_ptr, local_ptr, state_ptr, split_m_ptr, split_l_ptr, n_split,
+    smp_ptr, logz_ptr, len_ptr, table_ptr, k_ptr, local_ptr, count_ptr, state_ptr, split_m_ptr, split_l_ptr, n_split,
     num_kv_heads, n_smp, smp_step,
     G: tl.constexpr, G_PAD: tl.constexpr, NS: tl.constexpr, STRIDE: tl.constexpr, NS1_PAD: tl.constexpr,
     TOL: tl.constexpr, PIVOTS: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """log-normalisers of s_hat from step 1's split statistics, then the bracket [U_lo, U_hi] of
+    """The budgets (k_b, local_b looked up by length: written for the later kernels by the first KV
+    head of each sequence) and zeroed list counters (count[bh]) of the step, log-normalisers of s_hat
+    from step 1's split statistics, then the bracket [U_lo, U_hi] of
     the need-th largest key from a systematic sample: candidate positions 0, STRIDE, 2 STRIDE, ...,
     whose logits are entries 0, smp_step, 2 smp_step, ... of the rows of smp [BH, g, n_smp]: the
     compact copy step 1 wrote (smp_step 1), or the logits themselves (smp_step = STRIDE).
@@ -349,11 +359,15 @@ def _sample_kernel(
     tl.debug_barrier()  # logZ is read back below (g > 1 keys)
     b = bh // num_kv_heads
     length = tl.load(len_ptr + b)
-    kb = tl.load(k_ptr + b)
-    lb = tl.load(local_ptr + b)
+    kb, lb = _budgets_of(table_ptr, length)
     n_cand = length - lb
     need = kb - lb
     which = tl.program_id(1)  # 0: U_hi, 1: U_lo (two blocks per KV head halve the latency)
+    if which == 0:  # the step's budgets and list counters, read by the kernels after this one
+        tl.store(count_ptr + bh * 2 + tl.arange(0, 2), tl.zeros([2], tl.int32))
+        if bh % num_kv_heads == 0:
+            tl.store(k_ptr + b, kb)
+            tl.store(local_ptr + b, lb)
     val = tl.full([], 4294967296, tl.int64)
     if (kb < length) & (need > 0):
         ns = (n_cand + STRIDE - 1) // STRIDE  # <= NS: the plan sizes NS for its capacity
