@@ -1,6 +1,6 @@
 """Programmatic dependent launch (PDL, Hopper and later) for the decode step's chain of kernels.
 
-The step is eight dependent launches per layer. Launched plainly, each kernel starts only after the
+The step is seven or eight dependent launches per layer. Launched plainly, each kernel starts only after the
 previous one has finished and its launch has gone through the front end: ~1.3 us of idle GPU per
 launch at batch 1, where the whole step is ~56 us on the H200 (KERNEL_NOTES.md). With PDL
 (`launch_pdl=True`, CUDA's programmatic stream serialization, kept by CUDA graph capture) a kernel
