@@ -17,7 +17,8 @@ query-range product to 11 bits; limit: |q * scale * step| < 65504).
 `SketchConfig` is the plan's budget for the sketch method: k_b, local_b per row as
 `SparQSketch.k_for` / `local_for` give them. No `SparQConfig` reproduces them (the sketch's
 overhead subtracts floor(length / block) from k, and k jumps when the first block finishes), so
-the plan's `_budgets_kernel` looks the sketch method's budgets up in `SketchConfig.budget_table` and sizes its kept-index list with `SketchConfig.k_bound`.
+the step looks the sketch method's budgets up in `SketchConfig.budget_table` (`select._budgets_of`, at
+the start of the sample kernel) and the plan sizes its kept-index list with `SketchConfig.k_bound`.
 """
 
 from __future__ import annotations
