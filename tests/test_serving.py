@@ -299,6 +299,50 @@ def test_sketch_is_kept_only_where_it_can_be_exact():
                 == (None, None)
 
 
+def test_kept_sketch_checks_known_blocks_only_when_tainted():
+    """The kept sketch skips its per-layer `known` check (a host sync) only where every finished block
+    was sketched when it finished: made in a step whose requests all start there, and never passed
+    keys it did not sketch. Made in a step where a request has earlier keys, or after a step of a
+    method that keeps no sketch, it checks (and a block that is unknown sends the call to the
+    PyTorch route). Sized from the cache's pages (5.18 `get_cache_for_block_table`), it never grows."""
+    from sparq.caches.paged import PagedSketch
+
+    class FakeCache:
+        allow_block_sharing = True
+
+        def __init__(self, slots: int) -> None:
+            self.k = torch.zeros(slots // 16, 16, 2, 16)
+
+        def get_cache_for_block_table(self, layer_idx):
+            return 0, self.k, self.k
+
+    method = build_method(KEPT_SKETCH, "1/8", 16)
+    key = torch.randn(20, 2, 16)
+    index = torch.arange(96, 116)
+
+    def plan_of(bq, bk):
+        return serving._Plan(cu_q=torch.tensor(bq), cu_k=torch.tensor(bk), total_k=bk[-1], prefill=bq[-1] > 1,
+                             dense_mask=None, rows=[], q_pos=torch.zeros(0, dtype=torch.long), k_start=[], lengths=[],
+                             bounds=(bq, bk))
+
+    cache = FakeCache(256)
+    fresh = plan_of([0, 20], [0, 20])  # one request's first 20 tokens
+    sk, _ = serving._kept_sketch(cache, 0, method, key, fresh, {"read_index": [index], "write_index": [index]})
+    assert sk is not None and not sk.tainted and sk.fixed and sk.codes.shape[0] == 256 and sk.written == 2
+    with pytest.raises(ValueError, match="outside"):
+        sk.reserve(257)
+    late = plan_of([0, 1], [0, 20])  # a decode request with 19 earlier keys: made now, it never saw them
+    sk1, _ = serving._kept_sketch(cache, 1, method, key, late, {"read_index": [index], "write_index": [index[-1:]]})
+    assert sk1 is not None and sk1.tainted
+    # a step of a method without a sketch on layer 0 writes keys it does not sketch: tainted from then on
+    sparq_paper = build_method("sparq", "1/8", 16)
+    assert serving._kept_sketch(cache, 0, sparq_paper, key, fresh, {"read_index": [index], "write_index": [index]}) \
+        == (None, None)
+    assert sk.tainted and not bool(sk.known[96 // 8: 116 // 8].any())
+    with pytest.raises(ValueError, match="slots"):
+        PagedSketch(2, 16, 2, 8, torch.float32, torch.device("cpu"), slots=0)
+
+
 def test_version_check_names_the_version():
     assert serving.cb_supported("5.17.0") and serving.cb_supported("5.18.0")
     assert not serving.cb_supported("5.19.0") and not serving.cb_supported("5.24.0")

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.skipif(not kernels.available(DEVICE), reason="Triton ke
 PAGE = 32  # the paged cache's block size (a multiple of the sketch block)
 
 
-def packed_batch(decode_lengths: list[int], hq: int, hkv: int, d: int, block: int, dtype: torch.dtype, seed: int):
+def packed_batch(decode_lengths: list[int], hq: int, hkv: int, d: int, block: int, dtype: torch.dtype, seed: int,
+                 bits: int = 2):
     """A step as `paged_attention_forward` sees it after `cache.update`: query [1, Hq, Q, d], the packed
     key/value [K, Hkv, d], the physical slot of every packed position, the batch plan, and the kept
     sketch holding every finished block of the decode requests. A 9-token prefill chunk of a 20-key
@@ -59,7 +60,7 @@ def packed_batch(decode_lengths: list[int], hq: int, hkv: int, d: int, block: in
     slots_t = torch.tensor(slots, dtype=torch.long, device=DEVICE)
     plan = serving._plan(torch.tensor(cu_q, device=DEVICE), torch.tensor(cu_k, device=DEVICE), n_q, n_k,
                          dtype, DEVICE)
-    sk = PagedSketch(hkv, d, 2, block, dtype, DEVICE)
+    sk = PagedSketch(hkv, d, bits, block, dtype, DEVICE)
     for s0, n in zip(plan.k_start, plan.lengths):
         nb = n // block
         if nb:
@@ -136,6 +137,37 @@ def test_unknown_block_falls_back():
     sk.invalidate(slots[plan.k_start[0]:plan.k_start[0] + 1])
     m = SparQSketch(1 / 8, bits=2, block=16, local_fraction=0.0, reallocate=False, min_k=1)
     assert serving._decode_kernels(m, query, key, value, plan, 0.125, sk, slots, serving._Route()) is None
+
+
+@pytest.mark.parametrize("bits, d, block, dtype, paged", [
+    (2, 64, 16, torch.float16, False), (1, 128, 32, WIDE, True), (2, 32, 16, WIDE, True),
+    (1, 64, 16, torch.float16, True), (2, 128, 32, torch.float16, False), (2, 256, 16, WIDE, True),
+])
+def test_tail_codes_kernel_equals_its_pytorch_spec(monkeypatch, bits, d, block, dtype, paged):
+    """`code_tail` (one launch per layer: each decode request's unfinished sketch block coded with its
+    last finished block's range) writes the step sketch the PyTorch path writes, word for word, for
+    rows shorter than a block, ending on a block boundary, one past it and mid-block; keys read from
+    the packed read or through the pages (shuffled; NaN outside them)."""
+    from sparq.caches import paged as paged_mod
+
+    lengths = [5, 2 * block, 3 * block + 1, 70, 4 * block - 1]
+    query, key, value, slots, plan, sk = packed_batch(lengths, 4, 2, d, block, dtype, seed=bits + d + block, bits=bits)
+    batch = 8  # padded like `_decode_kernels` (1-key rows)
+    starts, lens, _, _ = serving._kernel_rows(plan, batch, DEVICE)
+    longest = max(plan.lengths)
+    capacity = -(-longest // block) * block + block
+    k = paged_cache(key, slots) if paged else key
+    states = {}
+    for on in (True, False):
+        monkeypatch.setattr(paged_mod, "TAIL_KERNEL", on)
+        st = paged_mod.step_state(sk, k, slots, starts, lens, longest, capacity, paged_mod.StepBuffers(), paged=paged)
+        assert st is not None
+        states[on] = st
+    assert torch.equal(states[True].codes, states[False].codes)
+    assert torch.equal(states[True].lo, states[False].lo) and torch.equal(states[True].hi, states[False].hi)
+    # the coded tail positions hold codes (not the zeros of the fresh buffer) somewhere
+    n_full = lens // block
+    assert any(int(n_full[r]) and int(lens[r]) % block for r in range(len(plan.lengths)))
 
 
 def paged_cache(packed: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

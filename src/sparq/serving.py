@@ -472,7 +472,7 @@ def _kept_sketch(cache: Any, layer_idx: int, method: DecodeMethod | None, key: T
     if spec is None or not KEEP_SKETCH:
         sk = per_layer.get(layer_idx)
         if sk is not None:  # keys written without keeping the sketch: those blocks' sketch is unknown now
-            sk.invalidate(write[0])
+            sk.invalidate(write[0], kept=False)
         return None, None
     reason = None
     if not getattr(cache, "allow_block_sharing", False):
@@ -487,7 +487,7 @@ def _kept_sketch(cache: Any, layer_idx: int, method: DecodeMethod | None, key: T
                      f"(use a sketch block that divides the cache's block size)"
     if reason is not None:
         if per_layer.get(layer_idx) is not None:
-            per_layer[layer_idx].invalidate(write[0])
+            per_layer[layer_idx].invalidate(write[0], kept=False)
         if reason not in _warned_sketch:
             _warned_sketch.append(reason)
             warnings.warn(f"sparq serving: the key sketch is derived from the keys every step, not kept: {reason}",
@@ -496,9 +496,18 @@ def _kept_sketch(cache: Any, layer_idx: int, method: DecodeMethod | None, key: T
     per_layer = _SKETCHES.setdefault(cache, {})
     sk = per_layer.get(layer_idx)
     if sk is None or (sk.bits, sk.block) != spec:  # a new sketch knows no block (all `known` False)
-        sk = per_layer[layer_idx] = PagedSketch(key.shape[1], key.shape[2], spec[0], spec[1], key.dtype, key.device)
+        pages = _layer_pages(cache, layer_idx)
+        bq, bk = plan.bounds
+        # Untainted only when made in a step whose every request starts here (no earlier keys): then
+        # every block that finishes later is sketched as it finishes. A request with earlier keys may
+        # read finished blocks this sketch never saw, so readers check `known` (a host sync per layer).
+        fresh = all(bk[r + 1] - bk[r] == bq[r + 1] - bq[r] for r in range(len(bq) - 1))
+        sk = per_layer[layer_idx] = PagedSketch(key.shape[1], key.shape[2], spec[0], spec[1], key.dtype, key.device,
+                                                slots=pages[0].shape[0] if pages is not None else None,
+                                                tainted=not fresh)
     sk.invalidate(write[0])
-    sk.write_blocks(key[slots[idx]] if paged else key[idx], slots[idx])
+    if idx.shape[0]:  # blocks this step finishes (a host-known count: most decode steps finish none)
+        sk.write_blocks(key[slots[idx]] if paged else key[idx], slots[idx])
     return sk, slots
 
 

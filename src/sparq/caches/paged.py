@@ -39,10 +39,19 @@ from ..methods.sketch import quant_step
 
 
 class PagedSketch:
-    """One layer's sketch over the paged cache's slots (see the module docstring)."""
+    """One layer's sketch over the paged cache's slots (see the module docstring).
+
+    slots: the cache's number of physical slots, when known: storage for all of them is made at once
+    (the sketch's share of the memory budget, as `sparq bench serve` counts it), so no step grows it
+    and `invalidate` / `write_blocks` need no host read of the slot indices. None: grown as slots
+    appear (doubling; one host sync per growth check).
+    `tainted`: some keys were written here without their sketch (another method on the cache, or
+    this sketch was made after keys existed), so a finished block may be unknown and readers check
+    `known` (one host sync per layer). Untainted, every finished block's sketch was written when it
+    finished, and the check is skipped."""
 
     def __init__(self, num_kv_heads: int, head_dim: int, bits: int, block: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, slots: int | None = None, *, tainted: bool = True) -> None:
         if bits not in (1, 2, 4, 8) or head_dim * bits % 8:
             raise ValueError(f"a paged sketch needs bits in (1, 2, 4, 8) and head_dim * bits a multiple of 8, got "
                              f"bits={bits}, head_dim={head_dim}")
@@ -63,6 +72,12 @@ class PagedSketch:
         self.hi = torch.zeros_like(self.lo)
         self.known = torch.zeros(0, dtype=torch.bool, device=device)  # per block id: written since its keys last were
         self.written = 0  # finished blocks written over this sketch's life (tests watch it)
+        self.tainted = bool(tainted)
+        self.fixed = slots is not None
+        if slots is not None:
+            if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+                raise ValueError(f"slots must be a positive int (the cache's physical slots) or None, got {slots!r}")
+            self._grow(slots)
 
     @staticmethod
     def word_layout(head_dim: int, bits: int) -> bool:
@@ -70,10 +85,15 @@ class PagedSketch:
         return head_dim % 16 == 0 and head_dim * bits % 32 == 0
 
     def reserve(self, slots: int) -> None:
-        """Room for slot indices < slots (capacity doubles: O(1) amortised)."""
+        """Room for slot indices < slots (capacity doubles: O(1) amortised). A fixed-size sketch never
+        grows: its slots are the cache's."""
         if slots <= self.codes.shape[0]:
             return
-        n = max(slots, 2 * self.codes.shape[0])
+        if self.fixed:
+            raise ValueError(f"slot {slots - 1} is outside this sketch's {self.codes.shape[0]} slots (the cache's)")
+        self._grow(max(slots, 2 * self.codes.shape[0]))
+
+    def _grow(self, n: int) -> None:
         codes = self.codes.new_zeros(n, *self.codes.shape[1:])
         codes[: self.codes.shape[0]] = self.codes
         nb = n // self.block + 1
@@ -83,12 +103,19 @@ class PagedSketch:
         known[: self.known.shape[0]] = self.known
         self.codes, self.lo, self.hi, self.known = codes, lo, hi, known
 
-    def invalidate(self, slots: Tensor) -> None:
+    def invalidate(self, slots: Tensor, *, kept: bool = True) -> None:
         """Keys were written at these slots: their blocks' sketch is unknown until rewritten (call before
-        `write_blocks` of the same step). Needs blocks aligned in the slot space (the caller checks)."""
+        `write_blocks` of the same step). kept=False: the step that wrote them does not keep the sketch,
+        so those blocks may be read as finished and unknown later (`tainted`). Needs blocks aligned in
+        the slot space (the caller checks)."""
+        if not kept:
+            self.tainted = True
         ids = slots // self.block
-        ids = ids[ids < self.known.shape[0]]
-        self.known[ids] = False
+        if self.fixed:  # every slot of the cache has a block id here: no bounds check, no host sync
+            self.known[ids.clamp(max=self.known.shape[0] - 1)] = False
+        else:
+            ids = ids[ids < self.known.shape[0]]
+            self.known[ids] = False
 
     def _code(self, k: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
         """`key_sketch`'s codes of k (fp32) with ranges lo, hi (broadcast): float codes in [0, levels]."""
@@ -124,7 +151,8 @@ class PagedSketch:
         per block). Stores each block's range and its codes with that range."""
         if keys.shape[0] == 0:
             return
-        self.reserve(int(slots.max()) + 1)
+        if not self.fixed:
+            self.reserve(int(slots.max()) + 1)
         k = keys.float()
         lo, hi = k.amin(1), k.amax(1)  # [n, Hkv, d], exact in the key dtype
         codes = self._code(k, lo[:, None].to(self.dtype).float(), hi[:, None].to(self.dtype).float())
@@ -156,12 +184,15 @@ class PagedSketch:
         lo = self.lo[ids].float().permute(0, 2, 1, 3)  # [b, Hkv, S, d]
         hi = self.hi[ids].float().permute(0, 2, 1, 3)
         finished2 = pos[None, :] < (n_full * blk)[:, None]  # [b, S]
-        if bool((finished2 & ~self.known[ids]).any()):  # one host sync per chunk
+        if self.tainted and bool((finished2 & ~self.known[ids]).any()):  # one host sync per chunk
             return None
         stored = self._unpack(self.codes[slots.clamp(max=self.codes.shape[0] - 1)]).permute(0, 2, 1, 3)
         finished = finished2[:, None, :, None]
         codes = torch.where(finished, stored, self._code(key.float(), lo, hi))
         return self._deq(codes, lo, hi)
+
+
+TAIL_KERNEL = True  # False: step_state codes the unfinished block in PyTorch (the kernel's specification)
 
 
 class StepBuffers:
@@ -219,7 +250,8 @@ def step_state(sk: PagedSketch, key: Tensor, slots: Tensor, starts: Tensor, leng
     is unknown (see `dequantised`) or the codes are not in the kernels' word layout.
     paged: key is the layer's whole paged cache [num_slots, Hkv, d] instead of the packed read: the
     unfinished block's keys are read at their physical slots (slots[packed position])."""
-    from ..kernels.sketch_state import SketchState
+    from ..kernels import available
+    from ..kernels.sketch_state import SketchState, code_tail, tail_codes_supported
 
     if not sk.words:
         return None
@@ -242,15 +274,21 @@ def step_state(sk: PagedSketch, key: Tensor, slots: Tensor, starts: Tensor, leng
     nb_max = max_length // blk
     if nb_max:  # the finished blocks' ranges, through the slot of each block's first position
         ids = (index["first_slot"] // blk).clamp(max=sk.lo.shape[0] - 1)
-        if bool((index["finished"] & ~sk.known[ids]).any()):  # one host sync per layer
+        # one host sync per layer, only where a finished block may be unknown (`PagedSketch.tainted`)
+        if sk.tainted and bool((index["finished"] & ~sk.known[ids]).any()):
             return None
         lo[:, :, :nb_max] = sk.lo[ids].transpose(1, 2)
         hi[:, :, :nb_max] = sk.hi[ids].transpose(1, 2)
     # every position's stored codes (those of unfinished or invalid positions are overwritten or unread)
     codes[:, :, :max_length] = sk.codes[index["slot"].clamp(max=sk.codes.shape[0] - 1)].transpose(1, 2)
-    # the unfinished newest block, coded with the last finished block's range
+    # the unfinished newest block, coded with the last finished block's range: one Triton launch
+    # (H200, 8 requests: the PyTorch path below was ~26 launches per layer, ~1/4 of the route's host time)
+    tail_rows = index["tail_slot" if paged else "tail_key"]
+    if TAIL_KERNEL and tail_codes_supported(blk) and available(dev):
+        code_tail(key, tail_rows, lengths, codes, lo, hi, sk.bits, blk)
+        return SketchState.over(codes, lo, hi, bits=sk.bits, block=blk)
     rows, tpc = index["rows"], index["tail_pos"]
-    x = key[index["tail_slot" if paged else "tail_key"]].float()  # [b, blk, Hkv, d]
+    x = key[tail_rows].float()  # [b, blk, Hkv, d]
     r = (index["n_full"] - 1).clamp(0, nb - 1)
     lo_r, hi_r = lo[rows, :, r].float()[:, None], hi[rows, :, r].float()[:, None]  # [b, 1, Hkv, d]
     words = sk._pack(sk._code(x, lo_r, hi_r))  # [b, blk, Hkv, W]

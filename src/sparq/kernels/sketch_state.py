@@ -91,15 +91,23 @@ def _pack(c, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
     return words
 
 
+_LAYOUTS: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def code_layout(head_dim: int, bits: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Where dim j of a position's codes is stored: (word [d], bit [d]) int64 (module docstring):
     j = 16 c + 4 t + 2 p + e -> pair P = t * d / 8 + 2 c + p, word P // (16 / bits), bit
-    (P % (16 / bits)) * bits + 16 e."""
-    j = torch.arange(head_dim, device=device)
-    c, t, p, e = j // 16, (j % 16) // 4, (j % 4) // 2, j % 2
-    pair = t * (head_dim // 8) + 2 * c + p
-    slots = 16 // bits
-    return pair // slots, (pair % slots) * bits + 16 * e
+    (P % (16 / bits)) * bits + 16 e. Made once per (head_dim, bits, device) and shared (read only):
+    the serving route packs codes in every layer of every step (H200: 8 ms of host time per
+    32-layer pass when it was rebuilt per call)."""
+    ident = (int(head_dim), int(bits), str(torch.device(device) if device is not None else torch.device("cpu")))
+    if ident not in _LAYOUTS:
+        j = torch.arange(head_dim, device=device)
+        c, t, p, e = j // 16, (j % 16) // 4, (j % 4) // 2, j % 2
+        pair = t * (head_dim // 8) + 2 * c + p
+        slots = 16 // bits
+        _LAYOUTS[ident] = (pair // slots, (pair % slots) * bits + 16 * e)
+    return _LAYOUTS[ident]
 
 
 @_jit
@@ -154,6 +162,62 @@ def _sketch_append_kernel(
         c = _encode(x, lo, hi, LEVELS)
         words = tl.reshape(_pack(tl.reshape(c, (1, D)), 1, D, BITS), (W,))
         tl.store(code_row + p.to(tl.int64) * W + offs_w, words)
+
+
+@_jit
+def _tail_codes_kernel(key_ptr, rows_ptr, len_ptr, codes_ptr, lo_ptr, hi_ptr,
+                       stride_kr, stride_kh, num_kv_heads, cap, n_blk,
+                       D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """The newest, unfinished block of row b coded with its last finished block's range, into a
+    step's sketch (one program per row and KV head; `code_tail`). A row with no finished block is
+    left alone. Reads up to BLOCK keys (d * elt each, at K rows rows[b, t], 8 B of row index each)
+    and one range (2 * d * elt); writes d * bits / 8 bytes of codes per position below the length."""
+    bh = tl.program_id(0)
+    b = bh // num_kv_heads
+    h = bh % num_kv_heads
+    length = tl.load(len_ptr + b)
+    n_full = length // BLOCK
+    if n_full > 0:
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        W: tl.constexpr = D * BITS // 32
+        offs_t = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, D)
+        pos = n_full * BLOCK + offs_t
+        ok = pos < length
+        row = tl.load(rows_ptr + b.to(tl.int64) * BLOCK + offs_t, mask=ok, other=0).to(tl.int64)
+        x = tl.load(key_ptr + row[:, None] * stride_kr + h.to(tl.int64) * stride_kh + offs_d[None, :],
+                    mask=ok[:, None], other=0.0).to(tl.float32)
+        rng = (bh.to(tl.int64) * n_blk + tl.minimum(n_full - 1, n_blk - 1)) * D
+        lo = tl.load(lo_ptr + rng + offs_d).to(tl.float32)
+        hi = tl.load(hi_ptr + rng + offs_d).to(tl.float32)
+        c = _encode(x, tl.broadcast_to(lo[None, :], x.shape), tl.broadcast_to(hi[None, :], x.shape), LEVELS)
+        words = _pack(c, BLOCK, D, BITS)
+        dst = (bh.to(tl.int64) * cap + pos.to(tl.int64)) * W
+        tl.store(codes_ptr + dst[:, None] + tl.arange(0, W)[None, :], words, mask=ok[:, None])
+
+
+def tail_codes_supported(block: int) -> bool:
+    """Whether `code_tail` takes this sketch block (a power of two: the kernel's position tile)."""
+    return triton is not None and block >= 1 and not block & (block - 1)
+
+
+def code_tail(key: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor,
+              hi: torch.Tensor, bits: int, block: int) -> None:
+    """One launch: for every row b with a finished block, the positions n_full * block .. length - 1
+    (its unfinished block, n_full = lengths[b] // block) coded with the range of block
+    min(n_full - 1, n_blocks - 1) into codes [B, Hkv, cap, W] (contiguous), exactly as
+    `caches.paged.step_state`'s PyTorch path (the same `_encode` as the append kernel). key [N, Hkv, d]
+    (head_dim contiguous); rows [B, block]: the K row of each such position (packed positions or
+    physical slots; unread past the length); lo, hi [B, Hkv, n_blocks, d] contiguous."""
+    b, hkv, cap, _ = codes.shape
+    d = key.shape[-1]
+    if key.stride(-1) != 1 or not (codes.is_contiguous() and lo.is_contiguous() and hi.is_contiguous()
+                                   and rows.is_contiguous()):
+        raise ValueError("code_tail needs head_dim-contiguous keys and contiguous codes, ranges and rows")
+    _tail_codes_kernel[(b * hkv,)](
+        key, rows, lengths, codes, lo, hi, key.stride(0), key.stride(1), hkv, cap, lo.shape[2],
+        D=d, BITS=bits, BLOCK=block, num_warps=8 if block * d >= 16384 else 4,
+    )
 
 
 def sketch_storable(head_dim: int, bits: int, block: int) -> bool:
