@@ -8,7 +8,8 @@ says why. Per variant, over the same requests and the same `ContinuousBatchingCo
     end (which includes any time the device waited for the host); passes are labelled decode-only or
     with prefill tokens (the hook reads `cu_seq_lens_q` on the host: one extra sync per pass, which CB's
     own per-step read of the sampled tokens makes cheap);
-  * `--host-steps M`: cProfile over the M decode-only passes after that window (the thread that runs the
+  * `--kind prefill`: the window and cProfile cover passes with prefill tokens instead;
+  * `--host-steps M`: cProfile over the M passes of that kind after the window (the thread that runs the
     model: its Python functions, torch calls and host waits, per pass);
   * `--profile-steps N`: the kernels of N consecutive decode-only passes (from the first one; torch.profiler
     records CUDA activity over the whole call, from the main thread, and the hooks launch a marker kernel
@@ -47,7 +48,8 @@ class StepTimer:
     """Forward hooks on the model: per pass host start / end, CUDA events, decode-only or not; optionally
     a torch.profiler window over the first `profile_steps` decode-only passes."""
 
-    def __init__(self, model: torch.nn.Module, profile_steps: int, host_steps: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, profile_steps: int, host_steps: int = 0, kind: str = "decode") -> None:
+        self.kind = kind  # which passes the kernel window and cProfile cover: "decode" (decode-only) or "prefill"
         self.passes: list[dict] = []
         self.profile_steps = profile_steps
         self.host_steps = host_steps  # cProfile over this many decode-only passes after the kernel window
@@ -71,14 +73,15 @@ class StepTimer:
             self.window["wall_s"] = time.perf_counter() - self.window["t0"]
             torch.cuda._sleep(1)  # marker kernel: the window's kernels lie between the two markers
             self.window.update(open=False, passes=self._profiled)
-        if decode_only and self.profile_steps and not self.window:
+        chosen = decode_only if self.kind == "decode" else not decode_only
+        if chosen and self.profile_steps and not self.window:
             torch.cuda.synchronize()
             torch.cuda._sleep(1)
             torch.cuda.synchronize()
             self.window.update(open=True, t0=time.perf_counter())
         if self.window.get("open"):
             self._profiled += 1
-        elif decode_only and self.host is not None and self._hosted < self.host_steps and "wall_s" in self.window:
+        elif chosen and self.host is not None and self._hosted < self.host_steps and "wall_s" in self.window:
             self._hosted += 1
             self._host_on = True
             self.host.enable()  # this thread's Python calls until the pass returns
@@ -179,7 +182,9 @@ def main() -> None:
     ap.add_argument("--methods", default="dense,default")
     ap.add_argument("--budget", default="1/8")
     ap.add_argument("--profile-steps", type=int, default=12)
-    ap.add_argument("--host-steps", type=int, default=0, help="cProfile this many decode-only passes after the window")
+    ap.add_argument("--host-steps", type=int, default=0, help="cProfile this many passes of the kind after the window")
+    ap.add_argument("--kind", choices=("decode", "prefill"), default="decode",
+                    help="profile decode-only passes or passes with prefill tokens")
     ap.add_argument("--out-dir", default="benchmarks/results")
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -221,7 +226,7 @@ def main() -> None:
             def run(inputs, n_new, timer_steps=None):
                 cb = ContinuousBatchingConfig(block_size=a.block_size, num_blocks=blocks,
                                               max_batch_tokens=a.max_batch_tokens, use_cuda_graph=False)
-                timer = StepTimer(lm.model, timer_steps, a.host_steps) if timer_steps is not None else None
+                timer = StepTimer(lm.model, timer_steps, a.host_steps, a.kind) if timer_steps is not None else None
                 prof = profile(activities=[ProfilerActivity.CUDA]) if timer_steps else None
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -264,7 +269,7 @@ def main() -> None:
         if p and "error" in p:
             print(f"  profile: {p['error']}")
         elif p:
-            print(f"  profiled {p['passes']} decode-only passes: wall {p['wall_ms_per_pass']:.2f} ms/pass, kernels "
+            print(f"  profiled {p['passes']} {a.kind} passes: wall {p['wall_ms_per_pass']:.2f} ms/pass, kernels "
                   f"{p['kernel_ms_per_pass']:.2f} ms/pass (busy {p['device_busy_fraction']:.0%}), "
                   f"{p['launches_per_pass']:.0f} launches/pass")
             for c, ms in p["kernel_ms_per_pass_by_category"].items():
@@ -273,7 +278,7 @@ def main() -> None:
                 print(f"    {t['ms_per_pass']:8.2f} ms  x{t['launches_per_pass']:6.1f}  {t['name'][:90]}")
         h = row["host_profile"]
         if h:
-            print(f"  host profile of {h['passes']} decode-only passes (cProfile; ms per pass):")
+            print(f"  host profile of {h['passes']} {a.kind} passes (cProfile; ms per pass):")
             for r in h["by_cumulative_time"][:22]:
                 print(f"    cum {r['cum_ms_per_pass']:8.2f}  own {r['own_ms_per_pass']:7.2f}  calls {r['calls_per_pass']:7.1f}  {r['function'][:80]}")
             print("    -- by own time")

@@ -339,6 +339,7 @@ def test_kept_sketch_checks_known_blocks_only_when_tainted():
     assert serving._kept_sketch(cache, 0, sparq_paper, key, fresh, {"read_index": [index], "write_index": [index]}) \
         == (None, None)
     assert sk.tainted and not bool(sk.known[96 // 8: 116 // 8].any())
+    assert not sk1.known[96 // 8] and sk1.written == 0
     with pytest.raises(ValueError, match="slots"):
         PagedSketch(2, 16, 2, 8, torch.float32, torch.device("cpu"), slots=0)
 

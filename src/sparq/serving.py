@@ -257,6 +257,9 @@ def _kernels_for(method: DecodeMethod, query: Tensor, key: Tensor, sketch: Paged
             and _kernels_may_run(method, query, key))
 
 
+_MAY_RUN: dict[tuple, bool] = {}  # _kernels_may_run's answers: asked twice per layer and step
+
+
 def _kernels_may_run(method: DecodeMethod | None, query: Tensor, key: Tensor) -> bool:
     """`_kernels_for` before the kept sketch is known (whether it is kept is decided later)."""
     from .methods.sketch import SparQSketch
@@ -264,12 +267,15 @@ def _kernels_may_run(method: DecodeMethod | None, query: Tensor, key: Tensor) ->
     on = KERNELS is not False
     if not (on and isinstance(method, SparQSketch) and query.dtype == key.dtype and key.stride(-1) == 1):
         return False
-    from .kernels import available
+    from .kernels import available, interpreting
     from .kernels.sketch_state import sketch_supported
 
     bits, block = method.sketch_spec
-    return (PagedSketch.word_layout(key.shape[-1], bits) and available(key.device)
-            and sketch_supported(key.shape[-1], bits, block, key.dtype, key.device))
+    ident = (bits, block, key.shape[-1], key.dtype, key.device, interpreting())
+    if ident not in _MAY_RUN:
+        _MAY_RUN[ident] = bool(PagedSketch.word_layout(key.shape[-1], bits) and available(key.device)
+                               and sketch_supported(key.shape[-1], bits, block, key.dtype, key.device))
+    return _MAY_RUN[ident]
 
 
 def _read_pages() -> bool:
@@ -294,14 +300,15 @@ def _layer_pages(cache: Any, layer_idx: int) -> tuple[Tensor, Tensor] | None:
 
 
 def _kernel_rows(plan: _Plan, batch: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(starts, lengths) int64 [batch] of the decode requests padded to `batch` rows (padding rows: one
+    """(starts, lengths) int32 [batch] of the decode requests padded to `batch` rows (padding rows: one
     key at offset 0, their output dropped), and the packed positions of the real rows' keys with the
     row of each (for value sums). Once per forward pass and batch size."""
     ident = (batch, str(device))
     if ident not in plan.kernel_rows:
         n = len(plan.rows)
-        starts = torch.tensor(plan.k_start + [0] * (batch - n), dtype=torch.long, device=device)
-        lengths = torch.tensor(plan.lengths + [1] * (batch - n), dtype=torch.long, device=device)
+        # int32, the kernels' type (DecodePlan.run would convert them in every layer: two launches each)
+        starts = torch.tensor(plan.k_start + [0] * (batch - n), dtype=torch.int32, device=device)
+        lengths = torch.tensor(plan.lengths + [1] * (batch - n), dtype=torch.int32, device=device)
         total = sum(plan.lengths)  # output sizes from the host: no device sync
         row = torch.repeat_interleave(torch.arange(n, device=device), lengths[:n], output_size=total)
         pos = starts[row] + torch.arange(total, device=device) - torch.repeat_interleave(
@@ -472,7 +479,7 @@ def _kept_sketch(cache: Any, layer_idx: int, method: DecodeMethod | None, key: T
     if spec is None or not KEEP_SKETCH:
         sk = per_layer.get(layer_idx)
         if sk is not None:  # keys written without keeping the sketch: those blocks' sketch is unknown now
-            sk.invalidate(write[0], kept=False)
+            sk.invalidate(write[0])
         return None, None
     reason = None
     if not getattr(cache, "allow_block_sharing", False):
@@ -487,7 +494,7 @@ def _kept_sketch(cache: Any, layer_idx: int, method: DecodeMethod | None, key: T
                      f"(use a sketch block that divides the cache's block size)"
     if reason is not None:
         if per_layer.get(layer_idx) is not None:
-            per_layer[layer_idx].invalidate(write[0], kept=False)
+            per_layer[layer_idx].invalidate(write[0])
         if reason not in _warned_sketch:
             _warned_sketch.append(reason)
             warnings.warn(f"sparq serving: the key sketch is derived from the keys every step, not kept: {reason}",
@@ -505,7 +512,9 @@ def _kept_sketch(cache: Any, layer_idx: int, method: DecodeMethod | None, key: T
         sk = per_layer[layer_idx] = PagedSketch(key.shape[1], key.shape[2], spec[0], spec[1], key.dtype, key.device,
                                                 slots=pages[0].shape[0] if pages is not None else None,
                                                 tainted=not fresh)
-    sk.invalidate(write[0])
+    # No invalidation here: a step that keeps the sketch writes keys only into blocks it finishes now
+    # (written below) or leaves unfinished (never read as finished before the step that finishes them
+    # writes them), so its writes cannot leave a finished block with a stale sketch.
     if idx.shape[0]:  # blocks this step finishes (a host-known count: most decode steps finish none)
         sk.write_blocks(key[slots[idx]] if paged else key[idx], slots[idx])
     return sk, slots

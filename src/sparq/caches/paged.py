@@ -18,16 +18,18 @@ Indexing by physical page is what makes requests come and go for free: a finishe
 prefix sharing is shared with its sketch (a request that reuses blocks never rewrites them, and
 their keys are the same physical keys); a request's pages are freed by transformers and their sketch
 is overwritten by their next owner. Every block id also has a `known` flag, cleared whenever keys
-are written into it and set when its sketch is written, so a block whose keys were written by a
-step that did not keep the sketch (another method on the same cache) is never read from a stale
-sketch. Needs: each sketch block
+are written into it by a step that does not keep the sketch (another method on the same cache) and
+set when its sketch is written, so such a block is never read from a stale sketch; once that has
+happened (or the sketch was made after keys existed) the sketch is `tainted` and readers check the
+flags (a host sync per layer); a sketch that saw every write skips the check. Needs: each sketch block
 contiguous in the slot space and starting at a multiple of `block` (the cache's block size a
 multiple of the sketch block; checked as blocks finish) and no copies of
 finished blocks -- transformers copies whole finished blocks only when forking with block sharing
 off, so the caller keeps the sketch only while `allow_block_sharing` is on.
 Memory per position and KV head: d * bits / 8 bytes of codes + 4 * d / block bytes of ranges (2-bit,
-d = 128, block 128: 36 B, +7% of fp16 K and V), allocated on first use (transformers' memory
-planner does not count it).
+d = 128, block 128: 36 B, +7% of fp16 K and V), allocated on first use for all of the cache's slots
+where their number is known (transformers' memory planner does not count it; `sparq bench serve`
+takes it out of the same budget).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class PagedSketch:
             self.codes = torch.zeros(0, num_kv_heads, head_dim // self.per_byte, dtype=torch.uint8, device=device)
         self.lo = torch.zeros(0, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.hi = torch.zeros_like(self.lo)
-        self.known = torch.zeros(0, dtype=torch.bool, device=device)  # per block id: written since its keys last were
+        self.known = torch.zeros(0, dtype=torch.bool, device=device)  # per block id: see the module docstring
         self.written = 0  # finished blocks written over this sketch's life (tests watch it)
         self.tainted = bool(tainted)
         self.fixed = slots is not None
@@ -103,13 +105,13 @@ class PagedSketch:
         known[: self.known.shape[0]] = self.known
         self.codes, self.lo, self.hi, self.known = codes, lo, hi, known
 
-    def invalidate(self, slots: Tensor, *, kept: bool = True) -> None:
-        """Keys were written at these slots: their blocks' sketch is unknown until rewritten (call before
-        `write_blocks` of the same step). kept=False: the step that wrote them does not keep the sketch,
-        so those blocks may be read as finished and unknown later (`tainted`). Needs blocks aligned in
-        the slot space (the caller checks)."""
-        if not kept:
-            self.tainted = True
+    def invalidate(self, slots: Tensor) -> None:
+        """Keys were written at these slots by a step that does not keep the sketch (another method on
+        the cache): their blocks' sketch is unknown until rewritten, and readers must check `known`
+        from now on (`tainted`). A step that keeps the sketch need not call this: it writes keys only
+        into blocks it finishes (and sketches) or leaves unfinished. Needs blocks aligned in the slot
+        space (the caller checks)."""
+        self.tainted = True
         ids = slots // self.block
         if self.fixed:  # every slot of the cache has a block id here: no bounds check, no host sync
             self.known[ids.clamp(max=self.known.shape[0] - 1)] = False
