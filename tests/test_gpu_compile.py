@@ -102,6 +102,25 @@ PDL_CHAIN = '''
 '''
 
 
+TAIL = '''
+    from sparq.kernels.sketch_state import _tail_codes_kernel
+
+    for d, bits, block, t, rows, warps in ((128, 2, 128, "bf16", "i64", 8), (64, 1, 16, "fp16", "i32", 4),
+                                           (256, 2, 64, "bf16", "i64", 8)):
+        build(_tail_codes_kernel, {"key_ptr": f"*{t}", "rows_ptr": f"*{rows}", "len_ptr": "*i32",
+                                   "codes_ptr": "*i32", "lo_ptr": f"*{t}", "hi_ptr": f"*{t}",
+                                   **ints("stride_kr", "stride_kh", "num_kv_heads", "cap", "n_blk")},
+              {"D": d, "BITS": bits, "BLOCK": block}, warps)
+    print("compiled")
+'''
+
+
+def test_tail_codes_kernel_compiles_for_sm90():
+    """Serving's step-sketch tail (`code_tail`): the default 128-position block at d = 128, a small block
+    with 1-bit codes and int32 slot rows, d = 256."""
+    compile_for_sm90(TAIL)
+
+
 def test_pdl_kernels_wait_before_any_global_access():
     """With PDL each kernel's first device instruction on memory comes after griddepcontrol.wait (pdl.py's
     contract: a kernel may launch while its predecessor still writes what it reads); without PDL the
