@@ -253,6 +253,55 @@ def test_prefix_sharing_reads_shared_blocks_and_gives_the_tokens_alone(spec, pla
 
 
 @needs_cb
+@pytest.mark.parametrize("spec", [KEPT_SKETCH, "sparq-sketch:local=0:realloc=0:block=16:min_k=2"],
+                         ids=["pytorch-route", "kernels-route"])
+def test_forked_sequences_share_their_parents_tokens(monkeypatch, spec):
+    """num_return_sequences=2: transformers prefills a prompt but its last token, forks the request
+    (the child references the finished cache blocks and gets a copy of the partial last one, a copy
+    this function never sees) and runs the last token of each. Greedy, every child gets its parent's
+    tokens; the kept sketch gives the tokens of the sketch derived from the keys every step (the
+    copied block is sketched when it finishes, like any other); at k >= length everything equals
+    dense's forks. (At 1/8 the tokens differ from an unforked run's: the prompt's last token runs as
+    a one-token step, which SparQ treats as a decode step.)"""
+    from sparq import kernels as triton_kernels
+
+    kernels = "block=16" in spec  # the interpreter's kernels are slow: fewer steps, and the k >= length
+    if kernels and not triton_kernels.available(torch.device("cpu")):
+        pytest.skip("Triton kernels unavailable (set TRITON_INTERPRET=1 on the CPU)")
+    model = tiny("llama")
+    inputs = prompts((40, 22) if kernels else (40, 22, 53))  # check runs on the PyTorch route only
+    gen = gen_config(4 if kernels else 6)
+    gen.num_return_sequences = 2  # set after construction: GenerationConfig refuses it for greedy, CB forks
+
+    def forked(budget: str, keep: bool = True) -> dict[str, list[int]]:
+        monkeypatch.setattr(serving, "KEEP_SKETCH", keep)
+        with sparq.enabled(model, build_method(spec, budget, 16)):
+            out = model.generate_batch(inputs, generation_config=gen, continuous_batching_config=cb_config())
+        assert len(out) == 2 * len(inputs), "some sequences did not finish"
+        return {rid: r.generated_tokens for rid, r in out.items()}
+
+    before = serving.DECODE_CALLS["kernels"]
+    kept = forked("1/8")
+    assert (serving.DECODE_CALLS["kernels"] > before) == kernels, "the decode route is not the one named"
+    children = [rid for rid in kept if "__child" in rid]
+    assert len(children) == len(inputs)
+    for rid in children:
+        assert kept[rid] == kept[rid.split("__child")[0]], rid
+    assert kept == forked("1/8", keep=False)
+    if kernels:
+        return
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("paged|sdpa")
+    try:
+        dense = {rid: r.generated_tokens for rid, r in
+                 model.generate_batch(inputs, generation_config=gen, continuous_batching_config=cb_config()).items()}
+    finally:
+        model.set_attn_implementation(impl)
+    assert forked("1") == dense
+    assert kept != dense
+
+
+@needs_cb
 def test_kept_paged_sketch_gives_the_tokens_of_the_sketch_from_keys(monkeypatch, sketch_writes):
     """The default method's sketch kept per page (written once per finished block, read through the
     pages) is `key_sketch` value for value: same tokens as deriving it from the keys every step, at a
