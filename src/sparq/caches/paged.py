@@ -283,8 +283,8 @@ def step_state(sk: PagedSketch, key: Tensor, slots: Tensor, starts: Tensor, leng
         hi[:, :, :nb_max] = sk.hi[ids].transpose(1, 2)
     # every position's stored codes (those of unfinished or invalid positions are overwritten or unread)
     codes[:, :, :max_length] = sk.codes[index["slot"].clamp(max=sk.codes.shape[0] - 1)].transpose(1, 2)
-    # the unfinished newest block, coded with the last finished block's range: one Triton launch
-    # (H200, 8 requests: the PyTorch path below was ~26 launches per layer, ~1/4 of the route's host time)
+    # the unfinished newest block, coded with the last finished block's range: one Triton launch where
+    # the kernels run (the PyTorch path below, its specification, launches ~26 kernels per layer)
     tail_rows = index["tail_slot" if paged else "tail_key"]
     if TAIL_KERNEL and tail_codes_supported(blk) and available(dev):
         code_tail(key, tail_rows, lengths, codes, lo, hi, sk.bits, blk)
