@@ -445,6 +445,11 @@ def test_bench_serve_smoke(tmp_path):
         assert r["requests_finished"] == 6 and r["generated_tokens"] == 36 and r["throughput_tokens_per_s"] > 0
         assert 1 <= r["max_requests_in_flight"] < 6
         assert r["tpot_ms_median"] > 0 and r["tpot_ms_p95"] >= r["tpot_ms_median"]
+        # 6 new tokens per request: the first comes from the last prefill pass, 5 decode passes at least
+        # (the call's last pass is not counted)
+        p = r["passes"]
+        assert p["decode_only"]["passes"] >= 4 and p["with_prefill"]["passes"] >= 1, p
+        assert p["decode_only"]["median_ms"] > 0 and 0 < p["decode_only"]["total_s"] + p["with_prefill"]["total_s"] <= r["wall_s"]
     assert sq["requests_equal_to_dense"] == 6 and "throughput_vs_dense" in sq
     assert dense["num_blocks"] == sq["num_blocks"] == 13  # the paper's method keeps nothing beside the cache
     assert "tokens/s" in format_serve_table(res)

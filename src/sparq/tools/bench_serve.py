@@ -12,7 +12,10 @@ no EOS). Per variant it reports
   * the largest number of requests in flight at once: requests whose lifespans (scheduled ->
     finished, transformers' `GenerationOutput.lifespan`) overlap, i.e. that held cache blocks
     together;
-  * peak device memory (CUDA) over the call.
+  * peak device memory (CUDA) over the call;
+  * per kind of forward pass (decode-only, or with a prefill chunk): how many ran and their median
+    duration (`PassClock`: host clock, shapes only, no device read), i.e. which kind the wall time
+    went to.
 Both variants get the same `ContinuousBatchingConfig`: block size, number of blocks (from
 `cache_gib`, so the same memory budget: a variant that keeps a sketch beside the cache gets fewer
 blocks, by the sketch's bytes) and tokens per step; no CUDA graphs and no compile (the
@@ -58,6 +61,42 @@ def max_in_flight(spans: list[tuple[float, float]]) -> int:
         cur += step
         best = max(best, cur)
     return best
+
+
+class PassClock:
+    """When each forward pass of the model starts (host clock) and whether it was decode-only, told from
+    shapes alone -- no device read: a pass is decode-only when its token count equals its request
+    count (every request brings one token; continuous batching pads a batch only under CUDA graphs,
+    which these runs do not use). A pass lasts until the next one starts (continuous batching reads
+    each step's tokens back to the host, so the starts are paced by the device); the last pass, which
+    has no next start (the call's end also holds the manager's shutdown), is not counted."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.starts: list[float] = []
+        self.decode_only: list[bool] = []
+        self._hook = model.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def _pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        tokens = ids.shape[-1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+        cu_q = kwargs.get("cu_seq_lens_q")
+        if isinstance(cu_q, dict):
+            cu_q = next(iter(cu_q.values()))
+        self.starts.append(time.perf_counter())
+        self.decode_only.append(cu_q is not None and tokens == cu_q.shape[0] - 1)
+
+    def close(self) -> None:
+        self._hook.remove()
+
+    def summary(self) -> dict:
+        """Per kind of pass ("decode_only", "with_prefill"): count, median milliseconds, total seconds."""
+        ms = [(b - a) * 1e3 for a, b in zip(self.starts, self.starts[1:])]
+        out = {}
+        for kind, want in (("decode_only", True), ("with_prefill", False)):
+            sel = [m for m, d in zip(ms, self.decode_only) if d == want]
+            out[kind] = {"passes": len(sel), "median_ms": statistics.median(sel) if sel else float("nan"),
+                         "total_s": sum(sel) / 1e3}
+        return out
 
 
 def sketch_bytes_per_token(config: Any, method: Any, dtype: torch.dtype) -> int:
@@ -140,17 +179,22 @@ def _bench_serve(model: str, requests: int, min_prompt: int, max_prompt: int, ne
         extra = sketch_bytes_per_token(cfg, method, dtype)
         return int(cache_gib * 2**30) // ((per_token + extra) * block_size), extra
 
-    def run(inputs: list[list[int]], n_new: int, blocks: int) -> tuple[dict, float]:
+    def run(inputs: list[list[int]], n_new: int, blocks: int) -> tuple[dict, float, dict]:
         if dev.type == "cuda":
             torch.cuda.synchronize()
+        clock = PassClock(lm.model if hasattr(lm, "model") else lm)
         t0 = time.perf_counter()
-        cb = ContinuousBatchingConfig(block_size=block_size, num_blocks=blocks, max_batch_tokens=max_batch_tokens,
-                                      use_cuda_graph=False)
-        out = lm.generate_batch(inputs, generation_config=gen, continuous_batching_config=cb,
-                                record_timestamps=True, max_new_tokens=n_new)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return out, time.perf_counter() - t0
+        try:
+            cb = ContinuousBatchingConfig(block_size=block_size, num_blocks=blocks, max_batch_tokens=max_batch_tokens,
+                                          use_cuda_graph=False)
+            out = lm.generate_batch(inputs, generation_config=gen, continuous_batching_config=cb,
+                                    record_timestamps=True, max_new_tokens=n_new)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            end = time.perf_counter()
+        finally:
+            clock.close()
+        return out, end - t0, clock.summary()
 
     rows: list[dict] = []
     dense_tokens: list[list[int]] | None = None
@@ -169,7 +213,7 @@ def _bench_serve(model: str, requests: int, min_prompt: int, max_prompt: int, ne
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(dev)
             calls = dict(serving.DECODE_CALLS)
-            out, wall = run(prompts, new_tokens, blocks)
+            out, wall, passes = run(prompts, new_tokens, blocks)
             calls = {k: serving.DECODE_CALLS[k] - calls[k] for k in calls}
             peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
         finally:
@@ -198,6 +242,8 @@ def _bench_serve(model: str, requests: int, min_prompt: int, max_prompt: int, ne
             "num_blocks": blocks, "state_bytes_per_token": extra,
             # per layer and forward pass with decode requests: which route ran them (serving.DECODE_CALLS)
             "decode_calls": calls,
+            # where the wall time went: forward passes with only decode tokens, and those with a prefill chunk
+            "passes": passes,
         }
         if dense_tokens is None and method is None:
             dense_tokens = tokens
@@ -207,7 +253,10 @@ def _bench_serve(model: str, requests: int, min_prompt: int, max_prompt: int, ne
         if print_rows:
             print(f"{label:<10s} {row['throughput_tokens_per_s']:10.1f} tok/s  TPOT {row['tpot_ms_median']:9.2f} ms "
                   f"(p95 {row['tpot_ms_p95']:9.2f})  in flight {row['max_requests_in_flight']:4d}  "
-                  f"wall {wall:8.2f} s" + (f"  peak {peak:6.2f} GiB" if peak is not None else ""), flush=True)
+                  f"wall {wall:8.2f} s  decode-only pass {passes['decode_only']['median_ms']:8.2f} ms "
+                  f"(x{passes['decode_only']['passes']})  prefill pass {passes['with_prefill']['median_ms']:8.2f} ms "
+                  f"(x{passes['with_prefill']['passes']})" + (f"  peak {peak:6.2f} GiB" if peak is not None else ""),
+                  flush=True)
         _free(dev)
     dense = next((r for r in rows if r["variant"] == "dense"), None)
     if dense is not None:
@@ -250,6 +299,7 @@ def format_serve_table(result: dict) -> str:
     rows = [[r["variant"], r["method"], f"{r['throughput_tokens_per_s']:.1f}",
              f"{r['throughput_vs_dense']:.2f}x" if "throughput_vs_dense" in r else "",
              f"{r['tpot_ms_median']:.2f}", f"{r['tpot_ms_p95']:.2f}", f"{r['ttft_ms_median']:.0f}",
+             _pass_cell(r, "decode_only"), _pass_cell(r, "with_prefill"),
              str(r["max_requests_in_flight"]), f"{r['peak_memory_GiB']:.2f}" if r["peak_memory_GiB"] is not None else "",
              f"{r['requests_finished']}/{s['requests']}", str(r["num_blocks"])] for r in result["rows"]]
     title = (f"{s['model']} ({s['dtype']}) on {result['device']}, transformers {result['versions']['transformers']}, "
@@ -257,4 +307,10 @@ def format_serve_table(result: dict) -> str:
              f"{s['new_tokens']} new, cache {s['cache_gib']} GiB ({s['cache_tokens_dense']} tokens for dense), "
              f"budget {s['budget']}")
     return markdown_table(title, ["variant", "method", "tokens/s", "vs dense", "TPOT median ms", "TPOT p95 ms",
-                                  "TTFT median ms", "max in flight", "peak GiB", "finished", "cache blocks"], rows)
+                                  "TTFT median ms", "decode-only pass ms (count)", "prefill pass ms (count)",
+                                  "max in flight", "peak GiB", "finished", "cache blocks"], rows)
+
+
+def _pass_cell(row: dict, kind: str) -> str:
+    p = row.get("passes", {}).get(kind)  # JSON of runs before the pass clock have no "passes"
+    return f"{p['median_ms']:.1f} ({p['passes']})" if p and p["passes"] else ""
