@@ -142,6 +142,7 @@ def test_unknown_block_falls_back():
 @pytest.mark.parametrize("bits, d, block, dtype, paged", [
     (2, 64, 16, torch.float16, False), (1, 128, 32, WIDE, True), (2, 32, 16, WIDE, True),
     (1, 64, 16, torch.float16, True), (2, 128, 32, torch.float16, False), (2, 256, 16, WIDE, True),
+    (2, 16, 16, torch.float16, True), (2, 128, 128, WIDE, True),  # the smallest head_dim; the default block
 ])
 def test_tail_codes_kernel_equals_its_pytorch_spec(monkeypatch, bits, d, block, dtype, paged):
     """`code_tail` (one launch per layer: each decode request's unfinished sketch block coded with its
