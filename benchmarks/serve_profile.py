@@ -6,8 +6,7 @@ says why. Per variant, over the same requests and the same `ContinuousBatchingCo
     passes (the step as the server sees it), host time inside the pass (dispatch: the Python and
     launch work before `forward` returns), and device time from a CUDA event at its start to one at its
     end (which includes any time the device waited for the host); passes are labelled decode-only or
-    with prefill tokens (the hook reads `cu_seq_lens_q` on the host: one extra sync per pass, which CB's
-    own per-step read of the sampled tokens makes cheap);
+    with prefill tokens from their shapes (`bench_serve.pass_shape`: no device read);
   * `--kind prefill`: the window and cProfile cover passes with prefill tokens instead;
   * `--host-steps M`: cProfile over the M passes of that kind after the window (the thread that runs the
     model: its Python functions, torch calls and host waits, per pass);
@@ -39,6 +38,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from profile_step import category  # noqa: E402
 
+from sparq.tools.bench_serve import pass_shape  # noqa: E402
+
 
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
@@ -62,12 +63,8 @@ class StepTimer:
                          model.register_forward_hook(self._post, with_kwargs=True)]
 
     def _pre(self, module, args, kwargs):
-        cu_q = kwargs.get("cu_seq_lens_q")
-        if isinstance(cu_q, dict):
-            cu_q = next(iter(cu_q.values()))
-        bq = cu_q.tolist() if cu_q is not None else []
-        q_lens = [b - a for a, b in zip(bq[:-1], bq[1:])]
-        decode_only = bool(q_lens) and max(q_lens) == 1
+        tokens, requests = pass_shape(args, kwargs)
+        decode_only = tokens == requests
         if self.window.get("open") and self._profiled >= self.profile_steps:  # close the window first
             torch.cuda.synchronize()
             self.window["wall_s"] = time.perf_counter() - self.window["t0"]
@@ -88,7 +85,7 @@ class StepTimer:
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
         self.passes.append({"t0": time.perf_counter(), "ev0": ev, "decode_only": decode_only,
-                            "requests": len(q_lens), "tokens": sum(q_lens)})
+                            "requests": requests, "tokens": tokens})
 
     def _post(self, module, args, kwargs, output):
         if self._host_on:

@@ -63,6 +63,17 @@ def max_in_flight(spans: list[tuple[float, float]]) -> int:
     return best
 
 
+def pass_shape(args: tuple, kwargs: dict) -> tuple[int, int]:
+    """(tokens, requests) of a continuous-batching forward pass, from the model's inputs (shapes only,
+    no device read); requests is -1 outside continuous batching (no `cu_seq_lens_q`)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    tokens = ids.shape[-1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if isinstance(cu_q, dict):
+        cu_q = next(iter(cu_q.values()))
+    return tokens, (cu_q.shape[0] - 1 if cu_q is not None else -1)
+
+
 class PassClock:
     """When each forward pass of the model starts (host clock) and whether it was decode-only, told from
     shapes alone -- no device read: a pass is decode-only when its token count equals its request
@@ -77,13 +88,9 @@ class PassClock:
         self._hook = model.register_forward_pre_hook(self._pre, with_kwargs=True)
 
     def _pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        tokens = ids.shape[-1] if ids is not None else kwargs["inputs_embeds"].shape[1]
-        cu_q = kwargs.get("cu_seq_lens_q")
-        if isinstance(cu_q, dict):
-            cu_q = next(iter(cu_q.values()))
+        tokens, requests = pass_shape(args, kwargs)
         self.starts.append(time.perf_counter())
-        self.decode_only.append(cu_q is not None and tokens == cu_q.shape[0] - 1)
+        self.decode_only.append(tokens == requests)
 
     def close(self) -> None:
         self._hook.remove()
