@@ -76,17 +76,19 @@ def plans(monkeypatch):
 
 
 @pytest.mark.parametrize("groups", [1, 3])
-def test_prefill_attention_of_a_packed_batch(groups):
-    """The prefill part of a packed batch (one SDPA under `_packed_causal_mask`, as transformers'
-    "paged|sdpa"): each prefill request's query attends causally to its own keys only, for a chunk
-    that continues a cached prefix and for a whole prompt, beside a decode row and padding tokens."""
+@pytest.mark.parametrize("decode", [False, True])
+def test_prefill_attention_over_own_keys(groups, decode):
+    """`_own_keys_attention`: each prefill request's query attends causally to its own keys only (the
+    semantics of transformers' packed [Q, K] mask), for a chunk that continues a cached prefix, a whole
+    prompt and a one-key prompt, beside decode rows (computed only with `decode`: full attention over
+    their own keys) and padding tokens (zero)."""
     class Module:
         num_key_value_groups = groups
 
     hkv, d = 2, 16
     gen = torch.Generator().manual_seed(0)
-    # (new tokens, keys) per request: a chunk after a 9-token prefix, a decode token, a whole prompt
-    reqs = [(6, 15), (1, 12), (5, 5)]
+    # (new tokens, keys) per request: a chunk after a 9-token prefix, decode tokens, a whole prompt
+    reqs = [(6, 15), (1, 12), (5, 5), (1, 1), (3, 4)]
     bq, bk = [0], [0]
     for n_q, n_k in reqs:
         bq.append(bq[-1] + n_q)
@@ -95,20 +97,22 @@ def test_prefill_attention_of_a_packed_batch(groups):
     query = torch.randn(1, hkv * groups, q_len, d, generator=gen)
     key = torch.randn(bk[-1], hkv, d, generator=gen)
     value = torch.randn(bk[-1], hkv, d, generator=gen)
-    plan = serving._plan(torch.tensor(bq), torch.tensor(bk), q_len, bk[-1], torch.float32, torch.device("cpu"))
-    assert plan.prefill and plan.rows == [1]
-    out = serving._dense(Module(), query, key, value, plan.dense_mask, 0.0, None)
+    plan = serving._plan(torch.tensor(bq), torch.tensor(bk), bk[-1], torch.device("cpu"))
+    assert plan.prefill and plan.rows == [1, 3]
+    out = serving._own_keys_attention(Module(), query, key, value, plan, 0.0, None, decode=decode)
     assert out.shape == (1, q_len, hkv * groups, d)
     k = key.repeat_interleave(groups, 1)  # [K, Hq, d]
     v = value.repeat_interleave(groups, 1)
     for r, (n_q, n_k) in enumerate(reqs):
-        if n_q == 1:  # a decode request: its row is the decode path's
-            continue
         for i in range(n_q):
+            if n_q == 1 and not decode:  # a decode request: its row is the decode path's
+                assert out[0, bq[r]].abs().sum() == 0
+                continue
             seen = n_k - n_q + i + 1  # its position among the request's keys, plus one
             kk, vv = k[bk[r]: bk[r] + seen], v[bk[r]: bk[r] + seen]
             att = torch.softmax(torch.einsum("hd,khd->hk", query[0, :, bq[r] + i], kk) / d**0.5, -1)
             torch.testing.assert_close(out[0, bq[r] + i], torch.einsum("hk,khd->hd", att, vv), atol=1e-5, rtol=1e-5)
+    assert out[0, bq[-1]:].abs().sum() == 0
 
 
 @needs_cb
@@ -331,7 +335,7 @@ def test_sketch_is_kept_only_where_it_can_be_exact():
     method = build_method(KEPT_SKETCH, "1/8", 16)
     key = torch.randn(20, 2, 16)
     bq, bk = [0, 20], [0, 20]  # one request, a 20-token prefill: blocks 0 and 1 finish
-    plan = serving._Plan(cu_q=torch.tensor(bq), cu_k=torch.tensor(bk), total_k=20, prefill=True, dense_mask=None,
+    plan = serving._Plan(cu_q=torch.tensor(bq), cu_k=torch.tensor(bk), total_k=20, prefill=True,
                          rows=[], q_pos=torch.zeros(0, dtype=torch.long), k_start=[], lengths=[], bounds=(bq, bk))
     adjacent = torch.arange(96, 116)
     split = torch.cat([torch.arange(96, 108), torch.arange(304, 312)])  # block 1 = slots 104-107, 304-307
@@ -371,7 +375,7 @@ def test_kept_sketch_checks_known_blocks_only_when_tainted():
 
     def plan_of(bq, bk):
         return serving._Plan(cu_q=torch.tensor(bq), cu_k=torch.tensor(bk), total_k=bk[-1], prefill=bq[-1] > 1,
-                             dense_mask=None, rows=[], q_pos=torch.zeros(0, dtype=torch.long), k_start=[], lengths=[],
+                             rows=[], q_pos=torch.zeros(0, dtype=torch.long), k_start=[], lengths=[],
                              bounds=(bq, bk))
 
     cache = FakeCache(256)
@@ -437,11 +441,16 @@ def test_bench_serve_smoke(tmp_path):
 
     kw = dict(requests=6, min_prompt=40, max_prompt=90, new_tokens=6, block_size=16, max_batch_tokens=128,
               device="cpu", out_dir=tmp_path, print_rows=False)
-    res = bench_serve("tiny", methods=("dense", "sparq:min_k=1000"), cache_gib=0.0001, **kw)  # 13 blocks of 16: ~2 requests
+    res = bench_serve("tiny", methods=("dense", "dense-per-request", "sparq:min_k=1000"), cache_gib=0.0001,
+                      **kw)  # 13 blocks of 16: ~2 requests
     saved = json.loads(open(res["path"]).read())
     assert saved["settings"]["num_blocks_dense"] == 13 and saved["versions"]["transformers"] == tf.__version__
-    dense, sq = saved["rows"]
-    for r in (dense, sq):
+    dense, own, sq = saved["rows"]
+    # dense through "paged|sparq": every decode layer call attends per request, dense's tokens
+    assert own["attn_implementation"] == "paged|sparq" and own["decode_calls"]["dense"] > 0
+    assert own["decode_calls"]["torch"] == own["decode_calls"]["kernels"] == 0 and own["requests_equal_to_dense"] == 6
+    assert sq["best_dense"] in ("dense", "dense-per-request") and sq["throughput_vs_best_dense"] > 0
+    for r in (dense, own, sq):
         assert r["requests_finished"] == 6 and r["generated_tokens"] == 36 and r["throughput_tokens_per_s"] > 0
         assert 1 <= r["max_requests_in_flight"] < 6
         assert r["tpot_ms_median"] > 0 and r["tpot_ms_p95"] >= r["tpot_ms_median"]

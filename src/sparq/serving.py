@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from transformers.integrations.sdpa_attention import repeat_kv  # what transformers' "paged|sdpa" uses
 
 from .caches.paged import PagedSketch, StepBuffers, _KeptSketch, step_state
-from .methods import DecodeInputs, DecodeMethod
+from .methods import DecodeInputs, DecodeMethod, Dense
 
 PAGED_ATTN_NAME = "paged|sparq"
 # transformers versions whose continuous batching accepts a registered "paged|<name>" attention
@@ -68,7 +68,8 @@ KERNELS: bool | None = True
 READ_PAGES: bool | None = True
 # Layer calls with decode requests by route, over the process's life (bench serve reports them).
 # "pages": those of the kernels calls that read K/V through the pages (READ_PAGES), no packed read.
-DECODE_CALLS: dict[str, int] = {"kernels": 0, "torch": 0, "pages": 0}
+# "dense": those of an untagged layer or the Dense method (`_own_keys_attention`, like a prefill chunk).
+DECODE_CALLS: dict[str, int] = {"kernels": 0, "torch": 0, "pages": 0, "dense": 0}
 # Smallest position capacity of a kernels plan (it doubles from there as requests grow).
 MIN_CAPACITY = 128
 
@@ -107,7 +108,6 @@ class _Plan:
     cu_k: Tensor
     total_k: int
     prefill: bool           # some request has more than one new token: dense attention runs
-    dense_mask: Tensor | None  # [1, 1, Q, K] additive mask (0 / dtype min) for the dense part
     rows: list[int]         # the decode requests
     q_pos: Tensor           # [Bd] long: their query token in the packed batch
     k_start: list[int]      # where each one's keys begin in the packed read
@@ -121,7 +121,7 @@ class _Plan:
 _LAST_PLAN: list[_Plan] = []  # one slot: the current forward pass's plan
 
 
-def _plan(cu_q: Tensor, cu_k: Tensor, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device) -> _Plan:
+def _plan(cu_q: Tensor, cu_k: Tensor, k_len: int, device: torch.device) -> _Plan:
     if _LAST_PLAN and _LAST_PLAN[0].cu_q is cu_q and _LAST_PLAN[0].cu_k is cu_k and _LAST_PLAN[0].total_k == k_len:
         return _LAST_PLAN[0]
     # One host sync per forward pass (not per layer): the boundaries decide shapes and which
@@ -132,57 +132,55 @@ def _plan(cu_q: Tensor, cu_k: Tensor, q_len: int, k_len: int, dtype: torch.dtype
     len_k = [bk[i + 1] - bk[i] for i in range(n_req)]
     rows = [i for i in range(n_req) if len_q[i] == 1 and len_k[i] >= 1]
     prefill = any(n > 1 for n in len_q)
-    mask = None
-    if prefill:
-        mask = _packed_causal_mask(bq, bk, q_len, k_len, dtype, device)
-    plan = _Plan(cu_q=cu_q, cu_k=cu_k, total_k=k_len, prefill=prefill, dense_mask=mask, rows=rows,
+    plan = _Plan(cu_q=cu_q, cu_k=cu_k, total_k=k_len, prefill=prefill, rows=rows,
                  q_pos=torch.tensor([bq[i] for i in rows], dtype=torch.long, device=device),
                  k_start=[bk[i] for i in rows], lengths=[len_k[i] for i in rows], bounds=(bq, bk))
     _LAST_PLAN[:] = [plan]
     return plan
 
 
-def _packed_causal_mask(bq: list[int], bk: list[int], q_len: int, k_len: int, dtype: torch.dtype,
-                        device: torch.device) -> Tensor:
-    """[1, 1, Q, K] additive mask of a packed batch, as CB's `build_attention_mask` makes it for
-    "paged|sdpa": query token i of request r sees key j of r when j's position <= i's position
-    (the request's new tokens are the last ones of its keys). Padding tokens (beyond the last
-    request) see nothing and get a uniform row, as in transformers."""
-    n_req = len(bq) - 1
-    len_q = torch.tensor([bq[i + 1] - bq[i] for i in range(n_req)], device=device)
-    len_k = torch.tensor([bk[i + 1] - bk[i] for i in range(n_req)], device=device)
-    ids = torch.arange(n_req, device=device)
-    req_q = torch.full((q_len,), -1, dtype=torch.long, device=device)
-    req_k = torch.full((k_len,), -2, dtype=torch.long, device=device)
-    req_q[: bq[-1]] = torch.repeat_interleave(ids, len_q)
-    req_k[: bk[-1]] = torch.repeat_interleave(ids, len_k)
-    start_q = torch.tensor(bq[:-1], device=device)
-    start_k = torch.tensor(bk[:-1], device=device)
-    # position of each token within its request's keys (queries are the last len_q of them)
-    pos_q = torch.zeros(q_len, dtype=torch.long, device=device)
-    pos_k = torch.zeros(k_len, dtype=torch.long, device=device)
-    iq = torch.arange(bq[-1], device=device)
-    ik = torch.arange(bk[-1], device=device)
-    rq, rk = req_q[: bq[-1]], req_k[: bk[-1]]
-    pos_q[: bq[-1]] = iq - start_q[rq] + (len_k - len_q)[rq]
-    pos_k[: bk[-1]] = ik - start_k[rk]
-    allowed = (req_q[:, None] == req_k[None, :]) & (pos_k[None, :] <= pos_q[:, None])
-    mask = torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+def _own_keys_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, plan: _Plan,
+                        dropout: float, scaling: float | None, decode: bool = False) -> Tensor:
+    """Dense causal attention of each prefill request (and, with `decode`, each decode request) over
+    its own keys only: query [1, Hq, Q, d]; key, value [K, Hkv, d] packed like the queries (request r's
+    keys are rows bk[r]:bk[r+1], its new tokens the last n_q of them). Returns [1, Q, Hq, d]; rows not
+    computed here (decode requests without `decode`, padding tokens) are zero.
 
+    transformers' "paged|sdpa" gets the same rows from one SDPA over the whole packed batch under a
+    [Q, K] block-diagonal causal mask: Q x K scores, most of them masked (every other request's keys),
+    and a Q x K mask built first. Here a chunk costs n_q x n_k and needs no mask: lower-right causal
+    (`causal_lower_right`, which PyTorch's flash kernel takes as is), or plain causal for a whole
+    prompt. Measured per layer on an H200 (benchmarks/prefill_attention.py,
+    prefill-attention-NVIDIA_H200-20261201T062510Z.json): 50 -> 1.3 ms for an 8k first chunk beside 8
+    decode requests of 12k, 52 -> 5.5 ms for the last 8k chunk of a 16k prompt. A decode request's
+    one query sees all its keys: its query heads go in as the query positions of their KV head, so
+    GQA needs no copy of K/V."""
+    from torch.nn.attention.bias import causal_lower_right
 
-def _dense(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor, dropout: float,
-           scaling: float | None) -> Tensor:
-    """transformers' "paged|sdpa" on the packed batch: query [1, Hq, Q, d]; key, value [K, Hkv, d].
-    Returns [1, Q, Hq, d]."""
-    k = key.transpose(0, 1).unsqueeze(0)
-    v = value.transpose(0, 1).unsqueeze(0)
-    groups = getattr(module, "num_key_value_groups", 1)
-    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.contiguous(), k.contiguous(), v.contiguous(), attn_mask=mask, dropout_p=dropout, scale=scaling,
-        is_causal=False)
-    return out.transpose(1, 2).contiguous()
+    bq, bk = plan.bounds
+    hq, d = query.shape[1], query.shape[3]
+    hkv = key.shape[1]
+    groups = hq // hkv
+    out = query.new_zeros(1, query.shape[2], hq, d)
+    for r in range(len(bq) - 1):
+        n_q, n_k = bq[r + 1] - bq[r], bk[r + 1] - bk[r]
+        if n_q < 1 or (n_q == 1 and not decode):
+            continue
+        k = key[bk[r]: bk[r + 1]].transpose(0, 1).unsqueeze(0)  # [1, Hkv, n_k, d]
+        v = value[bk[r]: bk[r + 1]].transpose(0, 1).unsqueeze(0)
+        if n_q == 1:  # [1, Hkv, groups, d]: no mask, every key visible
+            q = query[0, :, bq[r]].reshape(1, hkv, groups, d)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
+            out[0, bq[r]] = y.reshape(hq, d)
+            continue
+        q = query[:, :, bq[r]: bq[r + 1]].contiguous()
+        k, v = repeat_kv(k, groups).contiguous(), repeat_kv(v, groups).contiguous()
+        whole = n_q == n_k  # a whole prompt (no cached prefix): the plain causal mask
+        y = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if whole else causal_lower_right(n_q, n_k), dropout_p=dropout, scale=scaling,
+            is_causal=whole)
+        out[0, bq[r]: bq[r + 1]] = y[0].transpose(0, 1)
+    return out
 
 
 def _decode(method: DecodeMethod, query: Tensor, key: Tensor, value: Tensor, plan: _Plan, scale: float,
@@ -399,7 +397,7 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
     if (_read_pages() and KEEP_SKETCH and getattr(cache, "allow_block_sharing", False) and len(read) == 1
             and read[0].numel() and _kernels_may_run(method, query, key)):
         # the batch's boundaries (read once per forward pass) say whether it is decode-only
-        plan = _plan(kwargs["cu_seq_lens_q"], cu_k, query.shape[2], read[0].numel(), query.dtype, query.device)
+        plan = _plan(kwargs["cu_seq_lens_q"], cu_k, read[0].numel(), query.device)
         if not plan.prefill and plan.rows:
             pages = _layer_pages(cache, module.layer_idx)
     if pages is not None:
@@ -413,20 +411,21 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
         key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
                                   read_index=read, write_index=write)  # [K, Hkv, d]
         n_k = key.shape[0]
-    plan = _plan(kwargs["cu_seq_lens_q"], cu_k, query.shape[2], n_k, query.dtype, query.device)
+    plan = _plan(kwargs["cu_seq_lens_q"], cu_k, n_k, query.device)
     head_dim = query.shape[-1]
     scale = scaling if scaling is not None else head_dim**-0.5
 
-    if plan.prefill:
-        out = _dense(module, query, key, value, plan.dense_mask, dropout, scaling)
+    # dense decode requests (an untagged layer, or the Dense method) attend like prefill ones
+    dense_decode = bool(plan.rows) and (method is None or isinstance(method, Dense))
+    if plan.prefill or dense_decode:
+        out = _own_keys_attention(module, query, key, value, plan, dropout, scaling, decode=dense_decode)
     else:  # decode-only batch: every token below is overwritten (padding tokens stay zero)
         out = query.new_zeros(1, query.shape[2], query.shape[1], head_dim)
     sketch, slots = _kept_sketch(cache, module.layer_idx, method, key, plan, kwargs, paged=pages is not None)
-    if plan.rows:
-        if method is None:  # an untagged layer: dense for decode tokens too
-            from .methods import Dense
-
-            method = Dense()
+    if dense_decode:
+        DECODE_CALLS["dense"] += 1
+    elif plan.rows:
+        assert method is not None
         y = None
         if sketch is not None and slots is not None and _kernels_for(method, query, key, sketch):
             y = _decode_kernels(method, query, key, value, plan, scale, sketch, slots,
