@@ -58,8 +58,7 @@ def packed_batch(decode_lengths: list[int], hq: int, hkv: int, d: int, block: in
         pages = [pool.pop() for _ in range(-(-nk // PAGE))]
         slots += [pages[p // PAGE] * PAGE + p % PAGE for p in range(nk)]
     slots_t = torch.tensor(slots, dtype=torch.long, device=DEVICE)
-    plan = serving._plan(torch.tensor(cu_q, device=DEVICE), torch.tensor(cu_k, device=DEVICE), n_q, n_k,
-                         dtype, DEVICE)
+    plan = serving._plan(torch.tensor(cu_q, device=DEVICE), torch.tensor(cu_k, device=DEVICE), n_k, DEVICE)
     sk = PagedSketch(hkv, d, bits, block, dtype, DEVICE)
     for s0, n in zip(plan.k_start, plan.lengths):
         nb = n // block
