@@ -10,8 +10,9 @@ keys), and builds a Q x K mask first. Per request, a chunk of n_q new tokens ove
 n_q x n_k, lower-right causal (its new tokens are the last n_q of its keys).
 
 Prints a table and writes JSON under benchmarks/results/ (device, versions, shapes, medians, and
-the largest difference between the variants' outputs: on the prefill rows, and on every row when the
-decode requests attend per request too, as dense decode does through "paged|sparq"). Run on the GPU:
+the largest difference between the variants' outputs on the prefill rows). The JSON of 06:31 on
+2026-12-01 also has the decode rows attended per request (`per_request_with_decodes_ms`), a variant
+that `serving` tried for dense decode and dropped. Run on the GPU:
     PYTHONPATH=src python benchmarks/prefill_attention.py
 """
 
@@ -139,19 +140,13 @@ def main() -> None:
         def per_request() -> torch.Tensor:
             return serving._own_keys_attention(module, query, key, value, plan, 0.0, None)
 
-        def per_request_with_decodes() -> torch.Tensor:  # the decode requests too (dense through "paged|sparq")
-            return serving._own_keys_attention(module, query, key, value, plan, 0.0, None, decode=True)
-
-        every = torch.arange(bq[-1], device=dev)
         ref = packed_sdpa_only()[0].float()
         diff = (ref[prefill_rows] - per_request()[0, prefill_rows].float()).abs().max().item()
-        diff_all = (ref[every] - per_request_with_decodes()[0, every].float()).abs().max().item()
         mask_ms = _time(lambda: packed_causal_mask(bq, bk, q_len, k_len, dt, dev), a.reps)
         row = {"scenario": name, "requests": [list(r) for r in reqs], "Q": q_len, "K": k_len,
                "packed_mask_build_ms": mask_ms, "packed_sdpa_ms": _time(packed_sdpa_only, a.reps),
                "per_request_ms": _time(per_request, a.reps),
-               "per_request_with_decodes_ms": _time(per_request_with_decodes, a.reps),
-               "max_abs_diff_prefill_rows": diff, "max_abs_diff_all_rows": diff_all}
+               "max_abs_diff_prefill_rows": diff}
         row["speedup_per_layer"] = (row["packed_sdpa_ms"]) / row["per_request_ms"]
         rows.append(row)
         print(row, flush=True)
@@ -159,7 +154,7 @@ def main() -> None:
         serving._LAST_PLAN.clear()
         torch.cuda.empty_cache()
     cols = ["scenario", "Q", "K", "packed_mask_build_ms", "packed_sdpa_ms", "per_request_ms", "speedup_per_layer",
-            "per_request_with_decodes_ms", "max_abs_diff_prefill_rows", "max_abs_diff_all_rows"]
+            "max_abs_diff_prefill_rows"]
     print(markdown_table("prefill attention, one layer (ms)", cols,
                          [[r[c] if not isinstance(r[c], float) else f"{r[c]:.3g}" for c in cols] for r in rows]))
     out = {"device": torch.cuda.get_device_name(), "host": platform.node(),

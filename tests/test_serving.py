@@ -76,19 +76,17 @@ def plans(monkeypatch):
 
 
 @pytest.mark.parametrize("groups", [1, 3])
-@pytest.mark.parametrize("decode", [False, True])
-def test_prefill_attention_over_own_keys(groups, decode):
+def test_prefill_attention_over_own_keys(groups):
     """`_own_keys_attention`: each prefill request's query attends causally to its own keys only (the
     semantics of transformers' packed [Q, K] mask), for a chunk that continues a cached prefix, a whole
-    prompt and a one-key prompt, beside decode rows (computed only with `decode`: full attention over
-    their own keys) and padding tokens (zero)."""
+    prompt, beside decode rows and padding tokens (both left zero)."""
     class Module:
         num_key_value_groups = groups
 
     hkv, d = 2, 16
     gen = torch.Generator().manual_seed(0)
     # (new tokens, keys) per request: a chunk after a 9-token prefix, decode tokens, a whole prompt
-    reqs = [(6, 15), (1, 12), (5, 5), (1, 1), (3, 4)]
+    reqs = [(6, 15), (1, 12), (5, 5), (1, 1), (3, 4), (2, 2)]
     bq, bk = [0], [0]
     for n_q, n_k in reqs:
         bq.append(bq[-1] + n_q)
@@ -99,13 +97,13 @@ def test_prefill_attention_over_own_keys(groups, decode):
     value = torch.randn(bk[-1], hkv, d, generator=gen)
     plan = serving._plan(torch.tensor(bq), torch.tensor(bk), bk[-1], torch.device("cpu"))
     assert plan.prefill and plan.rows == [1, 3]
-    out = serving._own_keys_attention(Module(), query, key, value, plan, 0.0, None, decode=decode)
+    out = serving._own_keys_attention(Module(), query, key, value, plan, 0.0, None)
     assert out.shape == (1, q_len, hkv * groups, d)
     k = key.repeat_interleave(groups, 1)  # [K, Hq, d]
     v = value.repeat_interleave(groups, 1)
     for r, (n_q, n_k) in enumerate(reqs):
         for i in range(n_q):
-            if n_q == 1 and not decode:  # a decode request: its row is the decode path's
+            if n_q == 1:  # a decode request: its row is the decode path's
                 assert out[0, bq[r]].abs().sum() == 0
                 continue
             seen = n_k - n_q + i + 1  # its position among the request's keys, plus one
@@ -467,6 +465,7 @@ def test_bench_serve_smoke(tmp_path):
     # dense through "paged|sparq": every decode layer call attends per request, dense's tokens
     assert own["attn_implementation"] == "paged|sparq" and own["decode_calls"]["dense"] > 0
     assert own["decode_calls"]["torch"] == own["decode_calls"]["kernels"] == 0 and own["requests_equal_to_dense"] == 6
+    assert sq["decode_calls"]["dense"] == 0 and sq["decode_calls"]["torch"] > 0
     assert sq["best_dense"] in ("dense", "dense-per-request") and sq["throughput_vs_best_dense"] > 0
     for r in (dense, own, sq):
         assert r["requests_finished"] == 6 and r["generated_tokens"] == 36 and r["throughput_tokens_per_s"] > 0

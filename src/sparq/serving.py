@@ -68,7 +68,7 @@ KERNELS: bool | None = True
 READ_PAGES: bool | None = True
 # Layer calls with decode requests by route, over the process's life (bench serve reports them).
 # "pages": those of the kernels calls that read K/V through the pages (READ_PAGES), no packed read.
-# "dense": those of an untagged layer or the Dense method (`_own_keys_attention`, like a prefill chunk).
+# "dense": those of an untagged layer or the Dense method (PyTorch, `_decode`; "torch" counts the other methods).
 DECODE_CALLS: dict[str, int] = {"kernels": 0, "torch": 0, "pages": 0, "dense": 0}
 # Smallest position capacity of a kernels plan (it doubles from there as requests grow).
 MIN_CAPACITY = 128
@@ -140,11 +140,11 @@ def _plan(cu_q: Tensor, cu_k: Tensor, k_len: int, device: torch.device) -> _Plan
 
 
 def _own_keys_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, plan: _Plan,
-                        dropout: float, scaling: float | None, decode: bool = False) -> Tensor:
-    """Dense causal attention of each prefill request (and, with `decode`, each decode request) over
-    its own keys only: query [1, Hq, Q, d]; key, value [K, Hkv, d] packed like the queries (request r's
-    keys are rows bk[r]:bk[r+1], its new tokens the last n_q of them). Returns [1, Q, Hq, d]; rows not
-    computed here (decode requests without `decode`, padding tokens) are zero.
+                        dropout: float, scaling: float | None) -> Tensor:
+    """Dense causal attention of each prefill request over its own keys only: query [1, Hq, Q, d]; key,
+    value [K, Hkv, d] packed like the queries (request r's keys are rows bk[r]:bk[r+1], its new tokens
+    the last n_q of them). Returns [1, Q, Hq, d]; the rows of decode requests (the decode path writes
+    them) and of padding tokens are zero.
 
     transformers' "paged|sdpa" gets the same rows from one SDPA over the whole packed batch under a
     [Q, K] block-diagonal causal mask: Q x K scores, most of them masked (every other request's keys),
@@ -152,29 +152,21 @@ def _own_keys_attention(module: nn.Module, query: Tensor, key: Tensor, value: Te
     (`causal_lower_right`, which PyTorch's flash kernel takes as is), or plain causal for a whole
     prompt. Measured per layer on an H200 (benchmarks/prefill_attention.py,
     prefill-attention-NVIDIA_H200-20261201T062510Z.json): 50 -> 1.3 ms for an 8k first chunk beside 8
-    decode requests of 12k, 52 -> 5.5 ms for the last 8k chunk of a 16k prompt. A decode request's
-    one query sees all its keys: its query heads go in as the query positions of their KV head, so
-    GQA needs no copy of K/V."""
+    decode requests of 12k, 52 -> 5.5 ms for the last 8k chunk of a 16k prompt. (Decode requests are
+    not done this way: one small SDPA per request and layer made dense's decode-only pass 2x slower
+    than transformers' packed one in `sparq bench serve`, serve-...20261201T064414Z.json.)"""
     from torch.nn.attention.bias import causal_lower_right
 
     bq, bk = plan.bounds
-    hq, d = query.shape[1], query.shape[3]
-    hkv = key.shape[1]
-    groups = hq // hkv
-    out = query.new_zeros(1, query.shape[2], hq, d)
+    groups = getattr(module, "num_key_value_groups", 1)
+    out = query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3])
     for r in range(len(bq) - 1):
         n_q, n_k = bq[r + 1] - bq[r], bk[r + 1] - bk[r]
-        if n_q < 1 or (n_q == 1 and not decode):
-            continue
-        k = key[bk[r]: bk[r + 1]].transpose(0, 1).unsqueeze(0)  # [1, Hkv, n_k, d]
-        v = value[bk[r]: bk[r + 1]].transpose(0, 1).unsqueeze(0)
-        if n_q == 1:  # [1, Hkv, groups, d]: no mask, every key visible
-            q = query[0, :, bq[r]].reshape(1, hkv, groups, d)
-            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
-            out[0, bq[r]] = y.reshape(hq, d)
+        if n_q <= 1:  # a decode request: the method's path
             continue
         q = query[:, :, bq[r]: bq[r + 1]].contiguous()
-        k, v = repeat_kv(k, groups).contiguous(), repeat_kv(v, groups).contiguous()
+        k = repeat_kv(key[bk[r]: bk[r + 1]].transpose(0, 1).unsqueeze(0), groups).contiguous()
+        v = repeat_kv(value[bk[r]: bk[r + 1]].transpose(0, 1).unsqueeze(0), groups).contiguous()
         whole = n_q == n_k  # a whole prompt (no cached prefix): the plain causal mask
         y = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=None if whole else causal_lower_right(n_q, n_k), dropout_p=dropout, scale=scaling,
@@ -415,22 +407,19 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
     head_dim = query.shape[-1]
     scale = scaling if scaling is not None else head_dim**-0.5
 
-    # dense decode requests (an untagged layer, or the Dense method) attend like prefill ones
-    dense_decode = bool(plan.rows) and (method is None or isinstance(method, Dense))
-    if plan.prefill or dense_decode:
-        out = _own_keys_attention(module, query, key, value, plan, dropout, scaling, decode=dense_decode)
+    if plan.prefill:
+        out = _own_keys_attention(module, query, key, value, plan, dropout, scaling)
     else:  # decode-only batch: every token below is overwritten (padding tokens stay zero)
         out = query.new_zeros(1, query.shape[2], query.shape[1], head_dim)
     sketch, slots = _kept_sketch(cache, module.layer_idx, method, key, plan, kwargs, paged=pages is not None)
-    if dense_decode:
-        DECODE_CALLS["dense"] += 1
-    elif plan.rows:
-        assert method is not None
+    if plan.rows:
+        if method is None:  # an untagged layer: dense for decode tokens too
+            method = Dense()
         y = None
         if sketch is not None and slots is not None and _kernels_for(method, query, key, sketch):
             y = _decode_kernels(method, query, key, value, plan, scale, sketch, slots,
                                 _ROUTES.setdefault(cache, _Route()), paged=pages is not None)
-        DECODE_CALLS["kernels" if y is not None else "torch"] += 1
+        DECODE_CALLS["kernels" if y is not None else "dense" if isinstance(method, Dense) else "torch"] += 1
         DECODE_CALLS["pages"] += int(y is not None and pages is not None)
         if y is None:
             if pages is not None:  # the kernels cannot run after all: the packed read transformers would make
