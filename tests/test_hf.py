@@ -132,6 +132,19 @@ def test_generate_runs_on_a_sparq_cache(arch):
     assert isinstance(cache, SparQCache), type(cache).__name__
 
 
+def test_no_cache_outlives_generate():
+    """Once generate returns (without the fast loop, whose decoder keeps its static cache by design),
+    nothing of sparq's holds the SparQCache: the model's pre-forward hook keeps it only weakly."""
+    import gc
+
+    model = tiny("llama")
+    ids, mask, _ = prompts()
+    with sparq.enabled(model, SparQConfig(r=4, k=6, local_window=2), fast_loop=False):
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        gc.collect()
+        assert not [o for o in gc.get_objects() if isinstance(o, SparQCache)]
+
+
 @pytest.mark.parametrize("fast_loop", [True, False])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_left_padded_batch_equals_each_prompt_alone(arch, fast_loop):

@@ -114,6 +114,22 @@ def test_prefill_attention_over_own_keys(groups):
 
 
 @needs_cb
+def test_no_paged_cache_outlives_its_run():
+    """After generate_batch returns, nothing of sparq's keeps transformers' paged cache alive (the model's
+    pre-forward hook held the last pass's cache: in `sparq bench serve` the previous run's 16 GiB cache
+    was still allocated when the next run made its own)."""
+    import gc
+
+    from transformers.generation.continuous_batching import PagedAttentionCache
+
+    model = tiny("llama")
+    with sparq.enabled(model, build_method(KEPT_SKETCH, "1/8", 16)):
+        run_batch(model, prompts((40, 22)))
+        gc.collect()
+        assert not [o for o in gc.get_objects() if isinstance(o, PagedAttentionCache)]
+
+
+@needs_cb
 def test_k_at_least_length_equals_dense_cb_and_generate(plans):
     model = tiny("llama")
     inputs = prompts()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,13 +51,25 @@ class _Context:
         self.previous_impl = previous_impl
         self.hook = hook
         self.modules = modules
-        self.cache: Any = None
+        self._cache: weakref.ref | None = None
         self.cache_arg = "past_key_values"  # the model's keyword for the cache (see _pre_forward)
         # model.generate through the fast loop (`hf_generate`): on or off, and the decoder kept between calls
         self.fast_loop = False
         self.decoder: Any = None
         self.decoder_method: Any = None
         self.decoder_kwargs: dict[str, Any] = {}
+
+    @property
+    def cache(self) -> Any:
+        """The cache of the forward pass in progress (set by `_pre_forward`). Held weakly: whoever runs
+        the pass holds it, and once they drop it it is freed. A strong reference kept the last call's
+        whole KV cache alive until the next forward: after `generate_batch`, transformers' paged
+        cache (16 GiB in `sparq bench serve`, which then held two caches at once at the next run's start)."""
+        return self._cache() if self._cache is not None else None
+
+    @cache.setter
+    def cache(self, cache: Any) -> None:
+        self._cache = weakref.ref(cache) if cache is not None else None
 
 
 def _valid_positions(attention_mask: Tensor | None, batch: int, seq_len: int, device: torch.device) -> Tensor:
