@@ -239,8 +239,9 @@ def test_fallbacks_are_stated_once_and_give_todays_tokens(fresh_warnings):
         from transformers import DynamicCache
 
         with expect_fallback("cache was passed"):
+            # under the model's own name for it: `cache` from transformers 5.24 on, `past_key_values` before
             model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
-                           cache=DynamicCache(config=model.config))
+                           **{sparq.hf.cache_arg(model): DynamicCache(config=model.config)})
         assert decoder(model) is not None
 
 

@@ -307,6 +307,8 @@ def fast_decode(model: nn.Module, input_ids: Tensor, logits_processor, stopping_
     if streamer is not None:
         streamer.end()
     if return_dict:
+        # no cache field: the fast loop's static cache stays inside the kept decoder (and the field is
+        # `past_key_values` before transformers 5.24, `cache` from it on)
         return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits, attentions=None,
-                                         hidden_states=None, cache=None)
+                                         hidden_states=None)
     return input_ids
