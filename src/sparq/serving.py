@@ -14,9 +14,10 @@ This module registers "paged|sparq" there. Per layer and step it
     packed copy back), except in a decode-only batch on the kernels route (`READ_PAGES`): there
     `cache.update` is given an empty read index, so it only writes, and the kernels read K/V
     through the pages (`_layer_pages`, the batch's slot map = `read_index`);
-  * runs dense attention for the prefill tokens (a request with more than one new token), with the
-    same block-diagonal causal mask that CB builds for "paged|sdpa" (built here from the cumulative
-    lengths: CB only builds masks for its own eager/sdpa names);
+  * runs dense attention for the prefill tokens (a request with more than one new token), each
+    prefill request over its own keys (`_own_keys_attention`: causal, lower-right for a chunk after
+    cached keys), where "paged|sdpa" runs one SDPA over the whole packed batch under a block-diagonal
+    [Q, K] mask (the same outputs; 10-40x less attention work per layer beside long decode requests);
   * for every decode request (one new token) runs the module's `DecodeMethod` (`sparq.enable` set it;
     the default method otherwise) on that request's keys/values: for the default method on CUDA
     fp16/bf16, on the Triton kernels (`_decode_kernels`) reading the packed read in place, or the
@@ -511,7 +512,8 @@ def _kept_sketch(cache: Any, layer_idx: int, method: DecodeMethod | None, key: T
 def register() -> None:
     """Register "paged|sparq" with transformers' attention registry (idempotent; `sparq.hf.register`
     calls it). No mask function is registered: continuous batching passes no mask to it (it builds
-    masks only for "paged|eager"/"paged|sdpa"), and the function builds its own from the lengths."""
+    masks only for "paged|eager"/"paged|sdpa"), and the function needs none (each prefill request
+    attends causally over its own keys)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(PAGED_ATTN_NAME, paged_attention_forward)
