@@ -124,7 +124,7 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
                 device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0,
                 kernels: bool | None = None, read_pages: bool | None = None, out_dir: str | Path | None = "benchmarks/results", print_rows: bool = True) -> dict:
     """Run every variant in `methods` ("dense" = transformers' "paged|sdpa"; "dense-per-request" = dense
-    attention through "paged|sparq", each request over its own keys; any other entry is a method spec for
+    attention through "paged|sparq" (each prefill request over its own keys); any other entry is a method spec for
     `build_method` at `budget`, run as "paged|sparq") over the same requests;
     returns {"device", "versions", "settings", "rows"} and writes it as JSON under out_dir.
     `kernels` / `read_pages` set `serving.KERNELS` / `serving.READ_PAGES` for this run (None: their
@@ -176,8 +176,8 @@ def _bench_serve(model: str, requests: int, min_prompt: int, max_prompt: int, ne
     lm = build_model(model, max_prompt + new_tokens + 1, dtype=dtype, device=str(dev))
     cfg = lm.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    # checked up front; "dense-per-request" is the Dense method through "paged|sparq" (every request over
-    # its own keys, `serving._own_keys_attention`), the best dense this route offers
+    # checked up front; "dense-per-request" is the Dense method through "paged|sparq" (each prefill request
+    # over its own keys, `serving._own_keys_attention`; decode requests batched in PyTorch)
     variants = {m: (None if m == "dense" else Dense() if m == DENSE_PER_REQUEST else build_method(m, budget, head_dim))
                 for m in methods}
     per_token = kv_bytes_per_token(cfg, dtype_bytes=torch.finfo(dtype).bits // 8)

@@ -380,8 +380,8 @@ def bench_serve(
     max_prompt: Annotated[int, typer.Option(min=1, help="Longest prompt (tokens); lengths spread evenly.")] = 32768,
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated per request (greedy, no EOS).")] = 256,
     methods: Annotated[str, typer.Option(help="Variants, comma-separated: dense (transformers' paged|sdpa), "
-                                              "dense-per-request (dense attention through paged|sparq, each "
-                                              "request over its own keys) and method specs run as paged|sparq "
+                                              "dense-per-request (dense attention through paged|sparq: each "
+                                              "prefill request over its own keys) and method specs run as paged|sparq "
                                               "(default, sparq, ...).")]
     = "dense,default,sparq",
     budget: Annotated[str, typer.Option(help="SparQ budget: a fraction of dense data (1/8) or a ratio (8).")] = "1/8",
