@@ -113,6 +113,49 @@ def test_prefill_attention_over_own_keys(groups):
     assert out[0, bq[-1]:].abs().sum() == 0
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_prefill_attention_over_own_keys_random_layouts(seed):
+    """`_own_keys_attention` on fresh random batches over the space CB produces: 1-6 requests mixing
+    decode tokens, whole prompts (one token included) and chunks after cached keys, padding, every
+    supported head_dim, GQA ratios 1-8; each row against an explicit softmax over its own visible keys."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    d = [16, 32, 64, 80, 96, 128, 256][int(torch.randint(0, 7, (1,), generator=gen))]
+    hkv = int(torch.randint(1, 4, (1,), generator=gen))
+    groups = [1, 2, 3, 4, 8][int(torch.randint(0, 5, (1,), generator=gen))]
+
+    class Module:
+        num_key_value_groups = groups
+
+    reqs = []
+    for _ in range(int(torch.randint(1, 7, (1,), generator=gen))):
+        kind = int(torch.randint(0, 3, (1,), generator=gen))
+        n_k = int(torch.randint(1, 40, (1,), generator=gen))
+        n_q = 1 if kind == 0 else n_k if kind == 1 else int(torch.randint(1, n_k + 1, (1,), generator=gen))
+        reqs.append((n_q, n_k))
+    bq, bk = [0], [0]
+    for n_q, n_k in reqs:
+        bq.append(bq[-1] + n_q)
+        bk.append(bk[-1] + n_k)
+    q_len = bq[-1] + int(torch.randint(0, 4, (1,), generator=gen))  # padding tokens
+    query = torch.randn(1, hkv * groups, q_len, d, generator=gen)
+    key = torch.randn(bk[-1], hkv, d, generator=gen)
+    value = torch.randn(bk[-1], hkv, d, generator=gen)
+    plan = serving._plan(torch.tensor(bq), torch.tensor(bk), bk[-1], torch.device("cpu"))
+    out = serving._own_keys_attention(Module(), query, key, value, plan, 0.0, None)
+    k = key.repeat_interleave(groups, 1)
+    v = value.repeat_interleave(groups, 1)
+    for r, (n_q, n_k) in enumerate(reqs):
+        for i in range(n_q):
+            if n_q == 1:  # one new token: a decode request, left to the decode path
+                assert out[0, bq[r]].abs().sum() == 0
+                continue
+            seen = n_k - n_q + i + 1
+            kk, vv = k[bk[r]: bk[r] + seen], v[bk[r]: bk[r] + seen]
+            att = torch.softmax(torch.einsum("hd,khd->hk", query[0, :, bq[r] + i], kk) / d**0.5, -1)
+            torch.testing.assert_close(out[0, bq[r] + i], torch.einsum("hk,khd->hd", att, vv), atol=2e-5, rtol=2e-5)
+    assert out[0, bq[-1]:].abs().sum() == 0
+
+
 @needs_cb
 def test_no_paged_cache_outlives_its_run():
     """After generate_batch returns, nothing of sparq's keeps transformers' paged cache alive (the model's
