@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 from transformers.integrations.sdpa_attention import repeat_kv  # what transformers' "paged|sdpa" uses
 
 from .caches.paged import PagedSketch, StepBuffers, _KeptSketch, step_state
@@ -156,8 +157,6 @@ def _own_keys_attention(module: nn.Module, query: Tensor, key: Tensor, value: Te
     decode requests of 12k, 52 -> 5.5 ms for the last 8k chunk of a 16k prompt. (Decode requests are
     not done this way: one small SDPA per request and layer made dense's decode-only pass 2x slower
     than transformers' packed one in `sparq bench serve`, serve-...20261201T064414Z.json.)"""
-    from torch.nn.attention.bias import causal_lower_right
-
     bq, bk = plan.bounds
     groups = getattr(module, "num_key_value_groups", 1)
     out = query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3])
