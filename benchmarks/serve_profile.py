@@ -176,7 +176,8 @@ def main() -> None:
     ap.add_argument("--cache-gib", type=float, default=40.0)
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--max-batch-tokens", type=int, default=8192)
-    ap.add_argument("--methods", default="dense,default")
+    ap.add_argument("--methods", default="dense,default",
+                    help="comma-separated: dense, or a method spec; '<spec>+eager' runs it with serving.GRAPHS off")
     ap.add_argument("--budget", default="1/8")
     ap.add_argument("--profile-steps", type=int, default=12)
     ap.add_argument("--host-steps", type=int, default=0, help="cProfile this many passes of the kind after the window")
@@ -209,7 +210,11 @@ def main() -> None:
     gen = GenerationConfig(max_new_tokens=a.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     rows = []
     for label in a.methods.split(","):
-        method = None if label == "dense" else build_method(label, a.budget, head_dim)
+        # "<spec>+eager": that method with serving.GRAPHS off (its decode-only passes launch every kernel)
+        spec, eager = (label[: -len("+eager")], True) if label.endswith("+eager") else (label, False)
+        graphs_before = serving.GRAPHS
+        serving.GRAPHS = False if eager else graphs_before
+        method = None if spec == "dense" else build_method(spec, a.budget, head_dim)
         extra = sketch_bytes_per_token(cfg, method, dtype)
         blocks = int(a.cache_gib * 2**30) // ((per_token + extra) * a.block_size)
         ctx = sparq.enabled(lm, method, fast_loop=False) if method is not None else None
@@ -246,6 +251,7 @@ def main() -> None:
             out, wall, timer, prof = run(prompts, a.new_tokens, a.profile_steps)
             calls = {k: serving.DECODE_CALLS[k] - calls[k] for k in calls}
         finally:
+            serving.GRAPHS = graphs_before
             if ctx is not None:
                 ctx.__exit__(None, None, None)
             else:

@@ -731,3 +731,68 @@ def test_kernels_route_on_the_gpu(monkeypatch):
         on_torch = run_batch(model, inputs, 8)
     assert through_pages == on_kernels
     assert sum(a == b for a, b in zip(on_kernels, on_torch)) >= 3, (on_kernels, on_torch)
+
+
+@needs_cb
+def test_graph_layout_gives_the_eager_tokens(monkeypatch, kernel_calls):
+    """`serving.GRAPHS`' fixed-address layout ("static": the same buffers and step a CUDA graph replays, run
+    eagerly; row b's slot map at b * capacity, the step sketch gathered for the plan's whole capacity) gives
+    the eager route's tokens, at a budget tight enough to change tokens, with requests joining and leaving
+    (batch buckets of 1-4 rows) and requests that outgrow their plan (capacity 32 -> 64: a new bucket)."""
+    model = tiny("llama")
+    inputs = prompts((40, 22, 5, 53))
+    method = build_method("sparq-sketch:local=0:realloc=0:block=16:min_k=2", "1/8", 16)
+    monkeypatch.setattr(serving, "MIN_CAPACITY", 32)
+    monkeypatch.setattr(serving, "KERNELS", True)
+    monkeypatch.setattr(serving, "READ_PAGES", True)
+    runs, used = {}, {}
+    with sparq.enabled(model, method):
+        for mode in (False, "static"):
+            monkeypatch.setattr(serving, "GRAPHS", mode)
+            before = serving.DECODE_CALLS["graphs"]
+            runs[mode] = run_batch(model, inputs, 10)
+            used[mode] = serving.DECODE_CALLS["graphs"] - before
+    assert used[False] == 0 and used["static"] > 0
+    assert runs["static"] == runs[False]
+    assert runs[False] != dense_batch(model, inputs, 10)
+
+
+@needs_cb
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_give_the_eager_tokens_on_the_gpu(monkeypatch):
+    """On CUDA (tiny Llama, fp16): decode-only batches through the pages replay one captured graph per layer
+    (`serving.GRAPHS`, on by default) and give the eager launches' tokens exactly (the same kernels over
+    the same values), with requests joining and leaving and a plan outgrown mid-run; graphs are captured
+    once per layer and bucket and replayed after that."""
+    monkeypatch.setattr(serving, "KERNELS", True)
+    monkeypatch.setattr(serving, "READ_PAGES", True)
+    model = tiny("llama").to("cuda", torch.float16)
+    inputs = prompts((40, 22, 5, 126, 53))
+    method = build_method("sparq-sketch:local=0:realloc=0:block=16:min_k=2", "1/8", 16)
+    runs = {}
+    with sparq.enabled(model, method):
+        serving.use_paged(model)
+        for mode in (False, True):
+            monkeypatch.setattr(serving, "GRAPHS", mode)
+            before = dict(serving.GRAPH_EVENTS)
+            runs[mode] = run_batch(model, inputs, 10)
+            runs[(mode, "events")] = {k: serving.GRAPH_EVENTS[k] - before[k] for k in before}
+    assert runs[(False, "events")] == {"captured": 0, "replayed": 0}
+    ev = runs[(True, "events")]
+    assert ev["captured"] > 0 and ev["replayed"] > ev["captured"], ev
+    assert runs[True] == runs[False]
+    # the only bucket's plan outgrown (capacity 32 -> 64 -> 128) and replaced, with every graph of the old one
+    # gone: the new bucket captures into a pool of its own (reusing a dead pool's handle broke an allocator
+    # assert in bench serve on the H200)
+    monkeypatch.setattr(serving, "MIN_CAPACITY", 32)
+    alone = prompts((20,), seed=3)
+    with sparq.enabled(model, method):
+        for mode in (False, True):
+            monkeypatch.setattr(serving, "GRAPHS", mode)
+            before = dict(serving.GRAPH_EVENTS)
+            runs[("alone", mode)] = run_batch(model, alone, 80)
+            runs[("alone", mode, "events")] = {k: serving.GRAPH_EVENTS[k] - before[k] for k in before}
+    layers = model.config.num_hidden_layers
+    assert runs[("alone", True, "events")]["captured"] >= 3 * layers, runs[("alone", True, "events")]
+    assert runs[("alone", True)] == runs[("alone", False)]
+

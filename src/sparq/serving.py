@@ -48,6 +48,7 @@ from transformers.integrations.sdpa_attention import repeat_kv  # what transform
 
 from .caches.paged import PagedSketch, StepBuffers, _KeptSketch, step_state
 from .methods import DecodeInputs, DecodeMethod, Dense
+from .methods.sketch import SparQSketch
 
 PAGED_ATTN_NAME = "paged|sparq"
 # transformers versions whose continuous batching accepts a registered "paged|<name>" attention
@@ -68,10 +69,18 @@ KERNELS: bool | None = True
 # tokens; `sparq bench serve` ran 3904 such layer calls); False: these batches read transformers' packed
 # gather of every request's K/V, as every other batch does (tests compare the two).
 READ_PAGES: bool | None = True
+# Decode-only batches read through the pages (`READ_PAGES`) replay one CUDA graph per layer for the default
+# method's step (`_Graphed`: the step sketch and every kernel launch of `DecodePlan.run`, captured once per
+# batch bucket and plan), so a layer costs the host two copies and a replay instead of ~20 launches.
+# True (default) or None: on CUDA where the route reads the pages; False: eager launches (tests compare);
+# "static": the graphs' fixed-address layout run eagerly, no capture (how the CPU tests check the layout).
+GRAPHS: bool | None | str = True
+GRAPH_EVENTS: dict[str, int] = {"captured": 0, "replayed": 0}  # layer graphs, over the process's life (tests)
 # Layer calls with decode requests by route, over the process's life (bench serve reports them).
 # "pages": those of the kernels calls that read K/V through the pages (READ_PAGES), no packed read.
 # "dense": those of an untagged layer or the Dense method (PyTorch, `_decode`; "torch" counts the other methods).
-DECODE_CALLS: dict[str, int] = {"kernels": 0, "torch": 0, "pages": 0, "dense": 0}
+# "graphs": those of the "pages" calls that replayed (or captured) a CUDA graph (`GRAPHS`).
+DECODE_CALLS: dict[str, int] = {"kernels": 0, "torch": 0, "pages": 0, "dense": 0, "graphs": 0}
 # Smallest position capacity of a kernels plan (it doubles from there as requests grow).
 MIN_CAPACITY = 128
 
@@ -216,6 +225,7 @@ class _Route:
 
     plans: dict[tuple, Any] = field(default_factory=dict)
     bufs: StepBuffers = field(default_factory=StepBuffers)
+    graphed: dict[int, "_Graphed"] = field(default_factory=dict)  # per batch bucket (`GRAPHS`)
     created: int = 0  # plans made (tests watch it)
     runs: int = 0     # decode calls that ran on the kernels (tests watch it)
     tuning: Any = None  # the plans' dispatch.Tuning (None: DEFAULT_TUNING; tests force small samples)
@@ -235,25 +245,25 @@ class _Route:
 
 
 _ROUTES: WeakKeyDictionary = WeakKeyDictionary()
+_CONFIGS: dict[tuple, Any] = {}  # (method, head_dim) -> its kernels' SketchConfig (methods are frozen: hashable)
 
 
-def _kernels_for(method: DecodeMethod, query: Tensor, key: Tensor, sketch: PagedSketch | None) -> bool:
+def _kernels_for(method: DecodeMethod, query: Tensor, key: Tensor, sketch: PagedSketch | None,
+                 may_run: bool | None = None) -> bool:
     """Whether this layer's decode requests run on the kernels: the default method (`sparq-sketch`)
     with a kept sketch in the kernels' word layout, whose (bits, block, head_dim, dtype, device) the
     sketch kernels support (CUDA fp16/bf16; the CPU interpreter with fp16/fp32, for tests). The
     paper's `sparq` scores from Kᵀ, which the paged cache does not keep: it stays on PyTorch, as
     does every other method."""
     return (sketch is not None and sketch.words and (sketch.bits, sketch.block) == getattr(method, "sketch_spec", None)
-            and _kernels_may_run(method, query, key))
+            and (_kernels_may_run(method, query, key) if may_run is None else may_run))
 
 
-_MAY_RUN: dict[tuple, bool] = {}  # _kernels_may_run's answers: asked twice per layer and step
+_MAY_RUN: dict[tuple, bool] = {}  # _kernels_may_run's answers: asked once per layer and step
 
 
 def _kernels_may_run(method: DecodeMethod | None, query: Tensor, key: Tensor) -> bool:
     """`_kernels_for` before the kept sketch is known (whether it is kept is decided later)."""
-    from .methods.sketch import SparQSketch
-
     on = KERNELS is not False
     if not (on and isinstance(method, SparQSketch) and query.dtype == key.dtype and key.stride(-1) == 1):
         return False
@@ -307,8 +317,134 @@ def _kernel_rows(plan: _Plan, batch: int, device: torch.device) -> tuple[Tensor,
     return plan.kernel_rows[ident]
 
 
+class _Graphed:
+    """The default method's decode step through the pages as one CUDA graph per layer, for one batch bucket
+    and decode plan (`GRAPHS`). A graph replays fixed addresses, so every per-pass input lives in buffers
+    made once here: the rows' slot maps laid out at fixed offsets (row b's logical position p at
+    slots[b * capacity + p], so starts = b * capacity never changes), their lengths, the query positions
+    in the packed batch, the query and the output. Per pass `fill` writes them (three small copies) and
+    replays a graph of `caches.paged.step_state`'s index tensors; per layer `run` copies the layer's
+    decode queries in, replays the layer's graph (the step sketch's gathers and tail codes, then every
+    launch of `DecodePlan.run`) and returns the output rows. A layer's graph is captured the first time
+    it runs in this bucket, after an eager run (which gives that call's output and compiles the kernels).
+
+    Capacity-sized where the eager route is length-sized: the stored codes and ranges are gathered for the
+    plan's whole capacity (positions past a row's length are read from slot 0 and never scored), which
+    is what lets one graph serve every pass until the plan is outgrown. Costs per bucket: the slot map
+    (batch * capacity ints), the step sketch (batch * Hkv * capacity * d * bits / 8 bytes, and ranges) and
+    the graphs' temporaries in the bucket's pool. Not used with reallocation (V's sums come from
+    the pass's variable-length rows) or a tainted sketch (its check reads the device)."""
+
+    def __init__(self, dplan: Any, batch: int, hq: int, d: int, blk: int, dtype: torch.dtype,
+                 slot_dtype: torch.dtype, device: torch.device, capture: bool) -> None:
+        cap = dplan.capacity
+        self.dplan, self.batch, self.capacity, self.block, self.capture = dplan, batch, cap, blk, capture
+        # One memory pool for this bucket's graphs (they replay one at a time, on one stream, and keep no
+        # temporary past their end). Its own: PyTorch frees a pool when its last graph dies, and a handle
+        # shared across buckets would be captured into again after that (an allocator assert, seen on the
+        # H200 when the only bucket's plan was outgrown).
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        i32 = dict(dtype=torch.int32, device=device)
+        self.slots = torch.zeros(batch * cap, dtype=slot_dtype, device=device)
+        self.starts = torch.arange(batch, **i32) * cap
+        self.lengths = torch.ones(batch, **i32)
+        self.q_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.query = torch.zeros(hq, batch, d, dtype=dtype, device=device)  # [Hq, B, d]: index_select's layout
+        self.out = torch.zeros(batch, hq, d, dtype=dtype, device=device)
+        self.bufs = StepBuffers()
+        self.index: dict[str, Any] = {}
+        self.index_graph: Any = None
+        self.graphs: dict[int, tuple[Any, tuple]] = {}  # layer -> (graph, the addresses it read)
+        self.filled: _Plan | None = None
+
+    def fill(self, plan: _Plan, slots: Tensor, rows: tuple[Tensor, ...]) -> None:
+        """Write this pass's rows into the buffers (once per pass) and make step_state's index tensors."""
+        if self.filled is plan:
+            return
+        from .caches.paged import _step_index
+
+        n = len(plan.rows)
+        starts, lengths, pos, row = rows  # `_kernel_rows`: the packed positions of the real rows' keys
+        # row r's position p (packed pos = starts[r] + p) goes to slots[r * capacity + p]
+        self.slots.index_copy_(0, pos + row * self.capacity - starts.long()[row], slots[pos].to(self.slots.dtype))
+        self.lengths.copy_(lengths)
+        self.q_pos[:n] = plan.q_pos
+        if n < self.batch:  # padding rows read the first token (a row left from a longer batch could be past Q)
+            self.q_pos[n:] = 0
+        ident = (self.batch, self.capacity, self.capacity, self.block)
+
+        def make_index() -> None:
+            self.index.update(_step_index(self.slots, self.slots, self.starts, self.lengths, self.capacity,
+                                          self.capacity, self.block), ident=ident)
+
+        if not self.capture:
+            make_index()
+        elif self.index_graph is None:
+            make_index()  # warm-up; the capture then swaps in tensors of the graph's pool, filled by its replay
+            self.index_graph = self._capture(make_index)
+            self.index_graph.replay()
+        else:
+            self.index_graph.replay()
+        self.filled = plan
+
+    def run(self, layer: int, query: Tensor, sk: PagedSketch, pages: tuple[Tensor, Tensor], scale: float,
+            n: int) -> Tensor | None:
+        """The layer's decode rows [n, Hq, d] (None where the step sketch cannot be built)."""
+        torch.index_select(query[0], 1, self.q_pos, out=self.query)
+        k, v = pages
+        reads = (k.data_ptr(), v.data_ptr(), sk.codes.data_ptr(), sk.lo.data_ptr(), sk.hi.data_ptr(), float(scale))
+        entry = self.graphs.get(layer)
+        if entry is not None and entry[1] == reads:
+            entry[0].replay()
+            GRAPH_EVENTS["replayed"] += 1
+            return self.out[:n]
+        if not self._layer(k, v, sk, scale):
+            return None
+        if self.capture:
+            self.graphs[layer] = (self._capture(lambda: self._layer(k, v, sk, scale)), reads)
+            GRAPH_EVENTS["captured"] += 1
+        return self.out[:n]
+
+    def _layer(self, k: Tensor, v: Tensor, sk: PagedSketch, scale: float) -> bool:
+        b, cap, hkv, d = self.batch, self.capacity, k.shape[1], k.shape[2]
+        state = step_state(sk, k, self.slots, self.starts, self.lengths, cap, cap, self.bufs, self.index, paged=True)
+        if state is None:
+            return False
+        kv = [t.as_strided((b, hkv, t.shape[0], d), (0, t.stride(1), t.stride(0), t.stride(2))) for t in (k, v)]
+        self.dplan.run(self.query.transpose(0, 1), kv[0], kv[1], self.lengths, scale=scale, starts=self.starts,
+                       out=self.out, sketch=state, max_length=cap, slots=self.slots)
+        return True
+
+    def _capture(self, fn: Any) -> Any:
+        """fn's launches as a CUDA graph (not run now), on a side stream that waits for the current one.
+        capture_begin / capture_end directly: `torch.cuda.graph` would synchronize the device and empty
+        the allocator's cache at every capture."""
+        graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream(device=current.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                fn()
+            finally:
+                graph.capture_end()
+        current.wait_stream(side)
+        return graph
+
+
+def _graphs_mode(device: torch.device, config: Any, sk: PagedSketch) -> str | None:
+    """How the paged decode step runs here: "capture" (CUDA graphs), "static" (their layout, eager) or None."""
+    if GRAPHS is False or config.reallocate or sk.tainted:
+        return None
+    if GRAPHS == "static":
+        return "static"
+    return "capture" if device.type == "cuda" else None
+
+
 def _decode_kernels(method: DecodeMethod, query: Tensor, key: Tensor, value: Tensor, plan: _Plan, scale: float,
-                    sketch: PagedSketch, slots: Tensor, route: _Route, paged: bool = False) -> Tensor | None:
+                    sketch: PagedSketch, slots: Tensor, route: _Route, paged: bool = False, layer: int = 0
+                    ) -> Tensor | None:
     """The decode requests of the default method on the Triton kernels, reading K and V where the
     packed read put them: key/value [K, Hkv, d] viewed as [B, Hkv, K, d] with batch stride 0 and row
     b starting at its request's offset (the kernels' per-row starts), so nothing is copied but the
@@ -323,9 +459,23 @@ def _decode_kernels(method: DecodeMethod, query: Tensor, key: Tensor, value: Ten
     hq = query.shape[1]
     batch = 1 << (n - 1).bit_length()  # a power of two: few plans however the batch varies
     longest = max(plan.lengths)
-    config = SketchConfig.from_method(method, d)  # type: ignore[arg-type]
+    config = _CONFIGS.get((method, d))
+    if config is None:  # one per method and head_dim: a dataclass made per layer call costs host time
+        config = _CONFIGS[(method, d)] = SketchConfig.from_method(method, d)  # type: ignore[arg-type]
     dplan = route.plan(batch, hq, hkv, d, longest, config, key.dtype, key.device)
     starts, lengths, pos, row = _kernel_rows(plan, batch, key.device)
+    mode = _graphs_mode(key.device, config, sketch) if paged else None
+    if mode is not None:
+        g = route.graphed.get(batch)
+        if g is None or g.dplan is not dplan:  # a new bucket, or its plan was outgrown: drop the old graphs
+            g = route.graphed[batch] = _Graphed(dplan, batch, hq, d, sketch.block, query.dtype, slots.dtype,
+                                                key.device, mode == "capture")
+        g.fill(plan, slots, (starts, lengths, pos, row))
+        y = g.run(layer, query, sketch, (key, value), scale, n)
+        if y is not None:
+            route.runs += 1
+            DECODE_CALLS["graphs"] += 1
+            return y
     state = step_state(sketch, key, slots, starts, lengths, longest, dplan.capacity, route.bufs, plan.sketch_index,
                        paged=paged)
     if state is None:
@@ -385,9 +535,10 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
     if isinstance(cu_k, dict):  # hybrid models pass one per layer type (sliding layers were refused above)
         cu_k = cu_k["full_attention"]
     pages = None  # the layer's whole paged K, V where the kernels read them through the pages
+    may_run = _kernels_may_run(method, query, key)
     # (the kernels need the kept sketch: `_kept_sketch`'s conditions, checked again there)
     if (_read_pages() and KEEP_SKETCH and getattr(cache, "allow_block_sharing", False) and len(read) == 1
-            and read[0].numel() and _kernels_may_run(method, query, key)):
+            and read[0].numel() and may_run):
         # the batch's boundaries (read once per forward pass) say whether it is decode-only
         plan = _plan(kwargs["cu_seq_lens_q"], cu_k, read[0].numel(), query.device)
         if not plan.prefill and plan.rows:
@@ -416,9 +567,9 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
         if method is None:  # an untagged layer: dense for decode tokens too
             method = Dense()
         y = None
-        if sketch is not None and slots is not None and _kernels_for(method, query, key, sketch):
+        if sketch is not None and slots is not None and _kernels_for(method, query, key, sketch, may_run):
             y = _decode_kernels(method, query, key, value, plan, scale, sketch, slots,
-                                _ROUTES.setdefault(cache, _Route()), paged=pages is not None)
+                                _ROUTES.setdefault(cache, _Route()), paged=pages is not None, layer=module.layer_idx)
         DECODE_CALLS["kernels" if y is not None else "dense" if isinstance(method, Dense) else "torch"] += 1
         DECODE_CALLS["pages"] += int(y is not None and pages is not None)
         if y is None:

@@ -122,30 +122,33 @@ def bench_serve(model: str = "llama3-8b", requests: int = 64, min_prompt: int = 
                 new_tokens: int = 256, methods: tuple[str, ...] = ("dense", "default", "sparq"), budget: str = "1/8",
                 *, cache_gib: float = 40.0, block_size: int = 256, max_batch_tokens: int = 8192,
                 device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0,
-                kernels: bool | None = None, read_pages: bool | None = None, out_dir: str | Path | None = "benchmarks/results", print_rows: bool = True) -> dict:
+                kernels: bool | None = None, read_pages: bool | None = None, graphs: bool | None = None,
+                out_dir: str | Path | None = "benchmarks/results", print_rows: bool = True) -> dict:
     """Run every variant in `methods` ("dense" = transformers' "paged|sdpa"; "dense-per-request" = dense
     attention through "paged|sparq" (each prefill request over its own keys); any other entry is a method spec for
     `build_method` at `budget`, run as "paged|sparq") over the same requests;
     returns {"device", "versions", "settings", "rows"} and writes it as JSON under out_dir.
-    `kernels` / `read_pages` set `serving.KERNELS` / `serving.READ_PAGES` for this run (None: their
-    defaults)."""
+    `kernels` / `read_pages` / `graphs` set `serving.KERNELS` / `serving.READ_PAGES` / `serving.GRAPHS` for
+    this run (None: their defaults)."""
     from .. import serving
 
-    for name, v in (("kernels", kernels), ("read_pages", read_pages)):
+    for name, v in (("kernels", kernels), ("read_pages", read_pages), ("graphs", graphs)):
         if v is not None and not isinstance(v, bool):
             raise TypeError(f"{name} must be True, False or None (serving.{name.upper()}'s default), got {v!r}")
     serving.check_version()
-    previous = serving.KERNELS, serving.READ_PAGES
+    previous = serving.KERNELS, serving.READ_PAGES, serving.GRAPHS
     if kernels is not None:  # the kernels route for the default method's decode requests, for this run only
         serving.KERNELS = kernels
     if read_pages is not None:  # decode-only batches on that route read K/V through the pages
         serving.READ_PAGES = read_pages
+    if graphs is not None:  # those batches replay one CUDA graph per layer
+        serving.GRAPHS = graphs
     try:
         return _bench_serve(model, requests, min_prompt, max_prompt, new_tokens, methods, budget, cache_gib=cache_gib,
                             block_size=block_size, max_batch_tokens=max_batch_tokens, device=device, dtype=dtype,
                             seed=seed, out_dir=out_dir, print_rows=print_rows)
     finally:
-        serving.KERNELS, serving.READ_PAGES = previous
+        serving.KERNELS, serving.READ_PAGES, serving.GRAPHS = previous
 
 
 def _bench_serve(model: str, requests: int, min_prompt: int, max_prompt: int, new_tokens: int,
@@ -272,18 +275,19 @@ def _bench_serve(model: str, requests: int, min_prompt: int, max_prompt: int, ne
                   f"(x{passes['with_prefill']['passes']})" + (f"  peak {peak:6.2f} GiB" if peak is not None else ""),
                   flush=True)
         _free(dev)
-    dense = next((r for r in rows if r["variant"] == "dense"), None)
+    # ratios only between variants whose every request finished (a failed request generated fewer tokens)
+    dense = next((r for r in rows if r["variant"] == "dense" and not r["failed"]), None)
     if dense is not None:
         for r in rows:
-            if r is not dense:
+            if r is not dense and not r["failed"]:
                 r["throughput_vs_dense"] = r["throughput_tokens_per_s"] / dense["throughput_tokens_per_s"]
                 r["in_flight_vs_dense"] = (r["max_requests_in_flight"] / dense["max_requests_in_flight"]
                                            if dense["max_requests_in_flight"] else float("nan"))
-    denses = [r for r in rows if r["variant"] in ("dense", DENSE_PER_REQUEST)]
+    denses = [r for r in rows if r["variant"] in ("dense", DENSE_PER_REQUEST) and not r["failed"]]
     if denses:  # the faster of transformers' paged sdpa and dense through "paged|sparq", same run
         best = max(denses, key=lambda r: r["throughput_tokens_per_s"])
         for r in rows:
-            if r not in denses:
+            if r not in denses and not r["failed"]:
                 r["best_dense"] = best["variant"]
                 r["throughput_vs_best_dense"] = r["throughput_tokens_per_s"] / best["throughput_tokens_per_s"]
     result = {
@@ -296,7 +300,8 @@ def _bench_serve(model: str, requests: int, min_prompt: int, max_prompt: int, ne
                      "num_blocks_dense": num_blocks, "cache_tokens_dense": num_blocks * block_size,
                      "kv_bytes_per_token": per_token, "max_batch_tokens": max_batch_tokens, "seed": seed,
                      "cuda_graphs": False, "greedy": True,
-                     "serving_kernels": serving.KERNELS, "serving_read_pages": serving.READ_PAGES},
+                     "serving_kernels": serving.KERNELS, "serving_read_pages": serving.READ_PAGES,
+                     "serving_graphs": serving.GRAPHS},
         "decode_path": "paged|sparq decode after transformers' cache.update read (a gather of every request's "
                        "K/V, as paged|sdpa): the default method (sparq-sketch, CUDA fp16/bf16) on the Triton kernels, "
                        "K/V read in place from that packed read, the sketch kept per page beside the cache "
@@ -305,7 +310,10 @@ def _bench_serve(model: str, requests: int, min_prompt: int, max_prompt: int, ne
                        "in PyTorch" + ("" if serving.KERNELS is not False else " [serving.KERNELS off: every method in "
                                                                               "PyTorch]")
                        + (" [serving.READ_PAGES on: decode-only batches on the kernels route skip transformers' "
-                          "gather, the kernels read K/V through the pages]" if serving._read_pages() else ""),
+                          "gather, the kernels read K/V through the pages]" if serving._read_pages() else "")
+                       + (" [serving.GRAPHS on: those batches replay one CUDA graph per layer for the step sketch "
+                          "and the kernels (serving._Graphed)]" if serving._read_pages() and serving.GRAPHS is not False
+                          else ""),
         "timing": "wall clock of model.generate_batch over all requests (prefill included), after a warm-up call; "
                   "TPOT and TTFT from transformers' per-token timestamps",
         "rows": rows,

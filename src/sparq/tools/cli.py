@@ -396,6 +396,9 @@ def bench_serve(
         "--read-pages/--no-read-pages", help="Decode-only batches on the kernels route read K/V through the "
                                              "pages, skipping transformers' gather (sparq.serving.READ_PAGES); "
                                              "unset: its default.")] = None,
+    graphs: Annotated[Optional[bool], typer.Option(
+        "--graphs/--no-graphs", help="Those batches replay one CUDA graph per layer for the step sketch and the "
+                                     "kernels (sparq.serving.GRAPHS); unset: its default (on).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option(help="Where the JSON goes (default: $OUT if set, else "
                                                          "benchmarks/results).")] = None,
 ) -> None:
@@ -414,7 +417,7 @@ def bench_serve(
         serving.check_version()
         result = run(model, requests, min_prompt, max_prompt, new_tokens, names, budget, cache_gib=cache_gib,
                      block_size=block_size, max_batch_tokens=max_batch_tokens, device=device, kernels=kernels, read_pages=read_pages,
-                     out_dir=results_dir(out_dir))
+                     graphs=graphs, out_dir=results_dir(out_dir))
     except (ValueError, RuntimeError) as e:
         fail(str(e))
     console.print(format_serve_table(result), soft_wrap=True)
