@@ -30,8 +30,9 @@ What it does NOT do yet (stated in docs/SERVING.md): a batch with a prefill chun
 route, still read transformers' own packed gather of every request's pages (`cache.update`, as dense
 "paged|sdpa" does); the kernels route adds a gather of the decode requests' packed sketch codes
 (1/8 of K at 2 bits), the PyTorch route a copy of their K and V (and the sketch unpacked to fp32). It
-syncs with the host once per forward pass (the request boundaries), so it cannot be captured in a
-CUDA graph.
+syncs with the host once per forward pass (the request boundaries), so transformers cannot capture
+the whole pass in a CUDA graph; instead, in a decode-only batch through the pages, each layer's step
+(the step sketch and every kernel launch) replays a CUDA graph of its own (`GRAPHS`, `_Graphed`).
 """
 
 from __future__ import annotations
