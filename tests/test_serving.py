@@ -493,6 +493,8 @@ def test_paged_function_refuses_bad_use():
     sliding = gemma.model.layers[0].self_attn
     with pytest.raises(ValueError, match="sliding-window layers"):
         serving.paged_attention_forward(sliding, q, kv, kv, None, scaling=0.25)
+    with pytest.raises(ValueError, match="attention sinks"):  # GPT-OSS passes its sinks as s_aux
+        serving.paged_attention_forward(attn, q, kv, kv, None, scaling=0.25, s_aux=torch.zeros(4))
 
 
 @needs_cb
@@ -745,7 +747,18 @@ def test_graph_layout_gives_the_eager_tokens(monkeypatch, kernel_calls):
     monkeypatch.setattr(serving, "MIN_CAPACITY", 32)
     monkeypatch.setattr(serving, "KERNELS", True)
     monkeypatch.setattr(serving, "READ_PAGES", True)
-    runs, used = {}, {}
+    runs, used, buckets = {}, {}, []
+    real = serving._decode_kernels
+
+    def spy(*a, **k):  # after each call: the live buckets, each on a plan the route still holds
+        y = real(*a, **k)
+        route = a[8]
+        live = {id(p) for p in route.plans.values()}
+        buckets.append((len(route.graphed), all(id(g.dplan) in live for g in route.graphed.values()),
+                        all(g.batch == b for b, g in route.graphed.items())))
+        return y
+
+    monkeypatch.setattr(serving, "_decode_kernels", spy)
     with sparq.enabled(model, method):
         for mode in (False, "static"):
             monkeypatch.setattr(serving, "GRAPHS", mode)
@@ -754,6 +767,8 @@ def test_graph_layout_gives_the_eager_tokens(monkeypatch, kernel_calls):
             used[mode] = serving.DECODE_CALLS["graphs"] - before
     assert used[False] == 0 and used["static"] > 0
     assert runs["static"] == runs[False]
+    # nothing piles up: at most one bucket per power-of-two batch (1, 2, 4 rows here), none on a dropped plan
+    assert buckets and max(n for n, _, _ in buckets) <= 3 and all(ok and keyed for _, ok, keyed in buckets)
     assert runs[False] != dense_batch(model, inputs, 10)
 
 

@@ -514,6 +514,9 @@ def paged_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
                            f"(its default for non-flash attention)")
     if kwargs.get("softcap") is not None:
         raise ValueError("sparq does not support attention logit soft-capping (Gemma 2 style)")
+    if kwargs.get("s_aux") is not None or hf._has_sinks(module):  # checked here too: a model may reach CB unchecked
+        raise ValueError(f"{PAGED_ATTN_NAME!r}: {type(module).__name__} has learned attention sinks (s_aux), which "
+                         f"sparq's methods and its own-keys prefill would ignore (the output would differ from dense)")
     if hf._stays_dense(module):
         raise ValueError(f"{PAGED_ATTN_NAME!r} does not support sliding-window layers yet ({type(module).__name__} "
                          f"layer {module.layer_idx}); serving runs full-attention models (docs/SERVING.md)")
