@@ -740,7 +740,8 @@ def test_graph_layout_gives_the_eager_tokens(monkeypatch, kernel_calls):
     """`serving.GRAPHS`' fixed-address layout ("static": the same buffers and step a CUDA graph replays, run
     eagerly; row b's slot map at b * capacity, the step sketch gathered for the plan's whole capacity) gives
     the eager route's tokens, at a budget tight enough to change tokens, with requests joining and leaving
-    (batch buckets of 1-4 rows) and requests that outgrow their plan (capacity 32 -> 64: a new bucket)."""
+    (batch buckets of 1-4 rows) and requests that outgrow their plan (capacity 32 -> 64: a new bucket); so
+    does a bucket whose CUDA graph capture failed (it warns and runs that layout eagerly)."""
     model = tiny("llama")
     inputs = prompts((40, 22, 5, 53))
     method = build_method("sparq-sketch:local=0:realloc=0:block=16:min_k=2", "1/8", 16)
@@ -765,8 +766,15 @@ def test_graph_layout_gives_the_eager_tokens(monkeypatch, kernel_calls):
             before = serving.DECODE_CALLS["graphs"]
             runs[mode] = run_batch(model, inputs, 10)
             used[mode] = serving.DECODE_CALLS["graphs"] - before
+        # where capturing fails (forced: on the CPU every capture fails) each bucket warns and runs the same
+        # layout eagerly: the same tokens, no failed request
+        monkeypatch.setattr(serving, "GRAPHS", True)
+        monkeypatch.setattr(serving, "_graphs_mode", lambda *a: "capture")
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+        with pytest.warns(UserWarning, match="capturing the decode step as a CUDA graph failed"):
+            runs["failed capture"] = run_batch(model, inputs, 10)
     assert used[False] == 0 and used["static"] > 0
-    assert runs["static"] == runs[False]
+    assert runs["static"] == runs[False] == runs["failed capture"]
     # nothing piles up: at most one bucket per power-of-two batch (1, 2, 4 rows here), none on a dropped plan
     assert buckets and max(n for n, _, _ in buckets) <= 3 and all(ok and keyed for _, ok, keyed in buckets)
     assert runs[False] != dense_batch(model, inputs, 10)

@@ -383,7 +383,10 @@ class _Graphed:
         elif self.index_graph is None:
             make_index()  # warm-up; the capture then swaps in tensors of the graph's pool, filled by its replay
             self.index_graph = self._capture(make_index)
-            self.index_graph.replay()
+            if self.index_graph is None:  # capture failed: this bucket runs eagerly on what make_index made
+                make_index()
+            else:
+                self.index_graph.replay()
         else:
             self.index_graph.replay()
         self.filled = plan
@@ -402,8 +405,10 @@ class _Graphed:
         if not self._layer(k, v, sk, scale):
             return None
         if self.capture:
-            self.graphs[layer] = (self._capture(lambda: self._layer(k, v, sk, scale)), reads)
-            GRAPH_EVENTS["captured"] += 1
+            graph = self._capture(lambda: self._layer(k, v, sk, scale))
+            if graph is not None:
+                self.graphs[layer] = (graph, reads)
+                GRAPH_EVENTS["captured"] += 1
         return self.out[:n]
 
     def _layer(self, k: Tensor, v: Tensor, sk: PagedSketch, scale: float) -> bool:
@@ -419,18 +424,29 @@ class _Graphed:
     def _capture(self, fn: Any) -> Any:
         """fn's launches as a CUDA graph (not run now), on a side stream that waits for the current one.
         capture_begin / capture_end directly: `torch.cuda.graph` would synchronize the device and empty
-        the allocator's cache at every capture."""
-        graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream()
-        side = torch.cuda.Stream(device=current.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+        the allocator's cache at every capture. None if the capture fails: the bucket then runs its
+        fixed-address layout eagerly from here on (the caller already has this call's output), with a
+        warning, rather than failing the batch's requests."""
+        try:
+            graph = torch.cuda.CUDAGraph()
+            current = torch.cuda.current_stream()
+            side = torch.cuda.Stream(device=current.device)
+            side.wait_stream(current)
             try:
-                fn()
+                with torch.cuda.stream(side):
+                    graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                    try:
+                        fn()
+                    finally:
+                        graph.capture_end()
             finally:
-                graph.capture_end()
-        current.wait_stream(side)
+                current.wait_stream(side)
+        except Exception as e:  # noqa: BLE001 - any failure to capture: run eagerly, never fail the requests
+            self.capture = False
+            warnings.warn(f"sparq serving: capturing the decode step as a CUDA graph failed ({type(e).__name__}: "
+                          f"{e}); this batch size runs it eagerly (sparq.serving.GRAPHS = False skips capturing)",
+                          stacklevel=2)
+            return None
         return graph
 
 
