@@ -318,6 +318,12 @@ def _kernel_rows(plan: _Plan, batch: int, device: torch.device) -> tuple[Tensor,
     return plan.kernel_rows[ident]
 
 
+def _rows_view(t: Tensor, batch: int) -> Tensor:
+    """[N, Hkv, d] (a packed read, or the whole paged cache) as [batch, Hkv, N, d] with batch stride 0:
+    every row sees all of it, and the kernels read only their own rows (per-row starts or slots)."""
+    return t.as_strided((batch, t.shape[1], t.shape[0], t.shape[2]), (0, t.stride(1), t.stride(0), t.stride(2)))
+
+
 class _Graphed:
     """The default method's decode step through the pages as one CUDA graph per layer, for one batch bucket
     and decode plan (`GRAPHS`). A graph replays fixed addresses, so every per-pass input lives in buffers
@@ -412,13 +418,12 @@ class _Graphed:
         return self.out[:n]
 
     def _layer(self, k: Tensor, v: Tensor, sk: PagedSketch, scale: float) -> bool:
-        b, cap, hkv, d = self.batch, self.capacity, k.shape[1], k.shape[2]
+        b, cap = self.batch, self.capacity
         state = step_state(sk, k, self.slots, self.starts, self.lengths, cap, cap, self.bufs, self.index, paged=True)
         if state is None:
             return False
-        kv = [t.as_strided((b, hkv, t.shape[0], d), (0, t.stride(1), t.stride(0), t.stride(2))) for t in (k, v)]
-        self.dplan.run(self.query.transpose(0, 1), kv[0], kv[1], self.lengths, scale=scale, starts=self.starts,
-                       out=self.out, sketch=state, max_length=cap, slots=self.slots)
+        self.dplan.run(self.query.transpose(0, 1), _rows_view(k, b), _rows_view(v, b), self.lengths, scale=scale,
+                       starts=self.starts, out=self.out, sketch=state, max_length=cap, slots=self.slots)
         return True
 
     def _capture(self, fn: Any) -> Any:
@@ -502,8 +507,7 @@ def _decode_kernels(method: DecodeMethod, query: Tensor, key: Tensor, value: Ten
     if n < batch:
         q[n:] = 0
     # batch stride 0: every row is the whole packed read (or cache); the kernels only read their own rows
-    k = key.as_strided((batch, hkv, key.shape[0], d), (0, key.stride(1), key.stride(0), key.stride(2)))
-    v = value.as_strided((batch, hkv, value.shape[0], d), (0, value.stride(1), value.stride(0), value.stride(2)))
+    k, v = _rows_view(key, batch), _rows_view(value, batch)
     value_sum = None
     if config.reallocate:  # sum of V per request (reads each request's V once; the default method has none)
         value_sum = torch.zeros(batch, hkv, d, dtype=torch.float32, device=key.device)
